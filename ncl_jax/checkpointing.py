@@ -1,0 +1,490 @@
+"""Checkpoints, automatic resume, the workdir config guard and SIGTERM (preemption) handling.
+
+This is the only module that imports orbax. A run directory (``workdir``) looks like::
+
+  workdir/config.json            the run's config, written on first use
+  workdir/checkpoints/<step>/    one orbax step directory per checkpoint:
+      state/                     the train state pytree (params, opt_state, queues, step, rng)
+      extra/                     a JSON dict (data-iterator position and the like)
+      metrics/                   the validation metrics, only for checkpoints saved with metrics
+
+Typical use in a trainer::
+
+  ckpt = Checkpointer(workdir, config=config.to_dict(), best_metric="val/t2v/R@1")
+  abstract = jax.eval_shape(init_fn, ...)          # leaves carry the target shardings
+  restored = ckpt.restore_latest(abstract)
+  state, extra = restored if restored else (init_fn(...), {"data_step": 0})
+  with PreemptionWatcher() as watcher:
+    for step in ...:
+      state = train_step(state, batch)
+      if watcher.should_stop():                    # collective when processes > 1
+        ckpt.save(step, state, extra, force=True)
+        break
+      if step % every == 0:
+        ckpt.save(step, state, extra, metrics=maybe_eval_metrics)
+  ckpt.close()
+
+Retention keeps the last ``max_to_keep`` checkpoints *plus* the best one on ``best_metric``
+(orbax's own ``best_fn`` with ``max_to_keep`` would keep the N best instead, dropping the latest
+checkpoint that resume needs).
+
+Config guard: a workdir that already holds a run with a different config raises
+:class:`ncl_jax.errors.UserError` unless ``overwrite=True``. Keys in :data:`RESUMABLE_KEYS` (and any
+key ending in ``_every_steps``) may change between runs: they change how long the run goes and
+how often it logs, evaluates or saves, not what a step computes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import signal
+import threading
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from ncl_jax.errors import UserError
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Config leaf names that may differ between the run in a workdir and the command that resumes it.
+# ``total_steps`` / ``num_epochs`` extend or shorten a run: note that a warmup-cosine schedule
+# built from the new total differs from the old one for the steps still to come.
+RESUMABLE_KEYS = frozenset({
+    "total_steps",
+    "num_epochs",
+    "epochs",
+    "max_to_keep",
+    "overwrite",
+    "overwrite_workdir",
+    "workdir",
+})
+# Suffixes of leaf names that only set a frequency (log_every_steps, eval_every_steps, ...).
+RESUMABLE_SUFFIXES = ("_every_steps", "_every_epochs")
+
+_STATE = "state"
+_EXTRA = "extra"
+
+_log = logging.getLogger(__name__)
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Flattens a nested config dict to ``{"a.b.c": json_value}``.
+
+  Values go through a JSON round trip (tuples become lists, numpy scalars become numbers) so that
+  a config read back from ``config.json`` compares equal to the one that wrote it.
+  """
+  flat = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      flat.update(flatten_config(value, prefix=f"{name}."))
+    else:
+      flat[name] = json.loads(json.dumps(value, default=_json_default))
+  return flat
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  return str(value)
+
+
+def is_resumable_key(key: str) -> bool:
+  """True if the dotted config key ``key`` may change when a run is resumed."""
+  leaf = key.rsplit(".", 1)[-1]
+  return leaf in RESUMABLE_KEYS or leaf.endswith(RESUMABLE_SUFFIXES)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Dotted keys whose values differ between two configs, ignoring resumable keys.
+
+  Args:
+    old: the config stored in a workdir (nested dict).
+    new: the config of the current command (nested dict).
+
+  Returns:
+    Sorted dotted keys that are missing on one side or hold different values.
+  """
+  flat_old, flat_new = flatten_config(old), flatten_config(new)
+  keys = set(flat_old) | set(flat_new)
+  return sorted(
+      k for k in keys
+      if not is_resumable_key(k) and flat_old.get(k, _MISSING) != flat_new.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def _describe(flat: Mapping[str, Any], key: str) -> str:
+  return "(absent)" if key not in flat else json.dumps(flat[key])
+
+
+def _write_json_atomic(path: pathlib.Path, payload: Any) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default) + "\n")
+  os.replace(tmp, path)
+
+
+def _barrier(name: str) -> None:
+  """Waits for every process (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _abstract_leaf(leaf: Any) -> Any:
+  """A restore target for one leaf: shape, dtype and sharding of a jax.Array; others as given."""
+  if isinstance(leaf, jax.Array):
+    return ocp.utils.to_shape_dtype_struct(leaf)
+  return leaf
+
+
+class Checkpointer:
+  """Saves and restores a train-state pytree plus a JSON ``extra`` dict in ``workdir``.
+
+  All processes of a multi-process run construct it and call every method (orbax synchronises
+  them); the workdir must be on a file system that every process sees.
+
+  Attributes:
+    workdir: the run directory.
+    directory: ``workdir/checkpoints``.
+    replaced_run: True if this constructor discarded an earlier run with a different config
+      (``overwrite=True``); the caller should then start its logs afresh too.
+    changed_keys: resumable config keys whose values changed against the stored run.
+  """
+
+  def __init__(
+      self,
+      workdir: str | os.PathLike,
+      *,
+      config: Mapping[str, Any],
+      max_to_keep: int = 3,
+      best_metric: str | None = None,
+      best_mode: str = "max",
+      overwrite: bool = False,
+      save_interval_steps: int = 1,
+      overwrite_hint: str = "--config.overwrite_workdir=True",
+  ):
+    """Opens (or creates) the run in ``workdir`` and checks its config.
+
+    Args:
+      workdir: run directory; created if missing.
+      config: the run's config as a nested, JSON-serialisable dict (``config.to_dict()``).
+      max_to_keep: how many of the most recent checkpoints to keep (>= 1).
+      best_metric: key in the ``metrics`` dict given to :meth:`save` that ranks checkpoints; the
+        best one is kept in addition to the last ``max_to_keep``. None: no best tracking.
+      best_mode: "max" or "min": whether a larger or a smaller ``best_metric`` is better.
+      overwrite: allow replacing a run in ``workdir`` whose config differs (its checkpoints are
+        deleted). A run with the same config is always resumed, never deleted.
+      save_interval_steps: :meth:`save` without ``force`` saves only steps divisible by this.
+        The default 1 saves whenever it is called.
+      overwrite_hint: how the user sets ``overwrite`` on the command line (for error messages).
+
+    Raises:
+      UserError: ``workdir`` holds a run with a different config (or checkpoints without a
+        config) and ``overwrite`` is False.
+      ValueError: bad ``max_to_keep``, ``best_mode`` or ``save_interval_steps``.
+    """
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    if best_mode not in ("max", "min"):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    self.workdir = pathlib.Path(workdir).resolve()
+    self.directory = self.workdir / CHECKPOINT_DIR
+    self._best_metric = best_metric
+    self._best_mode = best_mode
+    self._save_interval_steps = save_interval_steps
+    self._config = json.loads(json.dumps(dict(config), default=_json_default))
+    self.replaced_run = False
+    self.changed_keys: list[str] = []
+    self._guard_workdir(overwrite, overwrite_hint)
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=self._manager_options(max_to_keep, save_interval_steps),
+        item_names=(_STATE, _EXTRA),
+    )
+
+  def _manager_options(self, max_to_keep: int, save_interval_steps: int):
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    best_fn = None
+    if self._best_metric is not None:
+      best_fn = self._metric_value
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=best_fn,
+          reverse=self._best_mode == "min",
+          n=1,
+          keep_checkpoints_without_metrics=False,  # LatestN already keeps the recent ones
+      ))
+    return ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps,
+        best_fn=best_fn,
+        best_mode=self._best_mode,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        create=True,
+        enable_async_checkpointing=True,
+    )
+
+  def _metric_value(self, metrics: Mapping[str, Any]) -> float:
+    """Ranking value of a checkpoint's metrics; NaN ranks worst."""
+    value = float(metrics[self._best_metric])
+    if math.isnan(value):
+      return -math.inf if self._best_mode == "max" else math.inf
+    return value
+
+  # -- config guard ---------------------------------------------------------------------------
+
+  def _guard_workdir(self, overwrite: bool, overwrite_hint: str) -> None:
+    """Compares ``config`` with the run stored in the workdir, then records ``config``."""
+    config_path = self.workdir / CONFIG_FILE
+    stored = json.loads(config_path.read_text()) if config_path.is_file() else None
+    has_checkpoints = self.directory.is_dir() and any(self.directory.iterdir())
+    problem = None
+    if stored is None and has_checkpoints:
+      problem = (f"workdir {self.workdir} holds checkpoints but no {CONFIG_FILE}, so it cannot be "
+                 "resumed safely")
+    elif stored is not None:
+      differing = config_differences(stored, self._config)
+      if differing:
+        old, new = flatten_config(stored), flatten_config(self._config)
+        shown = "; ".join(f"{k}: {_describe(old, k)} -> {_describe(new, k)}" for k in differing[:8])
+        more = f" (and {len(differing) - 8} more)" if len(differing) > 8 else ""
+        problem = (f"workdir {self.workdir} holds a run with a different config: {shown}{more}")
+      else:
+        old, new = flatten_config(stored), flatten_config(self._config)
+        self.changed_keys = sorted(
+            k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+    if problem and not overwrite:
+      raise UserError(f"{problem}. Use a new --workdir to start a separate run, or pass "
+                      f"{overwrite_hint} to delete that run's checkpoints and start over.")
+    _barrier("ncl_jax_checkpointing_config_read")  # everyone has read before anyone writes
+    if jax.process_index() == 0:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      if problem:
+        _log.warning("%s; overwriting it as requested.", problem)
+        if self.directory.is_dir():
+          shutil.rmtree(self.directory)
+      if self.changed_keys:
+        _log.info("resuming %s with changed settings: %s", self.workdir, ", ".join(self.changed_keys))
+      _write_json_atomic(config_path, self._config)
+    self.replaced_run = problem is not None
+    _barrier("ncl_jax_checkpointing_config_written")
+
+  # -- saving ---------------------------------------------------------------------------------
+
+  def save(self, step: int, state: Any, extra: Mapping[str, Any], metrics: Mapping[str, Any]
+           | None = None, force: bool = False) -> bool:
+    """Starts an asynchronous save of ``state`` and ``extra`` at ``step``.
+
+    The arrays are copied off the device before this returns, so the caller may donate or
+    overwrite ``state`` right away. Call :meth:`wait` (or :meth:`close`) before the process
+    exits.
+
+    Args:
+      step: the training step the state belongs to (the number of updates applied).
+      state: pytree of jax/numpy arrays and scalars (dicts, lists, NamedTuples such as optax
+        states).
+      extra: JSON-serialisable dict saved beside the state (data-iterator position, ...).
+      metrics: validation metrics of this state; must contain ``best_metric`` when one is set.
+        Ignored (not stored) without ``best_metric``.
+      force: save even if ``step`` is not a multiple of ``save_interval_steps``.
+
+    Returns:
+      True if a save was started. False if the step is off the save interval, or a checkpoint of
+      ``step`` already exists (a checkpoint that lacked ``metrics`` is replaced by one with them).
+
+    Raises:
+      ValueError: ``extra`` is not JSON-serialisable, or ``metrics`` lacks ``best_metric``.
+    """
+    step = int(step)
+    try:
+      extra = json.loads(json.dumps(dict(extra), allow_nan=False))
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"checkpoint extra must be a JSON-serialisable dict: {err}") from err
+    if metrics is not None and self._best_metric is not None:
+      if self._best_metric not in metrics:
+        raise ValueError(f"metrics lack the best_metric {self._best_metric!r}; "
+                         f"got keys {sorted(metrics)}")
+      metrics = {k: float(v) for k, v in metrics.items()}
+    else:
+      metrics = None
+    if not force and step % self._save_interval_steps:
+      return False
+    if step in self._mngr.all_steps():
+      if metrics is None or self._mngr.metrics(step) is not None:
+        return False
+      # The same step was saved earlier without metrics (a periodic save before the evaluation):
+      # save it again with them so that it takes part in best-checkpoint selection.
+      self._mngr.wait_until_finished()
+      self._mngr.delete(step)
+    args = ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _EXTRA: ocp.args.JsonSave(extra),
+    })
+    return bool(self._mngr.save(step, args=args, metrics=metrics, force=True))
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's resources."""
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  # -- restoring ------------------------------------------------------------------------------
+
+  @property
+  def latest_step(self) -> int | None:
+    """Step of the newest checkpoint, or None."""
+    return self._mngr.latest_step()
+
+  @property
+  def best_step(self) -> int | None:
+    """Step of the kept checkpoint with the best ``best_metric``, or None.
+
+    None when no ``best_metric`` is set or no kept checkpoint was saved with metrics.
+    """
+    if self._best_metric is None:
+      return None
+    return self._mngr.best_step()
+
+  @property
+  def all_steps(self) -> list[int]:
+    """Steps of all kept checkpoints, ascending."""
+    return sorted(self._mngr.all_steps())
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """Restores the checkpoint of ``step``.
+
+    Args:
+      step: a step in :attr:`all_steps`.
+      abstract_state: pytree with the structure of the saved state whose leaves give each
+        array's shape, dtype and sharding: ``jax.ShapeDtypeStruct`` (``jax.eval_shape`` with
+        ``sharding=`` set) or concrete ``jax.Array``s. NamedTuples (optax states) come back as
+        the same types. Arrays are placed on the target's shardings, whatever the device layout
+        at save time.
+
+    Returns:
+      ``(state, extra)``.
+    """
+    self.wait()  # a checkpoint still being written is not readable yet
+    target = jax.tree.map(_abstract_leaf, abstract_state)
+    restored = self._mngr.restore(int(step), args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardRestore(target),
+        _EXTRA: ocp.args.JsonRestore(),
+    }))
+    return restored[_STATE], dict(restored[_EXTRA])
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint (see :meth:`restore`); None if there is none."""
+    step = self.latest_step
+    return None if step is None else self.restore(step, abstract_state)
+
+  def restore_best(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+    """Restores the best checkpoint (see :meth:`restore`, :attr:`best_step`); None if none."""
+    step = self.best_step
+    return None if step is None else self.restore(step, abstract_state)
+
+
+def rewind_jsonl(path: str | os.PathLike, last_step: int | None) -> None:
+  """Drops the lines of a JSON-lines log whose ``"step"`` is greater than ``last_step``.
+
+  A resumed run recomputes the steps after its last checkpoint; rewinding its ``metrics.jsonl``
+  first keeps one line per step, as an uninterrupted run would write. ``last_step=None`` (no
+  checkpoint: the run starts over) empties the log. Lines without a step are kept. Only process 0
+  writes. A missing file is left missing.
+  """
+  path = pathlib.Path(path)
+  if jax.process_index() != 0 or not path.is_file():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    if not line.strip():
+      continue
+    try:
+      step = json.loads(line).get("step")
+    except json.JSONDecodeError:  # a line cut short when the process was killed
+      continue
+    if last_step is not None and (step is None or step <= last_step):
+      kept.append(line)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(f"{line}\n" for line in kept))
+  os.replace(tmp, path)
+
+
+class PreemptionWatcher:
+  """Turns SIGTERM (how TPU VMs and most schedulers announce preemption) into a flag.
+
+  The handler only sets :attr:`requested`; the trainer checks :meth:`should_stop` between steps,
+  saves with ``force=True``, waits for the save and returns normally so the process exits 0.
+  Running the same command again resumes. The previous handler is restored by :meth:`close` or
+  on leaving the ``with`` block. A second SIGTERM while the flag is already set also just logs:
+  the trainer is on its way out.
+
+  Multi-process runs: signals reach processes at different times, so the decision to stop is
+  taken collectively in :meth:`should_stop` (an all-gather of every process's flag). Every
+  process must then call it at the same steps.
+  """
+
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    """Installs the handler; must be called from the main thread.
+
+    Raises:
+      ValueError: not on the main thread (Python only delivers signals there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+      raise ValueError("PreemptionWatcher must be created on the main thread")
+    self._requested = False
+    self._previous = {}
+    for signum in signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    if not self._requested:
+      _log.warning("received signal %d: saving a checkpoint after the current step, then "
+                   "exiting; run the same command again to resume", signum)
+    self._requested = True
+
+  @property
+  def requested(self) -> bool:
+    """True once this process received the signal."""
+    return self._requested
+
+  def should_stop(self) -> bool:
+    """True if any process received the signal. A collective when there are several processes."""
+    if jax.process_count() == 1:
+      return self._requested
+    flags = multihost_utils.process_allgather(np.asarray(self._requested, np.int32))
+    return bool(np.any(flags))
+
+  def close(self) -> None:
+    """Restores the signal handlers that were installed before."""
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous = {}
+
+  def __enter__(self) -> "PreemptionWatcher":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
