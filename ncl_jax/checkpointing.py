@@ -445,14 +445,23 @@ class PreemptionWatcher:
   process must then call it at the same steps.
   """
 
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), sync_every_steps: int = 1):
     """Installs the handler; must be called from the main thread.
+
+    Args:
+      signals: the signals that request a stop.
+      sync_every_steps: with several processes, :meth:`should_stop` given a ``step`` only runs
+        its collective (and can only return True) when ``step`` is a multiple of this, to keep
+        cross-host traffic off most steps. One process checks its flag at every call.
 
     Raises:
       ValueError: not on the main thread (Python only delivers signals there).
     """
     if threading.current_thread() is not threading.main_thread():
       raise ValueError("PreemptionWatcher must be created on the main thread")
+    if sync_every_steps < 1:
+      raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
+    self._sync_every_steps = sync_every_steps
     self._requested = False
     self._previous = {}
     for signum in signals:
@@ -470,10 +479,17 @@ class PreemptionWatcher:
     """True once this process received the signal."""
     return self._requested
 
-  def should_stop(self) -> bool:
-    """True if any process received the signal. A collective when there are several processes."""
+  def should_stop(self, step: int | None = None) -> bool:
+    """True if any process received the signal.
+
+    With several processes this is a collective (every process must call it at the same steps)
+    that all processes answer alike; given ``step``, it is skipped (False) unless ``step`` is a
+    multiple of ``sync_every_steps``.
+    """
     if jax.process_count() == 1:
       return self._requested
+    if step is not None and step % self._sync_every_steps:
+      return False
     flags = multihost_utils.process_allgather(np.asarray(self._requested, np.int32))
     return bool(np.any(flags))
 
