@@ -1,0 +1,180 @@
+"""The shared input pipeline: sharding, shuffling, resumable state, padded evaluation batches."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from ncl_jax.data import normalize_frames, sample_frame_indices
+from ncl_jax.data.pipeline import ArraySplit, RetrievalDataset, TrainIterator, augment_frames
+from ncl_jax.errors import UserError
+
+
+def _split(num_videos=13, captions_per_video=3, frames=False):
+  """Captions whose token 0 is the caption id and videos whose value is the video id."""
+  n_text = num_videos * captions_per_video
+  tokens = np.zeros((n_text, 4), np.int32)
+  tokens[:, 0] = np.arange(n_text)
+  shape = (num_videos, 3, 4, 5, 3) if frames else (num_videos, 3, 2)
+  dtype = np.uint8 if frames else np.float32
+  video = (np.arange(num_videos).reshape((-1,) + (1,) * (len(shape) - 1))
+           * np.ones(shape)).astype(dtype)
+  if frames:
+    video[..., 1, :] = 200   # A marked column (of 5) to see horizontal flips.
+  mask = np.ones((num_videos, 3), bool)
+  mask[::2, 2] = False
+  return ArraySplit(text_tokens=tokens, video_array=video, frame_mask=mask,
+                    caption_to_video=np.repeat(np.arange(num_videos, dtype=np.int32),
+                                               captions_per_video))
+
+
+def _ids(batch):
+  return batch["text_tokens"][:, 0]
+
+
+def test_batches_are_static_consistent_and_cover_each_epoch_once():
+  split = _split()
+  it = TrainIterator(split, 8, seed=3)
+  assert it.steps_per_epoch == 39 // 8
+  seen = []
+  for batch in itertools.islice(it, it.steps_per_epoch):
+    assert batch["text_tokens"].shape == (8, 4) and batch["text_tokens"].dtype == np.int32
+    assert batch["video"].shape == (8, 3, 2) and batch["frame_mask"].dtype == bool
+    # Each caption comes with its own video and that video's frame mask.
+    np.testing.assert_array_equal(batch["video"][:, 0, 0], split.caption_to_video[_ids(batch)])
+    np.testing.assert_array_equal(batch["frame_mask"],
+                                  split.frame_mask[split.caption_to_video[_ids(batch)]])
+    seen.extend(_ids(batch))
+  assert len(seen) == len(set(seen)) == 32   # Drop-remainder, no repeats within an epoch.
+  next_epoch = np.concatenate([_ids(next(it)) for _ in range(it.steps_per_epoch)])
+  assert set(next_epoch) != set(seen) or not np.array_equal(next_epoch, seen)
+  it.close()
+
+
+def test_epochs_reshuffle_deterministically_from_seed():
+  first = [_ids(b) for b in itertools.islice(TrainIterator(_split(), 8, seed=3), 8)]
+  again = [_ids(b) for b in itertools.islice(TrainIterator(_split(), 8, seed=3), 8)]
+  other = [_ids(b) for b in itertools.islice(TrainIterator(_split(), 8, seed=4), 8)]
+  np.testing.assert_array_equal(first, again)
+  assert not np.array_equal(first, other)
+  assert not np.array_equal(first[:4], first[4:])   # Epoch 1 is ordered differently.
+
+
+def test_hosts_get_disjoint_shards_of_the_global_batch():
+  split = _split()
+  single = [set(_ids(b)) for b in itertools.islice(TrainIterator(split, 12, seed=0), 6)]
+  hosts = [[_ids(b) for b in itertools.islice(
+      TrainIterator(split, 12, seed=0, process_index=p, process_count=3), 6)] for p in range(3)]
+  for step in range(6):
+    parts = [set(hosts[p][step]) for p in range(3)]
+    assert all(len(part) == 4 for part in parts)
+    assert set.union(*parts) == single[step]
+    assert sum(len(part) for part in parts) == 12
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_restored_iterator_replays_the_uninterrupted_run(prefetch):
+  split = _split()
+  reference = [_ids(b) for b in itertools.islice(TrainIterator(split, 8, seed=7), 11)]
+  it = TrainIterator(split, 8, seed=7, prefetch=prefetch)
+  for _ in range(6):   # Crosses the epoch boundary after 4 steps.
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["epoch"] == 1 and state["step"] == 2
+  it.close()
+  resumed = TrainIterator(split, 8, seed=7, prefetch=prefetch)
+  resumed.set_state(state)
+  np.testing.assert_array_equal([_ids(next(resumed)) for _ in range(5)], reference[6:])
+  # Moving an iterator that already prefetched ahead also lands on the saved position.
+  resumed.set_state(state)
+  np.testing.assert_array_equal(_ids(next(resumed)), reference[6])
+  resumed.close()
+
+
+def test_state_from_other_settings_is_refused():
+  it = TrainIterator(_split(), 8, seed=7)
+  with pytest.raises(UserError, match="seed"):
+    it.set_state({"epoch": 0, "step": 0, "seed": 8, "global_batch_size": 8})
+
+
+@pytest.mark.parametrize("kwargs", [dict(global_batch_size=40), dict(global_batch_size=9,
+                                    process_count=2), dict(global_batch_size=8, process_index=2,
+                                    process_count=2)])
+def test_bad_batch_settings_are_user_errors(kwargs):
+  size = kwargs.pop("global_batch_size")
+  with pytest.raises(UserError):
+    TrainIterator(_split(), size, seed=0, **kwargs)
+
+
+def test_errors_in_the_prefetch_thread_reach_the_caller():
+  split = _split()
+
+  def broken(ids, rngs=None):
+    raise RuntimeError("decoder exploded")
+
+  split.videos = broken
+  it = TrainIterator(split, 8, seed=0, prefetch=2)
+  with pytest.raises(RuntimeError, match="decoder exploded"):
+    next(it)
+
+
+def test_eval_batches_pad_and_mask_and_drop_nothing():
+  split = _split(num_videos=13, captions_per_video=3)
+  ds = RetrievalDataset("toy", {"train": split, "test": split}, input_mode="features",
+                        eval_splits=("test",), validation_split=None)
+  data = ds.eval_data("test")
+  assert (data.num_texts, data.num_videos) == (39, 13)
+  texts = list(data.text_batches(16))
+  assert [b["text_tokens"].shape for b in texts] == [(16, 4)] * 3
+  assert [b["mask"].sum() for b in texts] == [16, 16, 7]
+  assert (texts[-1]["text_tokens"][7:] == 0).all()
+  np.testing.assert_array_equal(
+      np.concatenate([_ids(b)[b["mask"]] for b in texts]), np.arange(39))
+  videos = list(data.video_batches(5))
+  assert [b["video"].shape for b in videos] == [(5, 3, 2)] * 3
+  assert [b["mask"].sum() for b in videos] == [5, 5, 3]
+  assert not videos[-1]["frame_mask"][3:].any()
+  np.testing.assert_array_equal(
+      np.concatenate([b["video"][b["mask"]][:, 0, 0] for b in videos]), np.arange(13))
+  with pytest.raises(UserError, match="no split 'val'"):
+    ds.eval_data("val")
+
+
+def test_dataset_counts():
+  ds = RetrievalDataset("toy", {"train": _split(), "val": _split(4)}, input_mode="features",
+                        eval_splits=("val",))
+  assert ds.num_train_examples == 39 and ds.steps_per_epoch(8) == 4
+  assert (ds.max_words, ds.max_frames) == (4, 3)
+
+
+def test_frames_augmentation_is_a_seeded_clip_level_flip():
+  split = _split(frames=True)
+  plain = next(TrainIterator(split, 8, seed=1, prefetch=0))
+  assert (plain["video"][..., 1, :] == 200).all()
+  augmented = [next(TrainIterator(split, 8, seed=1, prefetch=0, augment=True))["video"]
+               for _ in range(2)]
+  np.testing.assert_array_equal(augmented[0], augmented[1])
+  flipped = (augmented[0][:, :, :, 1, :] != 200).all(axis=(1, 2, 3))
+  assert 0 < flipped.sum() < 8
+  np.testing.assert_array_equal(augmented[0][flipped], plain["video"][flipped][:, :, :, ::-1])
+  np.testing.assert_array_equal(augmented[0][~flipped], plain["video"][~flipped])
+  frames = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)
+  out = augment_frames(frames, np.random.default_rng(0))
+  assert out.shape == frames.shape
+
+
+def test_normalize_frames_matches_clip_constants():
+  frames = np.array([[[[0, 128, 255]]]], np.uint8)
+  expected = (np.array([0, 128, 255]) / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073])) \
+      / np.array([0.26862954, 0.26130258, 0.27577711])
+  out = normalize_frames(frames)
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
+
+
+def test_sample_frame_indices_uniform_like_clip4clip():
+  np.testing.assert_array_equal(sample_frame_indices(5, 12), np.arange(5))
+  np.testing.assert_array_equal(sample_frame_indices(10, 4), [0, 3, 6, 9])
+  idx = sample_frame_indices(100, 12)
+  assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 99 and (np.diff(idx) > 0).all()
