@@ -1,0 +1,100 @@
+"""Settings shared by every training config: CLIP4Clip's protocol and NCL's knobs.
+
+Not a config on its own: ``synthetic.py``, ``msrvtt.py``, ``msvd.py``, ``activitynet.py`` and
+``didemo.py`` call :func:`get_base_config` and override what differs. Every field can be changed
+on the command line, e.g. ``--config.loss=infonce --config.ncl.queue_size=8192``.
+
+CLIP4Clip protocol (retrieval-background.md §2): global batch 128; AdamW with betas (0.9, 0.98),
+eps 1e-6, weight decay 0.2 except biases, norms, embeddings and the logit scale; learning rate
+1e-4 for new weights and 1e-4 * 1e-3 for the pretrained CLIP weights; CLIP4Clip's
+``warmup_cosine`` schedule with 10% warm-up; grad-norm clipping at 1.0; 5 epochs; seed 42;
+the log logit scale clamped at ln 100 after every step.
+"""
+
+import ml_collections
+
+from ncl_jax.data import default_data_config
+from ncl_jax.models.dual_encoder import default_model_config
+
+
+def get_base_config(dataset: str) -> ml_collections.ConfigDict:
+  """The shared defaults, with ``config.data`` set to the defaults of ``dataset``."""
+  config = ml_collections.ConfigDict()
+
+  # Which objective trains the model: "infonce" (CLIP4Clip's symmetric cross-entropy), "ncl"
+  # (cross-entropy on logits plus Sinkhorn biases from a query queue) or "dsl" (CAMoE's dual
+  # softmax). Evaluation always reports plain and NCL-normalized inference, whatever the loss.
+  config.loss = "ncl"
+  # Seed of parameter initialisation, the step RNG and the training data order.
+  config.seed = 42
+  # Examples per optimiser step over all devices and hosts; must divide by the device count.
+  # The result does not depend on how many devices share it.
+  config.global_batch_size = 128
+  # Length of the run: total_steps when > 0, otherwise num_epochs full passes over the training
+  # captions (the incomplete last batch of each epoch is dropped).
+  config.num_epochs = 5
+  config.total_steps = 0
+
+  # CLIP4Clip's optimiser.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.lr = 1e-4              # peak learning rate of new weights (heads, projections)
+  config.optimizer.clip_lr_coef = 1e-3    # CLIP weights train at lr * clip_lr_coef (1e-7)
+  config.optimizer.warmup_fraction = 0.1  # CLIP4Clip's warmup_cosine: linear warm-up, then cosine
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.98
+  config.optimizer.eps = 1e-6
+  config.optimizer.weight_decay = 0.2     # not applied to biases, norms, embeddings, logit scale
+  config.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 turns it off
+
+  # NCL's knobs (the paper does not publish them; these are reconstructions, see the README).
+  config.ncl = ml_collections.ConfigDict()
+  # Slots of each query queue (text and video), split evenly over the devices: every device
+  # writes its local batch into its own slice. Must divide by the device count. Every loss keeps
+  # the queues (they are the bank of NCL-normalized inference); only "ncl" trains with them.
+  config.ncl.queue_size = 16384
+  # Sinkhorn queries: the queue's valid entries and/or the current global batch.
+  config.ncl.use_queue = True
+  config.ncl.include_batch = True
+  # Temperature of the Sinkhorn logits; 0 uses the model's learned temperature (1 / logit scale).
+  config.ncl.sinkhorn_temperature = 0.0
+  # Sinkhorn stopping rule: relative L1 marginal error <= tol, checked every check_every
+  # iterations, at most max_iterations. With gradient="unroll" exactly max_iterations updates
+  # run and gradients flow through them; "stop" treats the biases as constants.
+  config.ncl.tol = 1e-4
+  config.ncl.max_iterations = 200
+  config.ncl.check_every = 10
+  config.ncl.gradient = "stop"
+
+  # DSL's prior temperature (CAMoE's released training loss uses 1000 on the logits).
+  config.dsl = ml_collections.ConfigDict()
+  config.dsl.temperature = 1000.0
+
+  # The model: ViT-B/32 CLIP towers with CLIP4Clip's meanP head (see ncl_jax.models).
+  config.model = default_model_config()
+  # Directory of pretrained CLIP weights for ncl_jax.models.load_clip; "" trains from scratch
+  # (every weight then counts as new and trains at optimizer.lr).
+  config.clip_dir = ""
+
+  config.data = default_data_config(dataset)
+
+  # Evaluation. Periodic evaluations use the validation split (model selection); the test split
+  # is evaluated once, at the end, with the selected checkpoint.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 256            # texts or videos per encoder call (padded, masked)
+  config.eval.select_metric = "plain/t2v/R@1"  # key under the validation results to maximise
+  # Inference-time NCL normalization: Sinkhorn biases from the training queue (the bank).
+  config.eval.sinkhorn_tol = 1e-4
+  config.eval.sinkhorn_max_iterations = 1000
+  # Multi-caption video-to-text protocol of ncl_jax.metrics ("strict" or "group_max") and the
+  # tie policy ("pessimistic", "optimistic" or "mean").
+  config.eval.v2t_protocol = "strict"
+  config.eval.tie = "pessimistic"
+
+  # Frequencies (0 = never, except the final evaluation and checkpoint, which always happen).
+  config.log_every_steps = 50             # runs of <= 100 steps log every step
+  config.eval_every_steps = 0             # 0: once per epoch
+  config.checkpoint_every_steps = 1000
+  config.max_to_keep = 3                  # recent checkpoints kept (plus the best on validation)
+  # A workdir holding a run with a different config is never replaced unless this is True.
+  config.overwrite_workdir = False
+  return config

@@ -1,0 +1,171 @@
+"""Evaluation of a trained dual encoder on one split: plain and NCL-normalized retrieval.
+
+Steps (all queries and videos of the split, nothing dropped):
+
+1. Encode captions and videos in fixed-size padded batches (``mask`` marks real rows), split
+   over the devices; bring the embeddings to the host and drop the padding.
+2. Cosine similarities ``S`` [n_texts, n_videos] and the model's temperature ``1 / logit_scale``.
+3. Plain retrieval: metrics of ``S`` (text to video) and ``S^T`` (video to text).
+4. NCL-normalized retrieval (inductive): the bank is the training queue of the state (recent
+   training text embeddings for text-to-video, video embeddings for video-to-text). Sinkhorn on
+   ``bank x test candidates`` gives candidate biases so that every candidate receives its
+   expected share of the bank's retrieval probability (one share per caption of a video); the
+   test scores become ``S / temperature + bias`` (:func:`ncl_jax.normalize.ncl`).
+5. Normalization error: each candidate's retrieval probability summed over the *test* queries,
+   against its expected share (:mod:`ncl_jax.normalize`); reported per direction, and as the
+   mean of both directions' mean absolute deviation (the headline number), for plain and NCL
+   scores, plus a histogram PNG of the summed probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ncl_jax import metrics as metrics_lib
+from ncl_jax import normalize
+from ncl_jax import sharding
+from ncl_jax.data import normalize_frames
+from ncl_jax.models.dual_encoder import DualEncoder
+
+
+class Encoders(NamedTuple):
+  """Jitted ``text(params, tokens) -> [N, E]`` and ``video(params, video, frame_mask) -> [N, E]``."""
+
+  text: Callable[..., jax.Array]
+  video: Callable[..., jax.Array]
+  frames: bool
+
+
+def make_encoders(model: DualEncoder) -> Encoders:
+  """Jitted single-modality encoders of ``model`` (inputs may be split over devices)."""
+
+  def text(params, tokens):
+    return model.apply({"params": params}, tokens, method=DualEncoder.encode_text)
+
+  def video(params, video, frame_mask):
+    if model.config.input_mode == "frames":
+      video = normalize_frames(video, xp=jnp)
+    return model.apply({"params": params}, video, frame_mask, method=DualEncoder.encode_video)
+
+  return Encoders(jax.jit(text), jax.jit(video), model.config.input_mode == "frames")
+
+
+def _encode(fn: Callable, params, batches, keys: tuple[str, ...], mesh) -> np.ndarray:
+  """Runs ``fn`` over padded global batches; returns the rows whose ``mask`` is True."""
+  outputs = []
+  for batch in batches:
+    rows = sharding.process_slice(batch["mask"].shape[0])
+    inputs = sharding.host_batch_to_global({k: batch[k][rows] for k in keys}, mesh)
+    emb = sharding.to_host(fn(params, *(inputs[k] for k in keys)))
+    outputs.append(np.asarray(emb, np.float32)[batch["mask"]])
+  return np.concatenate(outputs, axis=0)
+
+
+def encode_split(encoders: Encoders, params, eval_data, mesh, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """All caption and video embeddings of a split: ([num_texts, E], [num_videos, E]) float32."""
+  text = _encode(encoders.text, params, eval_data.text_batches(batch_size), ("text_tokens",),
+                 mesh)
+  video = _encode(encoders.video, params, eval_data.video_batches(batch_size),
+                  ("video", "frame_mask"), mesh)
+  return text, video
+
+
+def logit_scale_of(params) -> float:
+  """``exp`` of the model's log logit scale (the inverse temperature)."""
+  return float(np.exp(np.asarray(jax.device_get(params["logit_scale"]), np.float64)))
+
+
+def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_video: np.ndarray,
+                      *, logit_scale: float, text_bank: np.ndarray, video_bank: np.ndarray,
+                      eval_config, plot_path: str | None = None) -> dict[str, Any]:
+  """Plain and NCL-normalized metrics and normalization errors from embeddings.
+
+  Args:
+    text_emb: [n_texts, E] L2-normalised caption embeddings.
+    video_emb: [n_videos, E] L2-normalised video embeddings.
+    caption_to_video: int [n_texts], the video of each caption.
+    logit_scale: the model's inverse temperature.
+    text_bank: [n_bank_t, E] training text embeddings (the text queue), the t2v bank.
+    video_bank: [n_bank_v, E] training video embeddings (the video queue), the v2t bank.
+    eval_config: ``config.eval`` (``sinkhorn_tol``, ``sinkhorn_max_iterations``,
+      ``v2t_protocol``, ``tie``).
+    plot_path: where to save the histogram PNG of summed retrieval probabilities, or None.
+
+  Returns:
+    ``{"plain": {"t2v": {...}, "v2t": {...}}, "ncl": {...}, "normalization_error": {"plain": x,
+    "ncl": y}, "normalization_error_detail": {...}, "num_texts", "num_videos", "bank_size",
+    "sinkhorn": {...}, "temperature"}``.
+  """
+  n_texts, n_videos = text_emb.shape[0], video_emb.shape[0]
+  temperature = 1.0 / logit_scale
+  sims = text_emb @ video_emb.T
+  protocol, tie = str(eval_config.v2t_protocol), str(eval_config.tie)
+  plain = {"t2v": metrics_lib.t2v_metrics(sims, caption_to_video, tie=tie),
+           "v2t": metrics_lib.v2t_metrics(sims.T, caption_to_video, protocol=protocol, tie=tie)}
+
+  share_t2v = normalize.expected_mass(n_texts, n_videos, caption_to_video, direction="t2v")
+  share_v2t = normalize.expected_mass(n_videos, n_texts, caption_to_video, direction="v2t")
+  options = dict(tol=float(eval_config.sinkhorn_tol),
+                 max_iterations=int(eval_config.sinkhorn_max_iterations))
+  if len(text_bank) and len(video_bank):
+    logits_t2v, biases_t2v = normalize.ncl(sims, text_bank @ video_emb.T,
+                                           temperature=temperature, col_marginals=share_t2v,
+                                           **options)
+    logits_v2t, biases_v2t = normalize.ncl(sims.T, video_bank @ text_emb.T,
+                                           temperature=temperature, col_marginals=share_v2t,
+                                           **options)
+    sinkhorn = {"t2v": {"iterations": biases_t2v.iterations, "error": biases_t2v.error},
+                "v2t": {"iterations": biases_v2t.iterations, "error": biases_v2t.error}}
+  else:  # an empty bank (no training step yet) leaves the scores as they are
+    logits_t2v, logits_v2t = sims / temperature, sims.T / temperature
+    sinkhorn = {"t2v": {"iterations": 0, "error": 0.0}, "v2t": {"iterations": 0, "error": 0.0}}
+  ncl = {"t2v": metrics_lib.t2v_metrics(logits_t2v, caption_to_video, tie=tie),
+         "v2t": metrics_lib.v2t_metrics(logits_v2t, caption_to_video, protocol=protocol,
+                                        tie=tie)}
+
+  masses = {
+      "plain": {"t2v": normalize.candidate_mass(sims, scale=logit_scale),
+                "v2t": normalize.candidate_mass(sims.T, scale=logit_scale)},
+      "ncl": {"t2v": normalize.candidate_mass(logits_t2v),
+              "v2t": normalize.candidate_mass(logits_v2t)},
+  }
+  shares = {"t2v": share_t2v, "v2t": share_v2t}
+  detail = {mode: {d: normalize.normalization_error(masses[mode][d], shares[d])
+                   for d in ("t2v", "v2t")} for mode in masses}
+  headline = {mode: 0.5 * (detail[mode]["t2v"]["mae"] + detail[mode]["v2t"]["mae"])
+              for mode in detail}
+  if plot_path is not None and jax.process_index() == 0:
+    from ncl_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+    plots.normalization_histogram(
+        {f"{mode} {d}": masses[mode][d] for mode in masses for d in ("t2v", "v2t")},
+        plot_path, expected=1.0)
+  for mode in detail:  # keep the JSON small: histograms live in the PNG
+    for d in detail[mode]:
+      detail[mode][d] = {k: v for k, v in detail[mode][d].items() if k != "histogram"}
+  return {
+      "plain": plain,
+      "ncl": ncl,
+      "normalization_error": headline,
+      "normalization_error_detail": detail,
+      "num_texts": int(n_texts),
+      "num_videos": int(n_videos),
+      "bank_size": {"t2v": int(len(text_bank)), "v2t": int(len(video_bank))},
+      "sinkhorn": sinkhorn,
+      "temperature": float(temperature),
+  }
+
+
+def evaluate_split(encoders: Encoders, params, eval_data, mesh, *, text_bank: np.ndarray,
+                   video_bank: np.ndarray, eval_config, plot_path: str | None = None
+                   ) -> dict[str, Any]:
+  """Encodes ``eval_data`` with ``params`` and returns :func:`retrieval_results`."""
+  text_emb, video_emb = encode_split(encoders, params, eval_data, mesh,
+                                     int(eval_config.batch_size))
+  return retrieval_results(
+      text_emb, video_emb, eval_data.caption_to_video, logit_scale=logit_scale_of(params),
+      text_bank=text_bank, video_bank=video_bank, eval_config=eval_config, plot_path=plot_path)

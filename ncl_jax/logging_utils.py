@@ -1,0 +1,113 @@
+"""Run logs: ``metrics.jsonl``, TensorBoard event files and a progress line with speed and ETA.
+
+Only process 0 writes. ``metrics.jsonl`` holds one JSON object per line with at least ``step``;
+train lines carry ``loss``, evaluation lines carry keys such as ``val/plain/t2v/R@1``.
+TensorBoard events are written with ``tensorboardX``, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value: Any) -> Any:
+  """JSON-safe Python scalar (non-finite floats become strings, which JSON cannot hold)."""
+  if isinstance(value, (np.generic, np.ndarray)):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+  """Drops lines with ``step > last_step`` from ``metrics.jsonl`` (a resume repeats those steps)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+  if len(kept) == len(lines):
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+  """Appends metrics to ``DIR/metrics.jsonl`` and TensorBoard event files under ``DIR/tb``."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self._active = jax.process_index() == 0
+    self._file = None
+    self._tb = None
+    if not self._active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(os.path.join(workdir, METRICS_FILE), "a")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes one line ``{"step": step, **metrics}`` and the numeric values to TensorBoard."""
+    if not self._active:
+      return
+    record = {"step": int(step)}
+    record.update({k: _plain(v) for k, v in metrics.items()})
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tb.add_scalar(key, value, int(step))
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+class Progress:
+  """Formats "step 40/200 loss 1.234  7.1 steps/s  ETA 0:00:22" lines from wall-clock time.
+
+  The speed is measured since the first reported step, so compilation of the first step does
+  not distort it.
+  """
+
+  def __init__(self, total_steps: int, start_step: int = 0):
+    self._total = total_steps
+    self._t0 = None
+    self._s0 = start_step
+
+  def line(self, step: int, loss: float) -> str:
+    now = time.perf_counter()
+    if self._t0 is None:
+      self._t0, self._s0 = now, step
+      rate = float("nan")
+    else:
+      rate = (step - self._s0) / max(now - self._t0, 1e-9)
+    if rate > 0 and math.isfinite(rate):
+      eta = str(datetime.timedelta(seconds=round((self._total - step) / rate)))
+      speed = f"{rate:.2f} steps/s  ETA {eta}"
+    else:
+      speed = "-- steps/s  ETA --"
+    return f"step {step}/{self._total}  loss {loss:.4f}  {speed}"

@@ -1,0 +1,126 @@
+"""Command line: ``python -m ncl_jax.main --config=configs/synthetic.py --workdir=DIR``.
+
+Kept short on purpose: everything happens in :func:`ncl_jax.train.train_and_evaluate`.
+Config fields are overridden with ``--config.key=value`` (e.g. ``--config.loss=infonce``).
+
+Multi-process runs (TPU pods, several GPU hosts) call ``jax.distributed.initialize()`` first:
+with ``--distributed`` (TPU VMs and clusters that JAX detects on its own) or with
+``--coordinator_address``/``--num_processes``/``--process_id`` (any cluster, or localhost).
+A single host never initializes the distributed runtime.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ncl_jax import errors
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file, e.g. configs/synthetic.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, logs, results (resumed if it holds this run).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def maybe_initialize_distributed(distributed: bool, coordinator: str | None,
+                                 num_processes: int | None, process_id: int | None) -> bool:
+  """Initializes jax.distributed when the run spans processes; returns whether it did."""
+  import jax  # pylint: disable=g-import-not-at-top
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      errors.fail("a multi-process run needs all of --coordinator_address, --num_processes and "
+                  "--process_id (or --distributed alone on TPU pods)")
+    if num_processes <= 1:
+      return False
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    return True
+  if distributed:
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def _config_keys(config, prefix: str = "") -> list[str]:
+  keys = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    keys.append(name)
+    if hasattr(value, "items"):
+      keys.extend(_config_keys(value, f"{name}."))
+  return keys
+
+
+def unknown_override_message(argv: list[str], config_file: str | None) -> str | None:
+  """A one-line error for ``--config.<key>`` overrides naming no field, with the closest keys."""
+  if config_file is None:
+    return None
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("ncl_jax_cli_config", config_file.split(":")[0])
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  keys = _config_keys(module.get_config())
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      return f"unknown config key {key!r} in {arg!r}{hint}"
+  return None
+
+
+def _config_file_arg(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _WORKDIR.value is None:
+    errors.fail("--workdir is required (the run directory for checkpoints, logs and results)")
+  maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  from ncl_jax import train  # pylint: disable=g-import-not-at-top
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if results is None:  # stopped by SIGTERM after saving a checkpoint: exit 0, resume later
+    return
+
+
+def run(argv: list[str] | None = None) -> None:
+  """Parses flags and runs :func:`main`; user mistakes become one error line and exit code 2."""
+  argv = list(sys.argv if argv is None else argv)
+  sys.argv = argv  # config_flags reads --config.* overrides from sys.argv
+
+  def body() -> int:
+    try:
+      flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as err:
+      message = unknown_override_message(argv[1:], _config_file_arg(argv[1:]))
+      errors.fail(message or str(err).splitlines()[0])
+    if _CONFIG.value is None:
+      errors.fail("--config is required, e.g. --config=configs/synthetic.py")
+    main([argv[0]])
+    return 0
+
+  errors.run_cli(body)
+
+
+if __name__ == "__main__":
+  run()

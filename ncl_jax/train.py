@@ -1,0 +1,519 @@
+"""The training job: data-parallel train step with sharded NCL queues, the loop, evaluation, logs.
+
+``train_and_evaluate(config, workdir)`` is the whole job; ``ncl_jax.main`` is a thin command-line
+wrapper around it.
+
+The train step is written per device with named-axis collectives and mapped over the 1-D mesh
+(axis ``"data"``, see :mod:`ncl_jax.sharding`) with ``jax.shard_map``:
+
+* each device encodes its local batch, then ``all_gather``s both modalities (and both query
+  queues) so that the contrastive logits and the Sinkhorn problem see the *global* batch and
+  the whole queue; every device then computes the same global loss. This is exact: the result
+  does not depend on the number of devices (a test checks 1 against 4).
+* gradients: the transpose of ``all_gather`` is ``psum_scatter``, so on each device the
+  gradient of the (identical) global loss L reaches the local encoder outputs as the *sum* of the
+  n devices' cotangents, i.e. ``n * dL/d(local rows)``; the local parameter gradient is thus n
+  times the local batch's share of ``dL/dparams``, and ``pmean`` over devices gives exactly
+  ``dL/dparams`` on every device: the data-parallel average of the pmap model. (The map runs
+  with ``check_vma=False``: the math modules, Sinkhorn's ``while_loop`` in particular, are
+  written with single-device semantics and do not annotate device-varying loop carries. With
+  ``check_vma=True`` autodiff would also psum the parameter gradients itself.)
+* the queues are sharded: each device holds ``queue_size / n`` slots of each ring buffer and
+  writes its local batch into its own slice after the loss. The pointer advances by the static
+  local batch size, so it stays identical on every device without communication. With
+  ``queue_size`` a multiple of the global batch, the set of queued embeddings is the same for any
+  device count (only the slot order differs, and Sinkhorn does not depend on it).
+
+Redundancy: every device computes the full [B_global x B_global] logits and the same Sinkhorn
+iterations. That costs O(B^2 + Q*B) per device, small next to the encoders for CLIP4Clip's
+batch 128, and avoids a collective inside every Sinkhorn iteration.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ncl_jax import checkpointing
+from ncl_jax import errors
+from ncl_jax import evaluate as evaluate_lib
+from ncl_jax import logging_utils
+from ncl_jax import losses
+from ncl_jax import sharding
+from ncl_jax.data import get_dataset, normalize_frames
+from ncl_jax.models import dual_encoder
+from ncl_jax.queue import Queue, enqueue, init_queue
+from ncl_jax.train_state import TrainState, clamp_logit_scale, make_optimizer
+
+DATA = sharding.DATA_AXIS
+RESULTS_FILE = "results.json"
+# Runs this short log every step, whatever log_every_steps says.
+LOG_EVERY_STEP_UP_TO = 100
+
+
+def log(message: str) -> None:
+  """Prints a progress message on process 0."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def make_loss_fn(config: ml_collections.ConfigDict) -> losses.LossFn:
+  """The loss named by ``config.loss`` with its options from ``config.ncl`` / ``config.dsl``."""
+  if config.loss == "ncl":
+    n = config.ncl
+    return losses.loss_fn_by_name(
+        "ncl", use_queue=bool(n.use_queue), include_batch=bool(n.include_batch),
+        sinkhorn_logit_scale=(1.0 / n.sinkhorn_temperature if n.sinkhorn_temperature > 0
+                              else None),
+        tol=float(n.tol), max_iterations=int(n.max_iterations),
+        check_every=int(n.check_every), gradient=str(n.gradient))
+  if config.loss == "dsl":
+    return losses.loss_fn_by_name("dsl", temperature=float(config.dsl.temperature))
+  return losses.loss_fn_by_name(config.loss)
+
+
+def check_model_matches_data(model_config, dataset) -> None:
+  """Raises a UserError naming the field when the model cannot read the data set's batches."""
+  shape, _ = dataset.video_item_shape()
+  data_mode = dataset.input_mode
+  problems = []
+  if model_config.input_mode != data_mode:
+    problems.append(f"model.input_mode is {model_config.input_mode!r} but the data set provides "
+                    f"{data_mode!r} (set --config.model.input_mode={data_mode})")
+  elif data_mode == "features" and model_config.feature_dim != shape[-1]:
+    problems.append(f"model.feature_dim is {model_config.feature_dim} but the data set's frame "
+                    f"features have {shape[-1]} (set --config.model.feature_dim={shape[-1]})")
+  if model_config.max_frames < dataset.max_frames:
+    problems.append(f"model.max_frames {model_config.max_frames} is smaller than the data set's "
+                    f"{dataset.max_frames} frames per video")
+  if model_config.text.context_length < dataset.max_words:
+    problems.append(f"model.text.context_length {model_config.text.context_length} is smaller "
+                    f"than the data set's {dataset.max_words} tokens per caption")
+  if problems:
+    errors.fail("the model config does not fit the data: " + "; ".join(problems))
+
+
+def open_dataset(data_config: ml_collections.ConfigDict):
+  """:func:`ncl_jax.data.get_dataset`, pointing users of real sets at the synthetic demo."""
+  try:
+    return get_dataset(data_config)
+  except errors.UserError as err:
+    if data_config.name == "synthetic" or "synthetic" in str(err):
+      raise
+    raise errors.UserError(f"{err} (configs/synthetic.py needs no data)") from err
+
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """``config.total_steps`` when > 0, else ``num_epochs`` epochs of ``steps_per_epoch``."""
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  if config.num_epochs <= 0:
+    errors.fail("set config.total_steps > 0 or config.num_epochs > 0")
+  return int(config.num_epochs) * int(steps_per_epoch)
+
+
+# -- train state ---------------------------------------------------------------------------------
+
+
+def state_specs() -> TrainState:
+  """PartitionSpecs of the train state (a pytree prefix): queues split over "data", rest whole."""
+  queue_spec = Queue(embeddings=P(DATA), pointer=P(), valid=P(DATA))
+  return TrainState(step=P(), params=P(), opt_state=P(), text_queue=queue_spec,
+                    video_queue=queue_spec, rng=P())
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def state_shardings(abstract_state: TrainState, mesh) -> Any:
+  """A full tree of NamedShardings matching ``abstract_state``."""
+  return jax.tree.map(
+      lambda spec, sub: jax.tree.map(lambda _: NamedSharding(mesh, spec), sub),
+      state_specs(), abstract_state, is_leaf=_is_spec)
+
+
+def dummy_inputs(model_config) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One example (tokens, video, frame_mask) of the shapes the model reads, for ``init``."""
+  t = int(model_config.max_frames)
+  tokens = jnp.zeros((1, int(model_config.text.context_length)), jnp.int32)
+  if model_config.input_mode == "features":
+    video = jnp.zeros((1, t, int(model_config.feature_dim)), jnp.float32)
+  else:
+    size = int(model_config.vision.image_size)
+    video = jnp.zeros((1, t, size, size, 3), jnp.float32)
+  return tokens, video, jnp.ones((1, t), bool)
+
+
+def init_params(model: dual_encoder.DualEncoder, seed: int) -> Any:
+  """Randomly initialised parameters (a pure function of ``seed``)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+  return model.init(key, *dummy_inputs(model.config))["params"]
+
+
+def new_train_state(params: Any, tx: optax.GradientTransformation, queue_size: int,
+                    embed_dim: int, seed: int) -> TrainState:
+  """Step 0: fresh optimiser state, empty queues."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+      text_queue=init_queue(queue_size, embed_dim), video_queue=init_queue(queue_size, embed_dim),
+      rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
+
+def load_clip_params(config: ml_collections.ConfigDict, params: Any) -> Any:
+  """Copies pretrained CLIP weights from ``config.clip_dir`` into ``params`` (host side)."""
+  from ncl_jax import models  # pylint: disable=g-import-not-at-top
+  clip_params = models.load_clip(os.path.expanduser(config.clip_dir))
+  if isinstance(clip_params, tuple):  # (params, config) from loaders that also return the config
+    clip_params = clip_params[0]
+  return dual_encoder.init_dual_encoder_from_clip(params, clip_params, config.model)
+
+
+# -- the train step ------------------------------------------------------------------------------
+
+
+def _gather_queue(queue: Queue) -> Queue:
+  """The whole queue on every device: slots of all devices, concatenated in device order."""
+  return Queue(embeddings=jax.lax.all_gather(queue.embeddings, DATA, tiled=True),
+               pointer=queue.pointer,
+               valid=jax.lax.all_gather(queue.valid, DATA, tiled=True))
+
+
+def make_train_step(model: dual_encoder.DualEncoder, loss_fn: losses.LossFn,
+                    tx: optax.GradientTransformation, mesh,
+                    schedules: Mapping[str, optax.Schedule] | None = None) -> Callable:
+  """Builds the jitted, data-parallel ``step(state, batch) -> (state, metrics)``.
+
+  Args:
+    model: the dual encoder.
+    loss_fn: ``fn(text [B, E], video [B, E], logit_scale, text_queue, video_queue) ->
+      (loss, aux)`` with single-device (global-batch) semantics.
+    tx: the optimiser.
+    mesh: 1-D mesh with axis "data".
+    schedules: learning-rate schedules to report in the metrics.
+
+  Returns:
+    A function of the (donated) train state and a global batch ``{"text_tokens" [B, L],
+    "video" [B, T, ...], "frame_mask" [B, T]}`` split over "data"; the metrics are replicated
+    float32 scalars: ``loss``, the loss's aux values, ``grad_norm``, ``logit_scale`` and
+    ``lr_<group>``.
+  """
+  frames = model.config.input_mode == "frames"
+  schedules = dict(schedules or {})
+
+  def per_device(state: TrainState, batch: dict[str, jax.Array]):
+    key = jax.random.fold_in(state.rng, state.step)
+    video = batch["video"]
+    if frames:  # uint8 on the wire, CLIP-normalised float on the device
+      video = normalize_frames(video, xp=jnp)
+    text_queue = _gather_queue(state.text_queue)
+    video_queue = _gather_queue(state.video_queue)
+
+    def objective(params):
+      text_emb, video_emb, scale = model.apply(
+          {"params": params}, batch["text_tokens"], video, batch["frame_mask"],
+          rngs={"dropout": key})
+      all_text = jax.lax.all_gather(text_emb, DATA, tiled=True)
+      all_video = jax.lax.all_gather(video_emb, DATA, tiled=True)
+      loss, aux = loss_fn(all_text, all_video, scale, text_queue, video_queue)
+      return loss, (aux, text_emb, video_emb, scale)
+
+    (loss, (aux, text_emb, video_emb, scale)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
+    # Every device computed the same global loss; see the module docstring for why the mean
+    # over devices of these gradients is exactly the global gradient.
+    grads = jax.lax.pmean(grads, DATA)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = clamp_logit_scale(optax.apply_updates(state.params, updates))
+    new_state = TrainState(
+        step=state.step + 1, params=params, opt_state=opt_state,
+        text_queue=enqueue(state.text_queue, text_emb),
+        video_queue=enqueue(state.video_queue, video_emb), rng=state.rng)
+    metrics = {"loss": loss, **aux}
+    metrics = {k: jax.lax.pmean(jnp.asarray(v, jnp.float32), DATA) for k, v in metrics.items()}
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["logit_scale"] = jnp.asarray(scale, jnp.float32)
+    for name, schedule in schedules.items():
+      metrics[f"lr_{name}"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return new_state, metrics
+
+  specs = state_specs()
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(specs, P(DATA)),
+                         out_specs=(specs, P()), check_vma=False)
+  return jax.jit(mapped, donate_argnums=0)
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+
+class _Run:
+  """Everything the loop needs, built once from the config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+    if config.loss not in losses.LOSS_NAMES:
+      errors.fail(f"config.loss must be one of {', '.join(losses.LOSS_NAMES)}, "
+                  f"got {config.loss!r}")
+    self.config = config
+    self.mesh = sharding.make_mesh() if mesh is None else mesh
+    sharding.check_divisible(config.global_batch_size, self.mesh, "config.global_batch_size")
+    sharding.check_divisible(config.ncl.queue_size, self.mesh, "config.ncl.queue_size")
+    sharding.check_divisible(config.eval.batch_size, self.mesh, "config.eval.batch_size")
+    self.dataset = open_dataset(config.data)
+    check_model_matches_data(config.model, self.dataset)
+    self.steps_per_epoch = self.dataset.steps_per_epoch(config.global_batch_size)
+    if self.steps_per_epoch < 1:
+      errors.fail(f"config.global_batch_size {config.global_batch_size} exceeds the "
+                  f"{self.dataset.num_train_examples} training examples")
+    self.total_steps = total_train_steps(config, self.steps_per_epoch)
+    self.model = dual_encoder.DualEncoder(config.model)
+    self.loss_fn = make_loss_fn(config)
+    abstract_params = jax.eval_shape(functools.partial(init_params, self.model), config.seed)
+    labels = dual_encoder.param_labels(abstract_params, config.model,
+                                       pretrained=bool(config.clip_dir))
+    self.tx, self.schedules = make_optimizer(config.optimizer, labels, self.total_steps)
+    self.embed_dim = int(config.model.embed_dim)
+    abstract = jax.eval_shape(self._state_from_params, abstract_params)
+    self.shardings = state_shardings(abstract, self.mesh)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
+    self.train_step = make_train_step(self.model, self.loss_fn, self.tx, self.mesh,
+                                      self.schedules)
+    self.encoders = evaluate_lib.make_encoders(self.model)
+
+  def _state_from_params(self, params):
+    return new_train_state(params, self.tx, int(self.config.ncl.queue_size), self.embed_dim,
+                           int(self.config.seed))
+
+  def initial_state(self) -> TrainState:
+    """A fresh train state, created directly with its shardings."""
+    if self.config.clip_dir:
+      params = load_clip_params(self.config, jax.device_get(
+          jax.jit(functools.partial(init_params, self.model), static_argnums=0)(
+              int(self.config.seed))))
+      return jax.jit(self._state_from_params, out_shardings=self.shardings)(params)
+    make = lambda: self._state_from_params(init_params(self.model, int(self.config.seed)))
+    return jax.jit(make, out_shardings=self.shardings)()
+
+  def evaluate(self, state: TrainState, split: str, plot_path: str | None = None
+               ) -> dict[str, Any]:
+    """Plain and NCL-normalized retrieval on ``split``; bank = the state's training queues."""
+    return evaluate_lib.evaluate_split(
+        self.encoders, state.params, self.dataset.eval_data(split), self.mesh,
+        text_bank=_queue_to_host(state.text_queue), video_bank=_queue_to_host(state.video_queue),
+        eval_config=self.config.eval, plot_path=plot_path)
+
+
+def _queue_to_host(queue: Queue) -> np.ndarray:
+  """The valid embeddings of a (sharded) queue as a numpy array [n_valid, d]."""
+  embeddings, valid = sharding.to_host((queue.embeddings, queue.valid))
+  return np.asarray(embeddings)[np.asarray(valid, bool)]
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, float]:
+  """{"a": {"b": 1.0}} -> {"prefix/a/b": 1.0} for numeric leaves."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}"
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, name))
+    elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+      flat[name] = float(value)
+  return flat
+
+
+def _write_json(path: str, payload: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def _describe_eval(split: str, results: Mapping[str, Any]) -> str:
+  parts = []
+  for mode in ("plain", "ncl"):
+    r = results[mode]
+    parts.append(f"{mode}: t2v R@1 {r['t2v']['R@1']:.1f} R@5 {r['t2v']['R@5']:.1f} "
+                 f"v2t R@1 {r['v2t']['R@1']:.1f}")
+  err = results["normalization_error"]
+  return (f"eval {split} ({results['num_texts']} texts x {results['num_videos']} videos): "
+          + "; ".join(parts) + f"; normalization error plain {err['plain']:.3f} "
+          f"ncl {err['ncl']:.3f}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=None
+                       ) -> dict[str, Any] | None:
+  """Trains, selects a checkpoint on the validation split, evaluates the test split once.
+
+  Resumes automatically from the newest checkpoint in ``workdir``. On SIGTERM it finishes the
+  current step, saves, and returns None (the caller exits 0; the same command resumes).
+
+  Args:
+    config: a config from ``configs/*.py``.
+    workdir: run directory (checkpoints, ``metrics.jsonl``, TensorBoard events under ``tb/``,
+      ``results.json``, histogram PNGs).
+    mesh: the device mesh; default all devices (``ncl_jax.sharding.make_mesh``).
+
+  Returns:
+    The results written to ``DIR/results.json``, or None when stopped by SIGTERM.
+
+  Raises:
+    UserError: bad config, missing data, a workdir holding another run, or a non-finite loss.
+  """
+  run = _Run(config, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  log(f"ncl_jax: loss {config.loss}, {run.dataset.name} ({run.dataset.num_train_examples} "
+      f"training examples), global batch {config.global_batch_size} on "
+      f"{run.mesh.devices.size} device(s) / {jax.process_count()} process(es), "
+      f"{run.total_steps} steps ({run.steps_per_epoch} per epoch)")
+  val_split = run.dataset.validation_split
+  ckpt = checkpointing.Checkpointer(
+      workdir, config=config.to_dict(), max_to_keep=int(config.max_to_keep),
+      best_metric=f"val/{config.eval.select_metric}" if val_split else None,
+      overwrite=bool(config.overwrite_workdir))
+  writer = None
+  try:
+    restored = ckpt.restore_latest(run.abstract_state)
+    iterator = run.dataset.train_iterator(
+        config.global_batch_size, seed=int(config.seed), process_index=jax.process_index(),
+        process_count=jax.process_count())
+    metrics_path = os.path.join(workdir, logging_utils.METRICS_FILE)
+    if restored is None:
+      state, last_loss = run.initial_state(), None
+      checkpointing.rewind_jsonl(metrics_path, None)
+    else:
+      state, extra = restored
+      iterator.set_state(extra["data"])
+      last_loss = extra.get("last_loss")
+      checkpointing.rewind_jsonl(metrics_path, int(state.step))
+      log(f"resumed from step {int(state.step)} in {workdir}")
+    writer = logging_utils.MetricWriter(workdir)
+    stopped, last_loss = _train_loop(run, state, iterator, ckpt, writer, last_loss)
+    if stopped is None:
+      return None
+    state = stopped
+    return _final_evaluation(run, state, ckpt, writer, workdir, last_loss)
+  finally:
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+
+
+def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss):
+  """Runs the steps; returns (final state, last loss), or (None, loss) after SIGTERM."""
+  config = run.config
+  total = run.total_steps
+  log_every = 1 if total <= LOG_EVERY_STEP_UP_TO else max(1, int(config.log_every_steps))
+  eval_every = int(config.eval_every_steps) or run.steps_per_epoch
+  ckpt_every = int(config.checkpoint_every_steps)
+  val_split = run.dataset.validation_split
+  step = int(state.step)
+  progress = logging_utils.Progress(total, step)
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+
+  def flush():
+    nonlocal last_loss
+    for s, metrics in pending:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(values["loss"]):
+        errors.fail(f"the training loss is not finite at step {s} (loss = {values['loss']}); "
+                    "the run stopped. Lower config.optimizer.lr or check the data; the last "
+                    "checkpoint is kept")
+      writer.write(s, values)
+      last_loss = values["loss"]
+    if pending:
+      log(progress.line(pending[-1][0], last_loss))
+    pending.clear()
+
+  def extra():
+    return {"data": iterator.get_state(), "last_loss": last_loss, "seed": int(config.seed)}
+
+  with checkpointing.PreemptionWatcher() as watcher:
+    while step < total:
+      batch = sharding.host_batch_to_global(next(iterator), run.mesh)
+      state, metrics = run.train_step(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      last = step == total
+      evaluate_now = val_split is not None and (step % eval_every == 0 or last)
+      save_now = last or evaluate_now or (ckpt_every > 0 and step % ckpt_every == 0)
+      stop = watcher.should_stop()
+      if step % log_every == 0 or last or evaluate_now or save_now or stop:
+        flush()
+      val_flat = None
+      if evaluate_now:
+        results = run.evaluate(state, val_split)
+        val_flat = _flatten({k: results[k] for k in ("plain", "ncl", "normalization_error")},
+                            "val")
+        writer.write(step, val_flat)
+        log(_describe_eval(val_split, results))
+      if save_now or stop:
+        ckpt.save(step, state, extra(), metrics=val_flat, force=True)
+      if stop:
+        ckpt.wait()
+        writer.flush()
+        log(f"stopped by SIGTERM after step {step}; checkpoint saved, run the same command "
+            "again to resume")
+        return None, last_loss
+  iterator.close()
+  return state, last_loss
+
+
+def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, last_loss):
+  """Restores the checkpoint selected on validation and evaluates the test split(s) once."""
+  final_step = int(state.step)
+  ckpt.wait()
+  selected_step = final_step
+  if run.dataset.validation_split is not None and ckpt.best_step is not None:
+    selected_step = int(ckpt.best_step)
+    if selected_step != final_step:
+      state, _ = ckpt.restore_best(run.abstract_state)
+  test_splits = [s for s in run.dataset.eval_splits if s != run.dataset.validation_split]
+  if not test_splits:
+    test_splits = [run.dataset.validation_split]
+  per_split = {}
+  for split in test_splits:
+    plot = os.path.join(workdir, f"normalization_error_{split}.png")
+    results = run.evaluate(state, split, plot_path=plot)
+    per_split[split] = results
+    writer.write(final_step, _flatten(
+        {k: results[k] for k in ("plain", "ncl", "normalization_error")}, split))
+    log(_describe_eval(split, results))
+  main = per_split[test_splits[0]]
+  payload = {
+      "step": final_step,
+      "loss": last_loss,
+      "eval": {"plain": main["plain"], "ncl": main["ncl"]},
+      "normalization_error": main["normalization_error"],
+      "split": test_splits[0],
+      "selected_step": selected_step,
+      "selected_on": run.dataset.validation_split,
+      "loss_name": run.config.loss,
+      "num_texts": main["num_texts"],
+      "num_videos": main["num_videos"],
+      "bank_size": main["bank_size"],
+      "splits": {s: {k: r[k] for k in ("plain", "ncl", "normalization_error")}
+                 for s, r in per_split.items()},
+      "num_devices": int(run.mesh.devices.size),
+      "num_processes": jax.process_count(),
+  }
+  _write_json(os.path.join(workdir, RESULTS_FILE), payload)
+  writer.flush()
+  log(f"wrote {os.path.join(workdir, RESULTS_FILE)}")
+  return payload
