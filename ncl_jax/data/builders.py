@@ -1,0 +1,312 @@
+"""tensorflow-datasets builders for MSR-VTT, MSVD, ActivityNet Captions and DiDeMo.
+
+No TensorFlow is needed: the builders write ``array_record`` files, which are read back with
+random access through ``builder.as_data_source(split)`` (see :mod:`ncl_jax.data.prepared`).
+
+One record per video: its id, its captions, and either its sampled frames (frames mode: JPEG
+bytes of each 1-fps frame after resize + centre crop, see :mod:`ncl_jax.data.video`) or its
+precomputed per-frame features (features mode: float32 [T, D] from ``{video}.npy``). Records
+keep the annotation order (``disable_shuffling``: the pipeline shuffles), and the dataset
+metadata repeats every split's video ids and captions so a reader can index captions without
+scanning the frames.
+
+A video whose file is missing or cannot be decoded is skipped and recorded in the metadata; the
+build fails when more than ``max_bad_fraction`` of a split is bad.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ncl_jax.data import annotation_readers as annotations_lib
+from ncl_jax.data import video as video_lib
+from ncl_jax.data.pipeline import sample_frame_indices
+from ncl_jax.errors import UserError
+
+VERSION = tfds.core.Version("1.0.0")
+DEFAULT_MAX_FRAMES = {"msrvtt": 12, "msvd": 12, "activitynet": 64, "didemo": 64}
+
+
+@dataclasses.dataclass
+class RetrievalConfig(tfds.core.BuilderConfig):
+  """How videos are stored.
+
+  Attributes:
+    input_mode: "frames" (decoded, sampled, JPEG-encoded frames) or "features" (.npy [T, D]).
+    max_frames: T, the most frames kept per video (uniform subsampling above it).
+    image_size: frames mode: output height and width after resize + centre crop.
+    fps: frames mode: frames sampled per second.
+    jpeg_quality: frames mode: JPEG quality of the stored frames.
+  """
+
+  input_mode: str = "frames"
+  max_frames: int = 12
+  image_size: int = 224
+  fps: float = 1.0
+  jpeg_quality: int = 95
+
+
+def config_name(input_mode: str, max_frames: int, image_size: int = 224, fps: float = 1.0,
+                jpeg_quality: int = 95) -> str:
+  """The builder config name of a storage setting, e.g. "frames_12f_224px", "features_12f".
+
+  Non-default frame rates and JPEG qualities are part of the name ("..._2fps_q90"), so
+  differently made copies never share a folder.
+  """
+  if input_mode == "features":
+    return f"features_{max_frames}f"
+  if input_mode != "frames":
+    raise UserError(f"input mode {input_mode!r} is neither 'frames' nor 'features'")
+  name = f"frames_{max_frames}f_{image_size}px"
+  if fps != 1.0:
+    name += f"_{fps:g}fps".replace(".", "p")
+  if jpeg_quality != 95:
+    name += f"_q{jpeg_quality}"
+  return name
+
+
+def make_config(input_mode: str, max_frames: int, image_size: int = 224, fps: float = 1.0,
+                jpeg_quality: int = 95) -> RetrievalConfig:
+  name = config_name(input_mode, max_frames, image_size, fps, jpeg_quality)
+  return RetrievalConfig(name=name, description=f"{input_mode}, up to {max_frames} frames",
+                         input_mode=input_mode, max_frames=max_frames, image_size=image_size,
+                         fps=fps, jpeg_quality=jpeg_quality)
+
+
+_VIDEO_NOTE = """
+Frames mode (default) also needs the videos, found recursively by file name under
+`--videos_dir` (default: `<manual_dir>/videos`; .mp4 .webm .avi .mkv .mov ...). Features mode
+instead needs one NumPy file `<video>.npy` of shape [T, D] per video under `--features_dir`
+(e.g. per-frame CLIP features at 1 fps). Then run
+`python -m ncl_jax.data.prepare {name} --manual_dir DIR --data_dir OUT`.
+"""
+
+
+class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Shared logic of the four builders: read annotations, find videos, decode, write."""
+
+  VERSION = VERSION
+  DATASET = ""
+
+  def __init__(self, *, videos_dir: str | None = None, features_dir: str | None = None,
+               max_bad_fraction: float = 0.01, num_workers: int = 2, **kwargs):
+    self._videos_dir = videos_dir
+    self._features_dir = features_dir
+    self._max_bad_fraction = max_bad_fraction
+    self._num_workers = max(int(num_workers), 1)
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = self.builder_config
+    if cfg.input_mode == "frames":
+      video_feature = {"frames": tfds.features.Sequence(
+          tfds.features.Tensor(shape=(), dtype=np.object_))}
+    else:
+      video_feature = {"features": tfds.features.Tensor(
+          shape=(None, None), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB)}
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"{self.DATASET} text-video retrieval ({cfg.name}).",
+        features=tfds.features.FeaturesDict({
+            "video_id": tfds.features.Text(),
+            "captions": tfds.features.Sequence(tfds.features.Text()),
+            **video_feature}),
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
+        homepage="https://github.com/ArrowLuo/CLIP4Clip",
+    )
+
+  # Split planning ------------------------------------------------------------------------------
+
+  def _source_dir(self, manual_dir: str) -> str:
+    if self.builder_config.input_mode == "frames":
+      folder = self._videos_dir or os.path.join(manual_dir, "videos")
+      flag = "--videos_dir"
+    else:
+      folder = self._features_dir
+      flag = "--features_dir"
+      if not folder:
+        raise UserError("features mode needs --features_dir, the folder of <video>.npy files")
+    if not os.path.isdir(folder):
+      raise UserError(f"video folder {folder} does not exist; pass it with {flag}")
+    return folder
+
+  def _index_files(self, folder: str) -> dict[str, str]:
+    if self.builder_config.input_mode == "frames":
+      return video_lib.index_video_files(folder)
+    found = {}
+    for root, _, files in os.walk(folder):
+      for name in sorted(files):
+        if name.endswith(".npy"):
+          found.setdefault(name[:-4], os.path.join(root, name))
+    return found
+
+  def _split_generators(self, dl_manager):
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    annotations = annotations_lib.READERS[self.DATASET](manual_dir)
+    files = self._index_files(self._source_dir(manual_dir))
+    meta = self.info.metadata
+    meta["settings"] = {"dataset": self.DATASET, **dataclasses.asdict(self.builder_config)}
+    meta["settings"] = {k: v for k, v in meta["settings"].items()
+                        if isinstance(v, (str, int, float, bool))}
+    meta["subsets"] = annotations.subsets
+    meta["splits"], meta["skipped"] = {}, {}
+    generators = {}
+    for split, entries in annotations.splits.items():
+      paths = [next((files[s] for s in e.stems if s in files), None) for e in entries]
+      missing = sum(p is None for p in paths)
+      self._check_bad(split, missing, len(entries), "missing",
+                      [e.video_id for e, p in zip(entries, paths) if p is None])
+      generators[split] = self._generate_examples(split, list(zip(entries, paths)))
+    return generators
+
+  def _check_bad(self, split: str, bad: int, total: int, what: str, examples: list[str]):
+    if total and bad / total > self._max_bad_fraction:
+      raise UserError(
+          f"{bad} of {total} videos of the {self.DATASET} {split} split are {what} (e.g. "
+          f"{', '.join(examples[:3])}), more than --max_bad_fraction={self._max_bad_fraction}; "
+          "check the video folder or raise --max_bad_fraction")
+
+  # Example generation -----------------------------------------------------------------------
+
+  def _load(self, entry: annotations_lib.VideoEntry, path: str) -> dict[str, Any]:
+    """The stored video of one entry; raises VideoDecodeError for unusable files."""
+    cfg = self.builder_config
+    if cfg.input_mode == "frames":
+      frames = video_lib.decode_video(path, fps=cfg.fps, max_frames=cfg.max_frames,
+                                      size=cfg.image_size, start=entry.start, end=entry.end)
+      return {"frames": [video_lib.encode_jpeg(f, cfg.jpeg_quality) for f in frames]}
+    try:
+      features = np.load(path)
+    except (OSError, ValueError) as err:
+      raise video_lib.VideoDecodeError(f"{path}: {err}") from err
+    if features.ndim != 2 or features.shape[0] == 0 or not np.isfinite(features).all():
+      raise video_lib.VideoDecodeError(f"{path}: expected finite features [T, D], got shape "
+                                       f"{features.shape}")
+    keep = sample_frame_indices(features.shape[0], cfg.max_frames)
+    return {"features": features[keep].astype(np.float32)}
+
+  def _loaded(self, items) -> Iterator[tuple[int, Any]]:
+    """(index, stored video or the error) in input order, decoded by a bounded thread pool."""
+    def work(item):
+      entry, path = item
+      if path is None:
+        return video_lib.VideoDecodeError("file not found")
+      try:
+        return self._load(entry, path)
+      except video_lib.VideoDecodeError as err:
+        return err
+    window = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
+      for index, item in enumerate(items):
+        window.append((index, pool.submit(work, item)))
+        if len(window) >= 4 * self._num_workers:
+          done_index, future = window.popleft()
+          yield done_index, future.result()
+      while window:
+        done_index, future = window.popleft()
+        yield done_index, future.result()
+
+  def _generate_examples(self, split: str, items):
+    meta = self.info.metadata
+    video_ids, captions, skipped = [], [], []
+    meta["splits"][split] = {"video_ids": video_ids, "captions": captions}
+    meta["skipped"][split] = skipped
+    dims = set()
+    for index, loaded in self._loaded(items):
+      entry = items[index][0]
+      if isinstance(loaded, Exception):
+        skipped.append([entry.video_id, str(loaded)])
+        continue
+      if "features" in loaded:
+        dims.add(loaded["features"].shape[1])
+        if len(dims) > 1:
+          raise UserError(f"feature files disagree on the feature size ({sorted(dims)}); "
+                          f"{items[index][1]} differs from the earlier files")
+        meta["settings"]["feature_dim"] = int(loaded["features"].shape[1])
+      video_ids.append(entry.video_id)
+      captions.append(list(entry.captions))
+      yield f"{index:08d}", {"video_id": entry.video_id, "captions": list(entry.captions),
+                             **loaded}
+    self._check_bad(split, len(skipped), len(items), "missing or undecodable",
+                    [s[0] for s in skipped])
+
+
+class Msrvtt(_RetrievalBuilder):
+  """MSR-VTT: 9k (and 7k) training videos with 20 captions each; 1k-A test."""
+
+  DATASET = "msrvtt"
+  BUILDER_CONFIGS = [make_config("frames", 12), make_config("features", 12)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+Put these files (CLIP4Clip's MSR-VTT instructions) in one folder, `--manual_dir`:
+* `MSRVTT_data.json`: all captions (`sentences[{video_id, caption}]`), from the MSR-VTT
+  release or the `msrvtt_data.zip` asset of https://github.com/ArrowLuo/CLIP4Clip (README,
+  "MSRVTT").
+* `MSRVTT_train.9k.csv`, `MSRVTT_train.7k.csv`: training video lists (column `video_id`),
+  in the same zip.
+* `MSRVTT_JSFUSION_test.csv`: the 1k-A test pairs (`key,vid_key,video_id,sentence`), same zip.
+* Videos `video0.mp4` ... `video9999.mp4` (`MSRVTT_Videos.zip` linked from the CLIP4Clip
+  README; the 10,000 MSR-VTT clips).
+A fixed 500-video validation list is held out of the 9k training set (every 18th id of the
+sorted list), so model selection never looks at the test split.
+""" + _VIDEO_NOTE.format(name="msrvtt")
+
+
+class Msvd(_RetrievalBuilder):
+  """MSVD: 1200 / 100 / 670 videos, all captions (multi-caption evaluation)."""
+
+  DATASET = "msvd"
+  BUILDER_CONFIGS = [make_config("frames", 12), make_config("features", 12)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+Put these files (CLIP4Clip's MSVD instructions, `msvd_data.zip` linked from the CLIP4Clip
+README, https://github.com/ArrowLuo/CLIP4Clip) in one folder, `--manual_dir`:
+* `raw-captions.pkl`: a pickled dict, video id -> list of captions as token lists.
+* `train_list.txt` (1200 ids), `val_list.txt` (100), `test_list.txt` (670): one id a line.
+* Videos `<id>.avi` from the MSVD release (`YouTubeClips.tar`,
+  https://www.cs.utexas.edu/users/ml/clamp/videoDescription/).
+""" + _VIDEO_NOTE.format(name="msvd")
+
+
+class Activitynet(_RetrievalBuilder):
+  """ActivityNet Captions, paragraph retrieval; val_1 is the test split."""
+
+  DATASET = "activitynet"
+  BUILDER_CONFIGS = [make_config("frames", 64), make_config("features", 64)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+Put these files (ActivityNet Captions, https://cs.stanford.edu/people/ranjaykrishna/densevid/,
+as used by CLIP4Clip) in one folder, `--manual_dir`:
+* `train.json`, `val_1.json`: id -> {duration, timestamps, sentences} (`captions.zip`).
+* `train_ids.json`, `val_ids.json`: the id lists (`v_` prefixed), from the same page or the
+  CLIP4Clip / collaborative-experts data releases.
+* Videos `<id>.mp4` (or .mkv/.webm), named with or without the `v_` prefix, from the
+  ActivityNet download (http://activity-net.org/download.html).
+val_1 (4,917 videos) is the test split; a fixed ~500-video validation list is held out of
+train (every 20th id of the sorted list). Each video's sentences are joined into one paragraph.
+""" + _VIDEO_NOTE.format(name="activitynet")
+
+
+class Didemo(_RetrievalBuilder):
+  """DiDeMo, paragraph retrieval: train / val / test."""
+
+  DATASET = "didemo"
+  BUILDER_CONFIGS = [make_config("frames", 64), make_config("features", 64)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+Put these files (DiDeMo, https://github.com/LisaAnne/LocalizingMoments `data/`, with the
+split lists CLIP4Clip's README links) in one folder, `--manual_dir`:
+* `train_data.json`, `val_data.json`, `test_data.json`: lists of
+  {video, description, times, ...}.
+* `train_list.txt`, `val_list.txt`, `test_list.txt`: the video names of each split.
+* The videos (e.g. `<name>.mp4`), matched by file name with or without the extension given
+  in the lists; download script in the LocalizingMoments repository.
+Each video's descriptions are joined into one paragraph over [0, 31] s.
+""" + _VIDEO_NOTE.format(name="didemo")
+
+
+BUILDERS = {"msrvtt": Msrvtt, "msvd": Msvd, "activitynet": Activitynet, "didemo": Didemo}

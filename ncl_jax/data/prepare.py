@@ -1,0 +1,112 @@
+"""Builds a real data set for ncl_jax from the files CLIP4Clip's instructions download.
+
+Usage:
+  python -m ncl_jax.data.prepare DATASET --manual_dir DIR [--videos_dir DIR] \
+      [--features_dir DIR] --data_dir OUT [--max_bad_fraction F]
+
+DATASET is one of msrvtt, msvd, activitynet, didemo. Frames mode (the default) decodes the
+videos; passing --features_dir (or --mode features) stores per-frame features instead. The
+command shows progress while it decodes, prints a readable summary, and ends with one JSON line
+``{"dataset": ..., "splits": {"train": {"videos": n, "captions": m}, ...}, "skipped_videos": k}``.
+Training then reads it with ``--config.data.data_dir=OUT``. An existing prepared copy in OUT is
+reused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ncl_jax.errors import UserError, run_cli
+
+
+def _parser() -> argparse.ArgumentParser:
+  from ncl_jax.data.builders import BUILDERS  # pylint: disable=g-import-not-at-top
+  epilog = "\n".join(f"--- {name} ---{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+                     for name, cls in BUILDERS.items())
+  parser = argparse.ArgumentParser(
+      prog="python -m ncl_jax.data.prepare", description=__doc__.split("\n\n")[0],
+      epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("dataset", choices=sorted(BUILDERS))
+  parser.add_argument("--manual_dir", required=True, help="folder with the annotation files")
+  parser.add_argument("--data_dir", required=True, help="output folder (TFDS layout)")
+  parser.add_argument("--videos_dir", help="video folder (default: MANUAL_DIR/videos)")
+  parser.add_argument("--features_dir", help="folder of <video>.npy [T, D] feature files")
+  parser.add_argument("--mode", choices=("frames", "features"),
+                      help="default: features if --features_dir is given, else frames")
+  parser.add_argument("--max_frames", type=int,
+                      help="frames kept per video (default: 12 for MSR-VTT/MSVD, 64 otherwise)")
+  parser.add_argument("--image_size", type=int, default=224, help="frame side after the crop")
+  parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
+  parser.add_argument("--jpeg_quality", type=int, default=95)
+  parser.add_argument("--max_bad_fraction", type=float, default=0.01,
+                      help="fail when a larger fraction of a split's videos is missing or bad")
+  parser.add_argument("--num_workers", type=int, default=2, help="decoding threads")
+  return parser
+
+
+def prepare(args: argparse.Namespace) -> dict:
+  """Builds (or reuses) the prepared data set and returns the summary dict."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from ncl_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isdir(args.manual_dir):
+    raise UserError(f"--manual_dir {args.manual_dir} is not a folder; see "
+                    "`python -m ncl_jax.data.prepare --help` for the files it must hold")
+  mode = args.mode or ("features" if args.features_dir else "frames")
+  max_frames = args.max_frames or builders.DEFAULT_MAX_FRAMES[args.dataset]
+  if max_frames < 1 or args.image_size < 1 or args.fps <= 0:
+    raise UserError("--max_frames, --image_size and --fps must be positive")
+  if not 0 <= args.max_bad_fraction <= 1:
+    raise UserError("--max_bad_fraction must be in [0, 1]")
+  config = builders.make_config(mode, max_frames, args.image_size, args.fps, args.jpeg_quality)
+  builder_cls = builders.BUILDERS[args.dataset]
+  # TFDS refuses a new config object named like a built-in one: pass the built-in by name.
+  if config.name in builder_cls.builder_configs:
+    config = config.name
+  builder = builder_cls(
+      data_dir=args.data_dir, config=config, file_format="array_record",
+      videos_dir=args.videos_dir, features_dir=args.features_dir,
+      max_bad_fraction=args.max_bad_fraction, num_workers=args.num_workers)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+  return summarize(args.dataset, builder)
+
+
+def summarize(dataset: str, builder) -> dict:
+  """{"dataset", "splits": {split: {"videos", "captions"}}, "skipped_videos", ...}."""
+  meta = builder.info.metadata
+  splits = {name: {"videos": len(info["video_ids"]),
+                   "captions": sum(len(c) for c in info["captions"])}
+            for name, info in meta["splits"].items()}
+  skipped = {name: items for name, items in meta["skipped"].items()}
+  return {"dataset": dataset, "splits": splits,
+          "skipped_videos": sum(len(v) for v in skipped.values()),
+          "config": builder.builder_config.name, "path": os.fspath(builder.data_dir),
+          "skipped": skipped}
+
+
+def _print_summary(summary: dict) -> None:
+  print(f"\n{summary['dataset']} ({summary['config']}) written to {summary['path']}")
+  for name, counts in summary["splits"].items():
+    print(f"  {name:>6}: {counts['videos']:6d} videos, {counts['captions']:7d} captions, "
+          f"{len(summary['skipped'][name])} skipped")
+  for name, items in summary["skipped"].items():
+    for video_id, reason in items[:5]:
+      print(f"  skipped ({name}) {video_id}: {reason}")
+    if len(items) > 5:
+      print(f"  ... and {len(items) - 5} more skipped in {name}")
+  line = {k: summary[k] for k in ("dataset", "splits", "skipped_videos")}
+  print(json.dumps(line), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+  _print_summary(prepare(args))
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main)

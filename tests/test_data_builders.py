@@ -1,0 +1,217 @@
+"""TFDS builders, the prepare command and the prepared-data reader, on the dummy data in the
+real formats with small real videos written by PyAV."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import zlib
+
+import numpy as np
+import pytest
+
+from ncl_jax.data import default_data_config, get_dataset, prepare, sample_frame_indices
+from ncl_jax.errors import UserError, run_cli
+
+DUMMY = pathlib.Path(__file__).resolve().parents[1] / "ncl_jax" / "data" / "dummy_data"
+_spec = importlib.util.spec_from_file_location("make_dummy_data", DUMMY / "make_dummy_data.py")
+dummy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dummy)
+
+SIZE = 16          # Frame side in these tests (224 in real use).
+TOLERANCE = 10     # Codec + JPEG error on solid colours.
+
+
+class WordTokenizer:
+  """Whitespace tokenizer with CLIP-like framing: start=1, words, end=2, zero padding."""
+
+  def encode_batch(self, texts, context_length):
+    out = np.zeros((len(texts), context_length), np.int32)
+    for i, text in enumerate(texts):
+      words = [3 + zlib.crc32(w.encode()) % 30000 for w in text.split()][:context_length - 2]
+      out[i, :len(words) + 2] = [1] + words + [2]
+    return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+  root = tmp_path_factory.mktemp("videos")
+  return {name: (str(root / name), dummy.write_videos(name, str(root / name)))
+          for name in ("msrvtt", "msvd", "activitynet", "didemo")}
+
+
+def _prepare(capsys, dataset, out, *extra):
+  argv = [dataset, "--manual_dir", str(DUMMY / dataset), "--data_dir", str(out),
+          "--image_size", str(SIZE), "--num_workers", "2", *extra]
+  assert prepare.main(argv) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  return json.loads(lines[-1])
+
+
+def _config(name, data_dir, **overrides):
+  cfg = default_data_config(name)
+  cfg.update(dict(data_dir=str(data_dir), image_size=SIZE, max_words=8, prefetch=0), **overrides)
+  return cfg
+
+
+EXPECTED = {   # split: (videos, captions) from the dummy annotation files.
+    "msrvtt": {"train": (7, 22), "val": (1, 3), "test": (2, 2)},
+    "msvd": {"train": (3, 9), "val": (1, 2), "test": (2, 5)},
+    "activitynet": {"train": (3, 3), "val": (1, 1), "test": (2, 2)},
+    "didemo": {"train": (3, 3), "val": (1, 1), "test": (2, 2)},
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(EXPECTED))
+def test_frames_mode_counts_maps_and_decoded_frames(dataset, videos, tmp_path, capsys):
+  videos_dir, colour_of = videos[dataset]
+  summary = _prepare(capsys, dataset, tmp_path, "--videos_dir", videos_dir)
+  assert summary == {"dataset": dataset, "skipped_videos": 0, "splits": {
+      s: {"videos": v, "captions": c} for s, (v, c) in EXPECTED[dataset].items()}}
+  ds = get_dataset(_config(dataset, tmp_path), WordTokenizer())
+  assert ds.eval_splits == ("val", "test") and ds.validation_split == "val"
+  assert ds.num_train_examples == EXPECTED[dataset]["train"][1]
+  for split, (num_videos, num_captions) in EXPECTED[dataset].items():
+    data = ds.eval_data(split)
+    assert (data.num_videos, data.num_texts) == (num_videos, num_captions)
+    tokens = np.concatenate([b["text_tokens"][b["mask"]] for b in data.text_batches(4)])
+    for caption, video in zip(tokens, data.caption_to_video):
+      # Every dummy caption starts with its video's id, except the long one.
+      name = data.video_ids[video]
+      long_one = caption[1] == WordTokenizer().encode_batch(["word0"], 3)[0, 1]
+      assert caption[1] == WordTokenizer().encode_batch([name], 3)[0, 1] or (
+          long_one and name in ("video1", "video9"))
+    start = 0
+    for batch in data.video_batches(3):
+      assert batch["video"].shape == (3, ds.max_frames, SIZE, SIZE, 3)
+      assert batch["video"].dtype == np.uint8
+      for row in np.flatnonzero(batch["mask"]):
+        video_id = data.video_ids[start + row]
+        stem = next(s for s in colour_of if s in (video_id, video_id[2:],
+                                                  os.path.splitext(video_id)[0]))
+        frames = batch["video"][row][batch["frame_mask"][row]]
+        assert len(frames) == 3   # 3-second videos at 1 fps.
+        for second, frame in enumerate(frames):
+          expected = dummy.frame_colour(colour_of[stem], second).astype(int)
+          assert np.abs(frame.astype(int) - expected).max() <= TOLERANCE, (video_id, second)
+      start += 3
+
+
+def test_msrvtt_maps_subsets_and_truncation(videos, tmp_path, capsys):
+  _prepare(capsys, "msrvtt", tmp_path, "--videos_dir", videos["msrvtt"][0])
+  ds = get_dataset(_config("msrvtt", tmp_path), WordTokenizer())
+  test = ds.eval_data("test")
+  assert list(test.video_ids) == ["video8", "video9"]
+  np.testing.assert_array_equal(test.caption_to_video, [0, 1])
+  val = ds.eval_data("val")
+  assert list(val.video_ids) == ["video0"]    # Every 18th of the sorted 9k list: the first.
+  train = ds.eval_data("train")
+  assert "video0" not in train.video_ids
+  np.testing.assert_array_equal(np.bincount(train.caption_to_video), [4, 3, 3, 3, 3, 3, 3])
+  # The long caption is truncated identically in train (video1) and test (video9).
+  train_tokens = np.concatenate([b["text_tokens"][b["mask"]] for b in train.text_batches(8)])
+  test_tokens = np.concatenate([b["text_tokens"][b["mask"]] for b in test.text_batches(8)])
+  long_row = WordTokenizer().encode_batch([dummy.LONG_CAPTION], 8)[0]
+  assert (train_tokens == long_row).all(axis=1).sum() == 1
+  np.testing.assert_array_equal(test_tokens[1], long_row)
+  assert long_row[-1] == 2
+  seven = get_dataset(_config("msrvtt", tmp_path, train_split="train_7k"), WordTokenizer())
+  assert seven.num_train_examples == 3 + 3 + 3 + 4   # video1..video4 (video0 is held out).
+  full = get_dataset(_config("msrvtt", tmp_path, train_split="train+val"), WordTokenizer())
+  assert full.num_train_examples == 25
+  with pytest.raises(UserError, match="train_split"):
+    get_dataset(_config("msrvtt", tmp_path, train_split="train_5k"), WordTokenizer())
+
+
+def test_training_batches_from_prepared_frames_resume_exactly(videos, tmp_path, capsys):
+  _prepare(capsys, "msrvtt", tmp_path, "--videos_dir", videos["msrvtt"][0])
+  ds = get_dataset(_config("msrvtt", tmp_path, prefetch=2, augment=True), WordTokenizer())
+  it = ds.train_iterator(4, seed=0)
+  batches = [next(it) for _ in range(7)]
+  assert batches[0]["video"].shape == (4, 12, SIZE, SIZE, 3)
+  assert batches[0]["frame_mask"].sum(axis=1).tolist() == [3, 3, 3, 3]
+  state = json.loads(json.dumps(it.get_state()))
+  more = [next(it) for _ in range(3)]
+  resumed = ds.train_iterator(4, seed=0)
+  resumed.set_state(state)
+  for want in more:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  it.close()
+  resumed.close()
+  host1 = ds.train_iterator(4, seed=0, process_index=1, process_count=2)
+  assert next(host1)["text_tokens"].shape == (2, 8)
+  host1.close()
+
+
+def test_features_mode_subsamples_npy_rows(tmp_path, capsys):
+  features_dir = tmp_path / "features"
+  features_dir.mkdir()
+  ids = [v for split in dummy.MSVD.values() for v in split]
+  rng = np.random.default_rng(0)
+  stored = {}
+  for k, vid in enumerate(ids):
+    stored[vid] = rng.standard_normal((3 + 3 * k, 6)).astype(np.float32)
+    np.save(features_dir / f"{vid}.npy", stored[vid])
+  summary = _prepare(capsys, "msvd", tmp_path / "out", "--features_dir", str(features_dir),
+                     "--max_frames", "5")
+  assert summary["skipped_videos"] == 0
+  ds = get_dataset(_config("msvd", tmp_path / "out", input_mode="features", max_frames=5),
+                   WordTokenizer())
+  data = ds.eval_data("test")
+  batch = next(data.video_batches(4))
+  assert batch["video"].shape == (4, 5, 6) and batch["video"].dtype == np.float32
+  for row, vid in enumerate(data.video_ids):
+    want = stored[vid][sample_frame_indices(len(stored[vid]), 5)]
+    np.testing.assert_allclose(batch["video"][row][:len(want)], want, rtol=1e-6)
+    assert batch["frame_mask"][row].sum() == len(want)
+  np.testing.assert_array_equal(data.caption_to_video, [0, 0, 1, 1, 1])
+
+
+def test_missing_and_corrupt_videos_are_skipped_and_counted(videos, tmp_path, capsys):
+  videos_dir = tmp_path / "videos"
+  dummy.write_videos("msvd", str(videos_dir))
+  (videos_dir / "vidB_2_6.avi").write_bytes(b"this is not a video" * 50)
+  (videos_dir / "vidE_5_9.avi").unlink()
+  summary = _prepare(capsys, "msvd", tmp_path / "ok", "--videos_dir", str(videos_dir),
+                     "--max_bad_fraction", "0.5")
+  assert summary["skipped_videos"] == 2
+  assert summary["splits"]["train"] == {"videos": 2, "captions": 2 + 4}
+  assert summary["splits"]["test"] == {"videos": 1, "captions": 3}
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(lambda: prepare.main(["msvd", "--manual_dir", str(DUMMY / "msvd"), "--data_dir",
+                                  str(tmp_path / "strict"), "--videos_dir", str(videos_dir)]))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "max_bad_fraction" in err and "Traceback" not in err
+  with pytest.raises(UserError):
+    get_dataset(_config("msvd", tmp_path / "strict"), WordTokenizer())
+
+
+def test_missing_annotation_file_names_it(tmp_path, capsys):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  for name in ("train.json", "train_ids.json", "val_1.json"):
+    (manual / name).write_bytes((DUMMY / "activitynet" / name).read_bytes())
+  (manual / "videos").mkdir()
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(lambda: prepare.main(["activitynet", "--manual_dir", str(manual), "--data_dir",
+                                  str(tmp_path / "out")]))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert str(manual / "val_ids.json") in err and "Preparing datasets" in err
+
+
+def test_unprepared_dataset_says_how_to_prepare(tmp_path):
+  for data_dir in ("", str(tmp_path)):
+    with pytest.raises(UserError, match=r"python -m ncl_jax.data.prepare msvd.*synthetic.py"):
+      get_dataset(_config("msvd", data_dir), WordTokenizer())
+
+
+def test_builders_publish_manual_download_instructions():
+  from ncl_jax.data import builders
+  for name, cls in builders.BUILDERS.items():
+    from ncl_jax.data import annotation_readers
+    for required in annotation_readers.REQUIRED_FILES[name]:
+      assert required in cls.MANUAL_DOWNLOAD_INSTRUCTIONS, (name, required)
