@@ -1,0 +1,74 @@
+"""OpenAI's reference CLIP (``clip-anytorch``) loaded without its torchvision-dependent package init.
+
+``import clip`` pulls in torchvision and pkg_resources; the model and tokenizer modules need
+neither, so they are loaded from their files. Tests use them as the independent reference.
+"""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+
+
+def _package_dir() -> pathlib.Path:
+  spec = importlib.util.find_spec("clip")
+  if spec is None or not spec.submodule_search_locations:
+    raise RuntimeError("the reference package is missing: pip install --no-deps clip-anytorch==2.6.0")
+  return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"_reference_clip_{name}", _package_dir() / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def model_module():
+  return _load("model")
+
+
+def tokenizer_module():
+  return _load("simple_tokenizer")
+
+
+def vocab_path() -> pathlib.Path:
+  return _package_dir() / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def random_clip(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                context_length, vocab_size, text_width, text_layers, seed=0):
+  """A float32 reference CLIP with random weights; every tensor (LayerNorms and biases too) is
+  perturbed so that a wrong mapping of any of them shows up in the outputs."""
+  import torch
+
+  torch.manual_seed(seed)
+  model = model_module().CLIP(embed_dim, image_resolution, vision_layers, vision_width,
+                              vision_patch_size, context_length, vocab_size, text_width,
+                              text_width // 64, text_layers).float().eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if name == "logit_scale":
+        continue
+      noise = torch.randn(param.shape, generator=generator) * 0.02
+      if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or ".ln_" in name or name.startswith("ln_"):
+        param.add_(noise * 5)
+      else:
+        param.add_(noise)
+  return model
+
+
+def state_dict_numpy(model) -> dict:
+  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def random_tokens(rng: np.random.Generator, n: int, context_length: int, vocab_size: int):
+  """Token rows like CLIP's: start token, random ids, a unique largest end token, zero padding."""
+  tokens = np.zeros((n, context_length), np.int64)
+  for i in range(n):
+    length = int(rng.integers(1, context_length - 1))
+    tokens[i, 0] = vocab_size - 2
+    tokens[i, 1:length + 1] = rng.integers(1, vocab_size - 2, size=length)
+    tokens[i, length + 1] = vocab_size - 1
+  return tokens
