@@ -1,0 +1,398 @@
+"""Inference-time normalization of retrieval scores, and the normalization error it targets.
+
+All functions take a similarity matrix ``sims`` [n_queries, n_candidates] (rows are queries,
+e.g. raw cosine similarities of text queries x videos) and return **normalized logits** of the
+same shape: scores on the logit scale (already divided by ``temperature``) whose softmax over
+candidates is the method's retrieval distribution, so the normalization error of every method
+is measured the same way. For the other direction apply the same function to the transposed
+matrix (video queries x text candidates) with a bank of video queries.
+
+Methods (``METHODS``):
+
+* ``none``: ``sims / temperature``.
+* ``ncl`` (NCL's test-time step): candidate biases ``g`` from Sinkhorn on a query bank, so that
+  every candidate receives its expected share of the bank's summed retrieval probability;
+  scores ``sims / temperature + g``. **Inductive** with a bank of training queries x test
+  candidates; **transductive** when the bank is the test queries themselves.
+* ``dsl`` (dual softmax, CAMoE): ``L * n_q * softmax_over_queries(L / dsl_temperature)`` with
+  ``L = sims / temperature``. **Transductive**: it uses all test queries jointly.
+* ``qbnorm`` (QB-Norm's dynamic inverted softmax): candidates that are the top-``k`` of some bank
+  query form the activation set; a query whose top-1 candidate is in it gets inverted-softmax
+  scores, any other query keeps its raw scores. Written as a gated candidate bias
+  ``sims / temperature - gate_i * lse_b(beta * bank_bj) / (beta * temperature)``, which ranks
+  every row exactly as QB-Norm's ``beta * s_ij - lse_b(beta * bank_bj)`` does. **Inductive**
+  with a training bank, transductive with the test queries as bank.
+
+Banks of any size are streamed through jitted functions in fixed-size row chunks (pass a
+``np.load(..., mmap_mode="r")`` memmap for banks larger than memory); only [n_candidates]
+vectors persist between chunks. A small NCL bank goes through :func:`ncl_jax.sinkhorn.sinkhorn`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ncl_jax import sinkhorn as sinkhorn_lib
+
+METHODS = ("none", "ncl", "dsl", "qbnorm")
+TRANSDUCTIVE_ONLY = ("dsl",)
+
+# Rows per streamed chunk hold about this many entries (4 MiB of float32): small enough to stay
+# in the L2 cache between the passes over a chunk, which measured faster than 4x larger chunks.
+_CHUNK_ELEMENTS = 1 << 20
+# Banks up to this many entries are solved in one piece by ncl_jax.sinkhorn.sinkhorn.
+_DENSE_LIMIT = 1 << 24
+# Floor on a column's summed probability in the streamed NCL update: a column that underflows
+# to zero then rises by at most log(b / _TINY) per iteration instead of becoming infinite.
+_TINY = 1e-30
+
+
+def setting(method: str, bank_is_test: bool) -> str:
+  """``"inductive"`` or ``"transductive"`` (or ``"none"`` for the identity) for a method/bank."""
+  if method == "none":
+    return "none"
+  if method in TRANSDUCTIVE_ONLY or bank_is_test:
+    return "transductive"
+  return "inductive"
+
+
+class Biases(NamedTuple):
+  """Candidate biases from a query bank.
+
+  Attributes:
+    bias: [n_candidates] float32, added to ``sims / temperature``.
+    iterations: Sinkhorn iterations run (0 for non-iterative methods).
+    error: relative L1 marginal error at the end (0 for non-iterative methods).
+  """
+
+  bias: np.ndarray
+  iterations: int
+  error: float
+
+
+def _chunk_rows(n_rows: int, n_cols: int, chunk_rows: int | None) -> int:
+  rows = chunk_rows or max(8, _CHUNK_ELEMENTS // max(n_cols, 1))
+  return max(1, min(rows, n_rows))
+
+
+def _chunks(matrix, chunk_rows: int):
+  """Yields (float32 [chunk_rows, m] block, [chunk_rows] bool valid) with zero-padded tails.
+
+  Blocks go to the device with ``jax.device_put``, which on CPU aliases an aligned numpy
+  (or memmap) block instead of copying it; the blocks are never written to.
+  """
+  n_rows = matrix.shape[0]
+  for start in range(0, n_rows, chunk_rows):
+    block = np.ascontiguousarray(matrix[start:start + chunk_rows], np.float32)
+    valid = np.ones(chunk_rows, bool)
+    if block.shape[0] < chunk_rows:
+      valid[block.shape[0]:] = False
+      block = np.concatenate(
+          [block, np.zeros((chunk_rows - block.shape[0], block.shape[1]), np.float32)])
+    yield jax.device_put(block), valid
+
+
+@jax.jit
+def _chunk_mass(block, valid, scale, bias):
+  """Σ_i softmax_j(scale * block_ij + bias_j) over the valid rows: [m] float32.
+
+  One ``exp`` per entry: rows are max-shifted, so every row's largest term is exactly 1.
+  """
+  logits = block * scale + bias[None, :]
+  peak = jnp.max(logits, axis=1, keepdims=True)
+  e = jnp.exp(logits - peak)
+  weights = jnp.where(valid, 1.0 / jnp.sum(e, axis=1), 0.0)
+  return weights @ e
+
+
+@jax.jit
+def _chunk_col_lse(block, valid, scale):
+  """log Σ_i exp(scale * block_ij) over the valid rows: [m] float32 (-inf without rows)."""
+  logits = jnp.where(valid[:, None], block * scale, -jnp.inf)
+  peak = jnp.max(logits, axis=0)
+  safe = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  total = jnp.sum(jnp.exp(logits - safe[None, :]), axis=0)
+  return jnp.where(total > 0, jnp.log(jnp.where(total > 0, total, 1.0)) + safe, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _chunk_top_k(block, k):
+  return jax.lax.top_k(block, k)[1]
+
+
+def candidate_mass(scores, *, scale: float = 1.0, bias=None, chunk_rows: int | None = None):
+  """Each candidate's retrieval probability summed over the queries.
+
+  Args:
+    scores: [n_queries, n_candidates] logits (or similarities with ``scale = 1/temperature``).
+    scale: multiplies ``scores`` before the softmax over candidates.
+    bias: optional [n_candidates] added after scaling.
+    chunk_rows: rows per streamed chunk.
+
+  Returns:
+    [n_candidates] float64; sums to n_queries.
+  """
+  n_rows, n_cols = scores.shape
+  rows = _chunk_rows(n_rows, n_cols, chunk_rows)
+  bias = jnp.zeros(n_cols, jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+  total = np.zeros(n_cols, np.float64)
+  for block, valid in _chunks(scores, rows):
+    total += np.asarray(_chunk_mass(block, valid, jnp.float32(scale), bias), np.float64)
+  return total
+
+
+def expected_mass(n_queries: int, n_candidates: int, text_to_video=None, *,
+                  direction: str = "t2v") -> np.ndarray:
+  """Each candidate's ideal summed retrieval probability, [n_candidates] float64.
+
+  One caption per video: ``n_queries / n_candidates`` each. With a caption->video map,
+  text-to-video: video ``j`` should attract as many queries as it has captions; video-to-text:
+  caption ``c`` should get ``1 / (#captions of its video)`` (its video's unit of mass, shared).
+  """
+  if text_to_video is None:
+    return np.full(n_candidates, n_queries / max(n_candidates, 1), np.float64)
+  text_to_video = np.asarray(text_to_video, np.int64)
+  if direction == "t2v":
+    return np.bincount(text_to_video, minlength=n_candidates).astype(np.float64)
+  if direction == "v2t":
+    counts = np.bincount(text_to_video, minlength=n_queries).astype(np.float64)
+    return 1.0 / counts[text_to_video]
+  raise ValueError(f"direction must be 't2v' or 'v2t', got {direction!r}")
+
+
+def normalization_error(mass, expected, *, bins: int = 50) -> dict:
+  """Mean and max absolute deviation of summed retrieval probability from its expected share.
+
+  Args:
+    mass: [n_candidates] summed retrieval probability (:func:`candidate_mass`).
+    expected: [n_candidates] expected share (:func:`expected_mass`).
+    bins: histogram bins over ``mass``.
+
+  Returns:
+    ``{"mae": float, "max": float, "histogram": {"counts": [bins], "edges": [bins + 1]}}``.
+  """
+  mass = np.asarray(mass, np.float64)
+  deviation = np.abs(mass - np.asarray(expected, np.float64))
+  counts, edges = np.histogram(mass, bins=bins)
+  return {"mae": float(deviation.mean()), "max": float(deviation.max()),
+          "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
+
+
+def _balanced_marginals(col_marginals, n_bank: int, n_cols: int) -> np.ndarray:
+  """Column targets that carry the bank's total mass (each bank query distributes 1)."""
+  if col_marginals is None:
+    return np.full(n_cols, n_bank / n_cols, np.float64)
+  b = np.asarray(col_marginals, np.float64)
+  if b.shape != (n_cols,) or np.any(b <= 0):
+    raise ValueError(f"col_marginals must be {n_cols} positive values, got shape {b.shape}")
+  return b * (n_bank / b.sum())
+
+
+def streamed_ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-4,
+                        max_iterations: int = 1000,
+                        chunk_rows: int | None = None) -> Biases:
+  """Sinkhorn candidate biases from a bank of any size, streamed in row chunks.
+
+  With row marginals 1 the row potential is the row log-normaliser, so only the column
+  potential is iterated: ``g_j <- log b_j - lse_i(L_ij - lse_k(L_ik + g_k))`` with
+  ``L = bank / temperature``. Each iteration is one pass over the bank that accumulates
+  ``colsum_j = Σ_i softmax_k(L_i. + g)_j`` (one ``exp`` per entry), then
+  ``g <- g + log b - log colsum``, which is the same update. ``colsum`` is also the current
+  plan's column sums, so the relative L1 error ``Σ|colsum - b| / Σb`` comes for free.
+
+  Args:
+    bank: [n_bank, n_candidates] similarities (numpy array or memmap).
+    temperature: logits are ``bank / temperature``.
+    col_marginals: [n_candidates] positive expected shares (rescaled to sum to n_bank);
+      default uniform ``n_bank / n_candidates``.
+    tol: stop once the relative L1 column error is at most ``tol``.
+    max_iterations: iteration cap.
+    chunk_rows: rows per chunk (default: about 1M entries).
+
+  Returns:
+    :class:`Biases` with ``bias = g``.
+  """
+  n_bank, n_cols = bank.shape
+  b = _balanced_marginals(col_marginals, n_bank, n_cols)
+  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  scale = jnp.float32(1.0 / temperature)
+  g = np.zeros(n_cols, np.float64)
+  error, iteration = np.inf, 0
+  while iteration < max_iterations:
+    colsum = np.zeros(n_cols, np.float64)
+    g_dev = jnp.asarray(g, jnp.float32)
+    for block, valid in _chunks(bank, rows):
+      colsum += np.asarray(_chunk_mass(block, valid, scale, g_dev), np.float64)
+    error = float(np.abs(colsum - b).sum() / b.sum())
+    if error <= tol:
+      break
+    g = g + np.log(b) - np.log(np.maximum(colsum, _TINY))
+    iteration += 1
+  return Biases(g.astype(np.float32), iteration, error)
+
+
+def ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-4,
+               max_iterations: int = 1000, chunk_rows: int | None = None,
+               stream: bool | None = None) -> Biases:
+  """NCL candidate biases ``g`` [n_candidates] from a query bank [n_bank, n_candidates].
+
+  Inductive with training queries as the bank, transductive with the test queries. Banks with
+  at most 16M entries use :func:`ncl_jax.sinkhorn.sinkhorn` unless ``stream=True``; larger ones
+  (or ``stream=True``) use :func:`streamed_ncl_biases`. Both run the same iteration from
+  ``g = 0``, so they agree up to the stopping point.
+  """
+  n_bank, n_cols = bank.shape
+  if stream is None:
+    stream = n_bank * n_cols > _DENSE_LIMIT
+  if stream:
+    return streamed_ncl_biases(bank, temperature=temperature, col_marginals=col_marginals,
+                               tol=tol, max_iterations=max_iterations, chunk_rows=chunk_rows)
+  b = _balanced_marginals(col_marginals, n_bank, n_cols)
+  out = sinkhorn_lib.sinkhorn(
+      jnp.asarray(np.asarray(bank, np.float32) / np.float32(temperature)),
+      col_marginals=jnp.asarray(b, jnp.float32), tol=tol, max_iterations=max_iterations)
+  return Biases(np.asarray(out.col_potential, np.float32), int(out.iterations),
+                float(out.error))
+
+
+def qbnorm_biases(bank, *, beta: float = 20.0, k: int = 1, chunk_rows: int | None = None):
+  """QB-Norm's bank statistics in one streamed pass.
+
+  Args:
+    bank: [n_bank, n_candidates] similarities (cosine scale; QB-Norm's ``beta`` applies to it).
+    beta: inverse temperature of the inverted softmax.
+    k: a candidate joins the activation set when it is among some bank query's top ``k``.
+    chunk_rows: rows per chunk.
+
+  Returns:
+    ``(lse, active)``: [n_candidates] float64 ``log Σ_b exp(beta * bank_bj)`` and
+    [n_candidates] bool activation set.
+  """
+  n_bank, n_cols = bank.shape
+  if not 1 <= k <= n_cols:
+    raise ValueError(f"k must lie in [1, {n_cols}], got {k}")
+  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  lse = np.full(n_cols, -np.inf, np.float64)
+  active = np.zeros(n_cols, bool)
+  for block, valid in _chunks(bank, rows):
+    lse = np.logaddexp(lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(beta)),
+                                       np.float64))
+    top = np.asarray(_chunk_top_k(block, k))[valid]
+    active[top.ravel()] = True
+  return lse, active
+
+
+def _as_float32(sims) -> np.ndarray:
+  sims = np.asarray(sims, np.float32)
+  if sims.ndim != 2:
+    raise ValueError(f"sims must be 2-D [n_queries, n_candidates], got shape {sims.shape}")
+  return sims
+
+
+def _check_bank(bank, n_cols: int):
+  if bank.ndim != 2 or bank.shape[1] != n_cols:
+    raise ValueError(f"bank must be [n_bank, {n_cols}] to match the candidates, got {bank.shape}")
+
+
+def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float = 1e-4,
+        max_iterations: int = 1000, chunk_rows: int | None = None,
+        stream: bool | None = None) -> tuple[np.ndarray, Biases]:
+  """NCL normalized logits ``sims / temperature + g`` [n_queries, n_candidates].
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
+    temperature: logit temperature (0.01 for CLIP-style models); used in Sinkhorn too.
+    col_marginals, tol, max_iterations, chunk_rows, stream: see :func:`ncl_biases`.
+
+  Returns:
+    ``(logits, biases)``.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  biases = ncl_biases(bank, temperature=temperature, col_marginals=col_marginals, tol=tol,
+                      max_iterations=max_iterations, chunk_rows=chunk_rows, stream=stream)
+  return sims / np.float32(temperature) + biases.bias[None, :], biases
+
+
+def dsl(sims, *, temperature: float, dsl_temperature: float = 1.0,
+        chunk_rows: int | None = None) -> np.ndarray:
+  """Dual softmax (CAMoE) normalized logits [n_queries, n_candidates]; transductive.
+
+  ``L' = L * n_q * softmax_over_queries(L / dsl_temperature)`` with ``L = sims / temperature``
+  (CAMoE applies it to logit-scale scores with ``dsl_temperature = 1`` at inference).
+  """
+  sims = _as_float32(sims)
+  n_rows, n_cols = sims.shape
+  rows = _chunk_rows(n_rows, n_cols, chunk_rows)
+  scale = 1.0 / (temperature * dsl_temperature)
+  col_lse = np.full(n_cols, -np.inf, np.float64)
+  for block, valid in _chunks(sims, rows):
+    col_lse = np.logaddexp(col_lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(scale)),
+                                               np.float64))
+  logits = sims / np.float32(temperature)
+  prior = np.exp(logits / np.float32(dsl_temperature) - col_lse.astype(np.float32)[None, :])
+  return logits * (np.float32(n_rows) * prior)
+
+
+def qbnorm(sims, bank=None, *, temperature: float, beta: float = 20.0, k: int = 1,
+           chunk_rows: int | None = None) -> np.ndarray:
+  """QB-Norm (dynamic inverted softmax) normalized logits [n_queries, n_candidates].
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
+    temperature: logit temperature of the output scale.
+    beta: QB-Norm's inverse temperature on the similarities (default 20).
+    k: activation-set size per bank query (default 1).
+    chunk_rows: rows per streamed bank chunk.
+
+  Returns:
+    Normalized logits; each row ranks exactly like QB-Norm's scores.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  lse, active = qbnorm_biases(bank, beta=beta, k=k, chunk_rows=chunk_rows)
+  # Ties at the top count as one top-1 (argmax's first index), as in QB-Norm's argmax.
+  gate = active[np.argmax(sims, axis=1)]
+  bias = (-lse / (beta * temperature)).astype(np.float32)
+  return sims / np.float32(temperature) + np.where(gate[:, None], bias[None, :], np.float32(0))
+
+
+def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals=None,
+              **options) -> np.ndarray:
+  """Dispatches to :func:`ncl`, :func:`dsl`, :func:`qbnorm` or the identity.
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    method: one of :data:`METHODS`.
+    bank: [n_bank, n_candidates] query bank, or ``None`` for the test queries (transductive).
+      ``dsl`` only accepts ``None``.
+    temperature: logit temperature.
+    col_marginals: NCL's expected candidate shares (e.g. caption counts); ignored otherwise.
+    **options: method options (``tol``, ``max_iterations``, ``beta``, ``k``,
+      ``dsl_temperature``, ``chunk_rows``, ``stream``).
+
+  Returns:
+    [n_queries, n_candidates] float32 normalized logits.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be positive, got {temperature}")
+  if method == "none":
+    return _as_float32(sims) / np.float32(temperature)
+  if method == "ncl":
+    return ncl(sims, bank, temperature=temperature, col_marginals=col_marginals, **options)[0]
+  if method == "dsl":
+    if bank is not None:
+      raise ValueError("dsl is transductive: it normalizes over the test queries, not a bank")
+    return dsl(sims, temperature=temperature, **options)
+  return qbnorm(sims, bank, temperature=temperature, **options)

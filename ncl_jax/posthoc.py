@@ -1,0 +1,287 @@
+"""Post-hoc normalization and retrieval metrics for a dumped similarity matrix.
+
+Usage::
+
+  python -m ncl_jax.posthoc SIMS.npy --method {none,ncl,dsl,qbnorm} [--bank test|BANK.npy]
+      [--v2t-bank test|VBANK.npy] [--temperature 0.01] [--gt MAP.npy] [--plot OUT.png]
+      [--json PATH|-]
+  python -m ncl_jax.posthoc --demo --method ncl      # a generated matrix, no files needed
+
+``SIMS.npy`` is [n_texts, n_videos]: rows are text queries, columns videos (raw cosine
+similarities). The ground truth is the diagonal unless ``--gt MAP.npy`` gives each text's video
+index ([n_texts] integers, multi-caption data). ``--temperature`` divides the similarities before
+any softmax or Sinkhorn step (0.01 for CLIP-style models; at 1 normalization barely sees the
+scores' structure).
+
+Banks. Text-to-video (t2v) normalizes the test text queries with a bank of text queries x the
+test videos: ``--bank test`` (default) uses the test queries themselves (transductive);
+``--bank BANK.npy`` ([n_bank, n_videos], e.g. training captions x test videos) is inductive.
+Video-to-text (v2t) needs a bank of *video* queries x the test captions: ``--v2t-bank test``
+(default) uses the test videos, i.e. the test matrix transposed (transductive, also when
+``--bank`` is a file); ``--v2t-bank VBANK.npy`` ([n_bank_videos, n_texts], e.g. training videos
+x test captions) is inductive. ``dsl`` is always transductive and accepts no bank file.
+
+Output: a table on stdout (on stderr when ``--json -`` writes JSON to stdout) and, with
+``--json``, ``{"method", "t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...},
+"normalization_error": {"before", "after"}}`` with R@K in percent; ``before``/``after`` are the
+t2v mean absolute error of each video's summed retrieval probability against its expected share.
+Existing output files are never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from ncl_jax import metrics
+from ncl_jax import normalize as norm_lib
+from ncl_jax.errors import UserError, run_cli
+
+_FINITE_CHECK_ROWS = 8192
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose mistakes become one UserError line instead of usage text."""
+
+  def error(self, message):
+    raise UserError(f"{message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(
+      prog="python -m ncl_jax.posthoc",
+      description="Post-hoc normalization (none, ncl, dsl, qbnorm) and t2v/v2t retrieval metrics "
+                  "of a [n_texts, n_videos] similarity matrix.")
+  parser.add_argument("sims", nargs="?", help="SIMS.npy, [n_texts, n_videos] similarities")
+  parser.add_argument("--demo", action="store_true",
+                      help="use a generated 400 x 400 matrix with hub videos instead of SIMS.npy")
+  parser.add_argument("--method", choices=norm_lib.METHODS, default="none")
+  parser.add_argument("--bank", default="test",
+                      help="t2v query bank: 'test' (transductive) or BANK.npy [n_bank, n_videos]")
+  parser.add_argument("--v2t-bank", default="test",
+                      help="v2t query bank: 'test' (test matrix transposed, transductive) or "
+                           "VBANK.npy [n_bank_videos, n_texts]")
+  parser.add_argument("--temperature", type=float, default=0.01,
+                      help="similarities are divided by it before any softmax/Sinkhorn")
+  parser.add_argument("--gt", help="MAP.npy, [n_texts] int: the video index of each text")
+  parser.add_argument("--tie", choices=metrics.TIE_POLICIES, default="pessimistic")
+  parser.add_argument("--v2t-protocol", choices=metrics.V2T_PROTOCOLS, default="strict",
+                      help="multi-caption v2t: strict (all captions ranked) or group_max "
+                           "(CLIP4Clip)")
+  parser.add_argument("--tol", type=float, default=1e-4, help="ncl: Sinkhorn tolerance")
+  parser.add_argument("--max-iterations", type=int, default=1000, help="ncl: iteration cap")
+  parser.add_argument("--qb-beta", type=float, default=20.0, help="qbnorm: inverse temperature")
+  parser.add_argument("--qb-k", type=int, default=1, help="qbnorm: activation top-k")
+  parser.add_argument("--dsl-temperature", type=float, default=1.0,
+                      help="dsl: temperature of the softmax over queries (on the logits)")
+  parser.add_argument("--plot", help="OUT.png: t2v histograms before/after (not overwritten)")
+  parser.add_argument("--json", help="PATH (not overwritten) or '-' for stdout")
+  return parser
+
+
+def _load_matrix(path: str, what: str) -> np.ndarray:
+  """Memory-maps a 2-D finite float matrix from a .npy file or raises UserError."""
+  if not os.path.isfile(path):
+    raise UserError(f"{what} file {path!r} not found; give the path of a .npy file")
+  try:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError) as err:
+    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err}); "
+                    f"save it with numpy.save") from None
+  if array.ndim != 2:
+    raise UserError(f"{what} must be a 2-D matrix, got shape {array.shape} from {path!r}")
+  if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    raise UserError(f"{what} must hold numbers, got dtype {array.dtype} in {path!r}")
+  if 0 in array.shape:
+    raise UserError(f"{what} is empty (shape {array.shape}) in {path!r}")
+  for start in range(0, array.shape[0], _FINITE_CHECK_ROWS):
+    block = np.asarray(array[start:start + _FINITE_CHECK_ROWS])
+    if not np.all(np.isfinite(block)):
+      row = start + int(np.flatnonzero(~np.all(np.isfinite(block), axis=1))[0])
+      raise UserError(f"{what} {path!r} contains NaN or Inf (first in row {row}); "
+                      f"fix the matrix before evaluating")
+  return array
+
+
+def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
+  """Loads and checks a caption->video index map."""
+  if not os.path.isfile(path):
+    raise UserError(f"--gt file {path!r} not found; give a .npy array of video indices")
+  try:
+    mapping = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as err:
+    raise UserError(f"--gt file {path!r} is not a readable .npy array ({err})") from None
+  if mapping.ndim != 1 or mapping.shape[0] != n_texts:
+    raise UserError(f"--gt must be a 1-D array with one entry per text row ({n_texts}), "
+                    f"got shape {mapping.shape}")
+  if not np.issubdtype(mapping.dtype, np.integer):
+    raise UserError(f"--gt must hold integer video indices, got dtype {mapping.dtype}")
+  if mapping.min() < 0 or mapping.max() >= n_videos:
+    raise UserError(f"--gt entries must lie in [0, {n_videos - 1}] (one per video column), "
+                    f"got range [{mapping.min()}, {mapping.max()}]")
+  missing = np.flatnonzero(np.bincount(mapping, minlength=n_videos) == 0)
+  if missing.size:
+    raise UserError(f"{missing.size} videos have no caption in --gt (first: {missing[0]}); "
+                    f"every video column needs at least one text row")
+  return mapping.astype(np.int64)
+
+
+def demo_matrix(n: int = 400, dim: int = 32, seed: int = 0) -> np.ndarray:
+  """A [n, n] cosine matrix with hub videos (ground truth on the diagonal).
+
+  Videos share a common direction in proportion to a random 'hubness', so a few videos score
+  high against every caption: the imbalance NCL corrects.
+  """
+  rng = np.random.default_rng(seed)
+  videos = rng.standard_normal((n, dim))
+  videos += 2.0 * rng.random((n, 1)) ** 3 * rng.standard_normal(dim)
+  videos /= np.linalg.norm(videos, axis=1, keepdims=True)
+  texts = videos + 0.9 * rng.standard_normal((n, dim)) / np.sqrt(dim) * 3
+  texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+  return (texts @ videos.T).astype(np.float32)
+
+
+def _bank_label(bank_arg: str, direction: str) -> str:
+  if bank_arg == "test":
+    return "test videos (test matrix transposed)" if direction == "v2t" else "test text queries"
+  return f"{bank_arg}"
+
+
+def _evaluate(args, sims, mapping, bank, v2t_bank) -> dict:
+  """Normalizes both directions and computes metrics and normalization errors."""
+  n_texts, n_videos = sims.shape
+  options = {}
+  if args.method == "ncl":
+    options = {"tol": args.tol, "max_iterations": args.max_iterations}
+  elif args.method == "qbnorm":
+    options = {"beta": args.qb_beta, "k": args.qb_k}
+  elif args.method == "dsl":
+    options = {"dsl_temperature": args.dsl_temperature}
+  t2v_expected = norm_lib.expected_mass(n_texts, n_videos, mapping, direction="t2v")
+  v2t_expected = norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t")
+  try:
+    t2v_scores = norm_lib.normalize(sims, args.method, bank, temperature=args.temperature,
+                                    col_marginals=t2v_expected, **options)
+    v2t_scores = norm_lib.normalize(sims.T, args.method, v2t_bank,
+                                    temperature=args.temperature,
+                                    col_marginals=v2t_expected, **options)
+  except ValueError as err:  # invalid option values (k out of range, ...)
+    raise UserError(str(err)) from None
+  scale = 1.0 / args.temperature
+  result = {"method": args.method}
+  errors = {}
+  for direction, raw, scores, expected in (("t2v", sims, t2v_scores, t2v_expected),
+                                            ("v2t", sims.T, v2t_scores, v2t_expected)):
+    if direction == "t2v":
+      result[direction] = metrics.t2v_metrics(scores, mapping, tie=args.tie)
+    else:
+      result[direction] = metrics.v2t_metrics(scores, mapping, protocol=args.v2t_protocol,
+                                              tie=args.tie)
+    before = norm_lib.candidate_mass(raw, scale=scale)
+    after = norm_lib.candidate_mass(scores)
+    errors[direction] = {
+        "before": norm_lib.normalization_error(before, expected),
+        "after": norm_lib.normalization_error(after, expected),
+        "mass": (before, after, expected)}
+  result["normalization_error"] = {"before": errors["t2v"]["before"]["mae"],
+                                   "after": errors["t2v"]["after"]["mae"]}
+  return result, errors
+
+
+def _table(args, result, errors, sims_shape, bank_shapes) -> str:
+  n_texts, n_videos = sims_shape
+  lines = [f"method: {args.method}   temperature: {args.temperature:g}   tie policy: {args.tie}   "
+           f"v2t protocol: {args.v2t_protocol}"]
+  for direction, n_q, n_c, bank_arg, shape in (
+      ("t2v", n_texts, n_videos, args.bank, bank_shapes[0]),
+      ("v2t", n_videos, n_texts, args.v2t_bank, bank_shapes[1])):
+    setting = norm_lib.setting(args.method, bank_arg == "test")
+    bank_text = ("" if args.method == "none" else
+                 f", bank: {_bank_label(bank_arg, direction)} {shape[0]} x {shape[1]}")
+    lines.append(f"{direction}: {n_q} queries x {n_c} candidates, {setting}{bank_text}")
+  lines.append("")
+  lines.append(f"{'':5s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'MdR':>6s} {'MnR':>8s}"
+               f"   {'norm. error MAE / max (before -> after)'}")
+  for direction in ("t2v", "v2t"):
+    m = result[direction]
+    e = errors[direction]
+    lines.append(
+        f"{direction:5s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} {m['MdR']:6.1f} "
+        f"{m['MnR']:8.2f}   {e['before']['mae']:.4f} / {e['before']['max']:.3f} -> "
+        f"{e['after']['mae']:.4f} / {e['after']['max']:.3f}")
+  return "\n".join(lines)
+
+
+def _check_output(path: str | None, flag: str) -> None:
+  if path and path != "-" and os.path.exists(path):
+    raise UserError(f"{flag} {path!r} already exists; choose a new file name")
+  if path and path != "-":
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+      raise UserError(f"{flag} directory {parent!r} does not exist")
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  if args.demo == bool(args.sims):
+    raise UserError("give exactly one of SIMS.npy or --demo")
+  if args.temperature <= 0 or not np.isfinite(args.temperature):
+    raise UserError(f"--temperature must be positive, got {args.temperature}")
+  if args.method == "dsl" and (args.bank != "test" or args.v2t_bank != "test"):
+    raise UserError("dsl is transductive (it normalizes over the test queries); drop --bank "
+                    "and --v2t-bank")
+  if args.plot and args.plot.lower().endswith(".png") is False:
+    raise UserError(f"--plot must name a .png file, got {args.plot!r}")
+  _check_output(args.plot, "--plot")
+  _check_output(args.json, "--json")
+
+  sims = demo_matrix() if args.demo else _load_matrix(args.sims, "SIMS")
+  n_texts, n_videos = sims.shape
+  if args.gt:
+    mapping = _load_map(args.gt, n_texts, n_videos)
+  elif n_texts != n_videos:
+    raise UserError(f"SIMS is {n_texts} x {n_videos}, not square, so the ground truth cannot be "
+                    f"the diagonal; give --gt MAP.npy with each text's video index")
+  else:
+    mapping = None
+  bank, t2v_shape = None, sims.shape
+  if args.bank != "test":
+    bank = _load_matrix(args.bank, "--bank")
+    if bank.shape[1] != n_videos:
+      raise UserError(f"--bank has {bank.shape[1]} columns but SIMS has {n_videos} videos; the "
+                      f"bank must score its queries against the same test videos")
+    t2v_shape = bank.shape
+  v2t_bank, v2t_shape = None, sims.T.shape
+  if args.v2t_bank != "test":
+    v2t_bank = _load_matrix(args.v2t_bank, "--v2t-bank")
+    if v2t_bank.shape[1] != n_texts:
+      raise UserError(f"--v2t-bank has {v2t_bank.shape[1]} columns but SIMS has {n_texts} texts; "
+                      f"it must score video queries against the same test captions")
+    v2t_shape = v2t_bank.shape
+
+  result, errors = _evaluate(args, sims, mapping, bank, v2t_bank)
+  table = _table(args, result, errors, sims.shape, (t2v_shape, v2t_shape))
+  print(table, file=sys.stderr if args.json == "-" else sys.stdout)
+  if args.plot:
+    from ncl_jax import plots  # pylint: disable=g-import-not-at-top
+    before, after, expected = errors["t2v"]["mass"]
+    plots.plot_mass_histograms(
+        args.plot, before, after, expected,
+        labels=("raw", f"{args.method} ({norm_lib.setting(args.method, args.bank == 'test')})"),
+        title=f"text-to-video: summed retrieval probability per video (T={args.temperature:g})")
+  if args.json:
+    text = json.dumps(result, indent=2)
+    if args.json == "-":
+      print(text)
+    else:
+      with open(args.json, "x", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  run_cli(main)
