@@ -56,9 +56,11 @@ from ncl_jax.errors import UserError
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
-# Config leaf names that may differ between the run in a workdir and the command that resumes it.
-# ``total_steps`` / ``num_epochs`` extend or shorten a run: note that a warmup-cosine schedule
-# built from the new total differs from the old one for the steps still to come.
+# Config leaf names that may differ between the run in a workdir and the command that resumes it:
+# the run's length, how many checkpoints to keep, the overwrite flag itself, and input-pipeline
+# performance settings (prefetch depth, decoding threads) that do not change the batches.
+# ``total_steps`` / ``num_epochs`` extend or shorten a run: a warmup-cosine schedule built from
+# the new total differs from the old one for the steps still to come.
 RESUMABLE_KEYS = frozenset({
     "total_steps",
     "num_epochs",
@@ -67,6 +69,8 @@ RESUMABLE_KEYS = frozenset({
     "overwrite",
     "overwrite_workdir",
     "workdir",
+    "prefetch",
+    "num_workers",
 })
 # Suffixes of leaf names that only set a frequency (log_every_steps, eval_every_steps, ...).
 RESUMABLE_SUFFIXES = ("_every_steps", "_every_epochs")
