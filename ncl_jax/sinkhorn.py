@@ -35,6 +35,7 @@ default marginals count only the remaining rows and columns.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -174,7 +175,7 @@ def _log_error(p: _Problem, f: jax.Array, g: jax.Array) -> jax.Array:
   return _row_error(p, f, _safe_logsumexp(p.logits + g[None, :], axis=1))
 
 
-def _solve_log(p: _Problem, tol, max_iterations: int, check_every: int):
+def _solve_log(p: _Problem, tol, max_iterations, check_every):
   """Runs blocks of ``check_every`` log-domain iterations until the error is below ``tol``."""
   n_rows, n_cols = p.logits.shape
 
@@ -201,7 +202,7 @@ def _solve_log(p: _Problem, tol, max_iterations: int, check_every: int):
   # still what gets reported when max_iterations is 0.
   init = (f0, g0, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf, jnp.float32))
   f, g, it, err = jax.lax.while_loop(keep_going, block, init)
-  err = jnp.where(it > 0, err, _log_error(p, f, g))
+  err = jax.lax.cond(it > 0, lambda: err, lambda: _log_error(p, f, g))
   return f, g, it, err
 
 
@@ -283,7 +284,7 @@ def _kernel_steps(p: _Problem, kernel: _Kernel, tol, budget) -> _Scalings:
   return jax.lax.while_loop(lambda s: s.go, step, init)
 
 
-def _solve_kernel(p: _Problem, tol, max_iterations: int):
+def _solve_kernel(p: _Problem, tol, max_iterations):
   """Stabilised kernel-form Sinkhorn; see the module docstring."""
   n_rows, n_cols = p.logits.shape
 
@@ -327,8 +328,26 @@ def _solve_kernel(p: _Problem, tol, max_iterations: int):
   return f, g, it, err
 
 
-@functools.partial(
-    jax.jit, static_argnames=("max_iterations", "check_every", "gradient", "method"))
+@functools.partial(jax.jit, static_argnames=("kernel",))
+def _sinkhorn_to_tolerance(logits, row_marginals, col_marginals, row_mask, col_mask, tol,
+                           max_iterations, check_every, *, kernel: bool) -> SinkhornOutput:
+  """``gradient='stop'``: tol and the iteration limits are traced (changing them never recompiles)."""
+  problem = _prepare(jax.lax.stop_gradient(logits), row_marginals, col_marginals, row_mask,
+                     col_mask)
+  if kernel:
+    f, g, iterations, err = _solve_kernel(problem, tol, max_iterations)
+  else:
+    f, g, iterations, err = _solve_log(problem, tol, max_iterations, jnp.maximum(check_every, 1))
+  return SinkhornOutput(jax.lax.stop_gradient(f), jax.lax.stop_gradient(g), iterations, err)
+
+
+@functools.partial(jax.jit, static_argnames=("num_iterations",))
+def _sinkhorn_unrolled(logits, row_marginals, col_marginals, row_mask, col_mask, *,
+                       num_iterations: int) -> SinkhornOutput:
+  problem = _prepare(logits, row_marginals, col_marginals, row_mask, col_mask)
+  return SinkhornOutput(*_solve_unrolled(problem, num_iterations))
+
+
 def sinkhorn(
     logits: jax.Array,
     *,
@@ -342,7 +361,7 @@ def sinkhorn(
     gradient: str = "stop",
     method: str = "auto",
 ) -> SinkhornOutput:
-  """Solves the entropic balancing problem for ``logits``.
+  """Solves the entropic balancing problem for ``logits`` (jit-compiled; callable under jit).
 
   Args:
     logits: [n_rows, n_cols] float (float32 or bfloat16; computed in float32). ``-inf`` entries
@@ -354,7 +373,8 @@ def sinkhorn(
     col_mask: [n_cols] bool, False removes the column.
     tol: stop once the relative L1 row-marginal error is at most ``tol`` (``gradient='stop'``).
       float32 bounds the reachable error at about 1e-6.
-    max_iterations: iteration cap (``'stop'``), or the exact iteration count (``'unroll'``).
+    max_iterations: iteration cap (``'stop'``; may be a traced integer), or the exact, static
+      iteration count (``'unroll'``).
     check_every: iterations between error checks of ``method='log'`` (each check costs one
       ``exp`` pass). The kernel form gets the error for free and checks every iteration.
     gradient: ``'stop'`` (NCL's default): potentials are constants for autodiff and a
@@ -371,29 +391,30 @@ def sinkhorn(
 
   Raises:
     UserError: for an unknown ``gradient`` or ``method``, ``method='kernel'`` with
-      ``gradient='unroll'``, or inputs of the wrong rank or length.
+      ``gradient='unroll'``, a negative static ``max_iterations``, or inputs of the wrong rank
+      or length.
   """
   if gradient not in GRADIENT_MODES:
     errors.fail(f"gradient must be one of {GRADIENT_MODES}, got {gradient!r}")
   if method not in METHODS:
     errors.fail(f"method must be one of {METHODS}, got {method!r}")
   if method == "kernel" and gradient == "unroll":
-    errors.fail("method='kernel' has no differentiable path; use gradient='stop' or "
+    errors.fail("method='kernel' has no differentiable path; use gradient='stop', or "
                 "method='log' (or 'auto') with gradient='unroll'")
-  if max_iterations < 0:
+  if not isinstance(max_iterations, jax.core.Tracer) and int(max_iterations) < 0:
     errors.fail(f"max_iterations must be >= 0, got {max_iterations}")
-  if gradient == "stop":
-    logits = jax.lax.stop_gradient(logits)
-  problem = _prepare(logits, row_marginals, col_marginals, row_mask, col_mask)
+  masks_and_marginals = (row_marginals, col_marginals, row_mask, col_mask)
   if gradient == "unroll":
-    f, g, iterations, err = _solve_unrolled(problem, max_iterations)
-    return SinkhornOutput(f, g, iterations, err)
-  if method == "log":
-    f, g, iterations, err = _solve_log(problem, tol, max_iterations, max(1, check_every))
-  else:
-    f, g, iterations, err = _solve_kernel(problem, tol, max_iterations)
-  f, g = jax.lax.stop_gradient(f), jax.lax.stop_gradient(g)
-  return SinkhornOutput(f, g, iterations, err)
+    try:
+      max_iterations = operator.index(max_iterations)
+    except TypeError:
+      errors.fail(f"gradient='unroll' needs a Python int max_iterations (the scan length), got "
+                  f"{max_iterations!r}")
+    return _sinkhorn_unrolled(logits, *masks_and_marginals, num_iterations=max_iterations)
+  return _sinkhorn_to_tolerance(
+      logits, *masks_and_marginals, jnp.asarray(tol, jnp.float32),
+      jnp.asarray(max_iterations, jnp.int32), jnp.asarray(check_every, jnp.int32),
+      kernel=method != "log")
 
 
 def log_plan(logits: jax.Array, out: SinkhornOutput) -> jax.Array:
