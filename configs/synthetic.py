@@ -5,10 +5,9 @@ Run (about a minute on a 2-core CPU)::
   python -m ncl_jax.main --config=configs/synthetic.py --workdir=/tmp/ncl_demo
 
 The synthetic set (``ncl_jax.data.synthetic``) has token-id captions and per-frame features with
-popular concepts that create hub videos. The model is a small from-scratch text transformer and
-a learned projection of the frame features with CLIP4Clip's meanP head, so the whole CLIP4Clip
-protocol is kept except the sizes and the learning rate (no pretrained weights: every weight is
-new). Compare the losses with ``--config.loss=infonce`` and ``--config.loss=ncl``;
+popular concepts that create hub videos. The model is a small from-scratch text transformer
+against the frame features pooled by CLIP4Clip's meanP head, so the whole CLIP4Clip protocol is
+kept except the sizes and the learning rate (no pretrained weights: every weight is new). Compare the losses with ``--config.loss=infonce`` and ``--config.loss=ncl``;
 ``--config.data.seed=N`` draws another synthetic set.
 """
 
@@ -35,7 +34,9 @@ def get_config():
   model = config.model
   model.input_mode = "features"
   model.feature_dim = data.feature_dim
-  model.embed_dim = 128
+  # embed_dim = feature_dim: the frame features enter meanP directly, as CLIP frame embeddings
+  # do in CLIP4Clip; the text tower learns to meet them.
+  model.embed_dim = data.feature_dim
   model.max_frames = data.max_frames
   model.text.width = 128
   model.text.layers = 2
@@ -50,5 +51,6 @@ def get_config():
   config.eval.batch_size = 256
   config.log_every_steps = 10
   config.eval_every_steps = 0  # once per epoch
-  config.checkpoint_every_steps = 100
+  # A checkpoint follows every evaluation (each epoch), so no extra periodic saves.
+  config.checkpoint_every_steps = 0
   return config

@@ -19,6 +19,7 @@ Steps (all queries and videos of the split, nothing dropped):
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 
 from ncl_jax import metrics as metrics_lib
 from ncl_jax import normalize
+from ncl_jax import plots
 from ncl_jax import sharding
 from ncl_jax.data import normalize_frames
 from ncl_jax.models.dual_encoder import DualEncoder
@@ -82,7 +84,7 @@ def logit_scale_of(params) -> float:
 
 def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_video: np.ndarray,
                       *, logit_scale: float, text_bank: np.ndarray, video_bank: np.ndarray,
-                      eval_config, plot_path: str | None = None) -> dict[str, Any]:
+                      eval_config, plot_prefix: str | None = None) -> dict[str, Any]:
   """Plain and NCL-normalized metrics and normalization errors from embeddings.
 
   Args:
@@ -94,7 +96,9 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
     video_bank: [n_bank_v, E] training video embeddings (the video queue), the v2t bank.
     eval_config: ``config.eval`` (``sinkhorn_tol``, ``sinkhorn_max_iterations``,
       ``v2t_protocol``, ``tie``).
-    plot_path: where to save the histogram PNG of summed retrieval probabilities, or None.
+    plot_prefix: the histograms of summed retrieval probabilities (plain vs NCL) go to
+      ``<plot_prefix>_t2v.png`` and ``<plot_prefix>_v2t.png``; None draws nothing. Existing
+      files are kept.
 
   Returns:
     ``{"plain": {"t2v": {...}, "v2t": {...}}, "ncl": {...}, "normalization_error": {"plain": x,
@@ -139,11 +143,15 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
                    for d in ("t2v", "v2t")} for mode in masses}
   headline = {mode: 0.5 * (detail[mode]["t2v"]["mae"] + detail[mode]["v2t"]["mae"])
               for mode in detail}
-  if plot_path is not None and jax.process_index() == 0:
-    from ncl_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
-    plots.normalization_histogram(
-        {f"{mode} {d}": masses[mode][d] for mode in masses for d in ("t2v", "v2t")},
-        plot_path, expected=1.0)
+  if plot_prefix is not None and jax.process_index() == 0:
+    for d, candidates in (("t2v", "videos"), ("v2t", "captions")):
+      path = f"{plot_prefix}_{d}.png"
+      if not os.path.exists(path):  # a repeated evaluation keeps the first figure
+        plots.plot_mass_histograms(
+            path, masses["plain"][d], masses["ncl"][d], shares[d],
+            labels=("plain", "NCL-normalized"),
+            title=f"{d}: summed retrieval probability of the {n_texts if d == 't2v' else n_videos}"
+            f" test queries per {candidates[:-1]}")
   for mode in detail:  # keep the JSON small: histograms live in the PNG
     for d in detail[mode]:
       detail[mode][d] = {k: v for k, v in detail[mode][d].items() if k != "histogram"}
@@ -161,11 +169,11 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
 
 
 def evaluate_split(encoders: Encoders, params, eval_data, mesh, *, text_bank: np.ndarray,
-                   video_bank: np.ndarray, eval_config, plot_path: str | None = None
+                   video_bank: np.ndarray, eval_config, plot_prefix: str | None = None
                    ) -> dict[str, Any]:
   """Encodes ``eval_data`` with ``params`` and returns :func:`retrieval_results`."""
   text_emb, video_emb = encode_split(encoders, params, eval_data, mesh,
                                      int(eval_config.batch_size))
   return retrieval_results(
       text_emb, video_emb, eval_data.caption_to_video, logit_scale=logit_scale_of(params),
-      text_bank=text_bank, video_bank=video_bank, eval_config=eval_config, plot_path=plot_path)
+      text_bank=text_bank, video_bank=video_bank, eval_config=eval_config, plot_prefix=plot_prefix)

@@ -308,13 +308,13 @@ class _Run:
     make = lambda: self._state_from_params(init_params(self.model, int(self.config.seed)))
     return jax.jit(make, out_shardings=self.shardings)()
 
-  def evaluate(self, state: TrainState, split: str, plot_path: str | None = None
+  def evaluate(self, state: TrainState, split: str, plot_prefix: str | None = None
                ) -> dict[str, Any]:
     """Plain and NCL-normalized retrieval on ``split``; bank = the state's training queues."""
     return evaluate_lib.evaluate_split(
         self.encoders, state.params, self.dataset.eval_data(split), self.mesh,
         text_bank=_queue_to_host(state.text_queue), video_bank=_queue_to_host(state.video_queue),
-        eval_config=self.config.eval, plot_path=plot_path)
+        eval_config=self.config.eval, plot_prefix=plot_prefix)
 
 
 def _queue_to_host(queue: Queue) -> np.ndarray:
@@ -489,8 +489,8 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
     test_splits = [run.dataset.validation_split]
   per_split = {}
   for split in test_splits:
-    plot = os.path.join(workdir, f"normalization_error_{split}.png")
-    results = run.evaluate(state, split, plot_path=plot)
+    plot = os.path.join(workdir, f"normalization_{split}_step{selected_step}")
+    results = run.evaluate(state, split, plot_prefix=plot)
     per_split[split] = results
     writer.write(final_step, _flatten(
         {k: results[k] for k in ("plain", "ncl", "normalization_error")}, split))
