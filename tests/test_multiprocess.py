@@ -1,0 +1,145 @@
+"""Multi-process runs: 2 processes x 2 CPU devices on localhost with ``jax.distributed``.
+
+The workers are subprocesses (``jax.distributed.initialize`` can run once per process and needs
+its peers). CPU collectives across processes use gloo, jax 0.10's default CPU implementation.
+
+* Checkpoints: a queue sharded over the 4 devices of both processes and replicated params are
+  saved by both processes into one checkpoint and restored onto sharded and replicated targets;
+  the config guard fails on every process; SIGTERM to one process stops both.
+* Training: ``python -m ncl_jax.main`` in 2 processes x 2 devices logs the same losses as one
+  process with 4 devices; a SIGTERM to one of the processes stops both at the same step with
+  exit code 0, and running the same commands again resumes and finishes like the reference.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def _env(num_devices):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _finish_all(procs, timeout=240):
+  """Waits for every process; returns [(returncode, output)]. Kills the rest on failure."""
+  results = []
+  try:
+    for proc in procs:
+      output, _ = proc.communicate(timeout=timeout)
+      results.append((proc.returncode, output))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  return results
+
+
+# -- checkpoints across processes (no trainer involved) -------------------------------------------
+
+
+def _checkpoint_worker(process_id, port, workdir, out_path):
+  """Body of one worker process of test_checkpoints_across_processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=NUM_PROCESSES, process_id=process_id)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ncl_jax import checkpointing, errors  # pylint: disable=g-import-not-at-top
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rows = 4  # queue rows per process; each of this process's 2 devices holds 2
+  local = np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + 100 * process_id
+  state = {
+      "queue": jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local),
+      "w": jax.device_put(jnp.arange(3.0), NamedSharding(mesh, P())),
+      "step": jax.device_put(jnp.asarray(5, jnp.int32), NamedSharding(mesh, P())),
+  }
+  report = {}
+  ckpt = checkpointing.Checkpointer(workdir, config={"a": 1}, best_metric="r1")
+  ckpt.save(5, state, {"data": {"position": 11}}, metrics={"r1": 0.5})
+  ckpt.save(6, state, {"data": {"position": 12}})
+  ckpt.wait()
+  report["steps"] = ckpt.all_steps
+  report["best"] = ckpt.best_step
+
+  def target(spec):
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
+        mesh, spec if k == "queue" else P())) for k, v in state.items()}
+
+  restored, extra = ckpt.restore_best(target(P("data")))
+  report["extra"] = extra
+  report["local_queue"] = np.concatenate(
+      [np.asarray(s.data) for s in sorted(restored["queue"].addressable_shards,
+                                          key=lambda s: s.index[0].start)]).tolist()
+  restored, _ = ckpt.restore_latest(target(P()))  # every device gets the whole queue
+  report["replicated_queue"] = np.asarray(restored["queue"].addressable_data(0)).tolist()
+  report["w"] = np.asarray(restored["w"].addressable_data(0)).tolist()
+  ckpt.close()
+
+  with checkpointing.PreemptionWatcher(sync_every_steps=2) as watcher:
+    report["stop_before"] = watcher.should_stop()
+    if process_id == 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    report["requested"] = watcher.requested
+    report["stop_off_sync_step"] = watcher.should_stop(step=3)  # no collective on odd steps
+    report["stop_after"] = watcher.should_stop(step=4)
+
+  try:
+    checkpointing.Checkpointer(workdir, config={"a": 2})
+    report["guard"] = None
+  except errors.UserError as err:
+    report["guard"] = str(err)
+  pathlib.Path(out_path).write_text(json.dumps(report))
+
+
+def test_checkpoints_across_processes(tmp_path):
+  port = _free_port()
+  procs = [
+      subprocess.Popen(
+          [sys.executable, __file__, "checkpoint", str(i), str(port), str(tmp_path / "run"),
+           str(tmp_path / f"report{i}.json")],
+          cwd=REPO, env=_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT, text=True)
+      for i in range(NUM_PROCESSES)]
+  for code, output in _finish_all(procs, timeout=120):
+    assert code == 0, output
+  reports = [json.loads((tmp_path / f"report{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+  full_queue = np.concatenate([np.arange(12.0).reshape(4, 3) + 100 * i for i in range(2)])
+  for i, report in enumerate(reports):
+    assert report["steps"] == [5, 6] and report["best"] == 5
+    assert report["extra"] == {"data": {"position": 11}}
+    np.testing.assert_array_equal(report["local_queue"], full_queue[4 * i: 4 * i + 4])
+    np.testing.assert_array_equal(report["replicated_queue"], full_queue)
+    assert report["w"] == [0.0, 1.0, 2.0]
+    assert report["stop_before"] is False
+    assert report["requested"] is (i == 1)
+    assert report["stop_off_sync_step"] is False
+    assert report["stop_after"] is True  # process 0 got no signal but stops too
+    assert "a: 1 -> 2" in report["guard"]
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "checkpoint":
+    _checkpoint_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+  else:
+    raise SystemExit(f"unknown worker {sys.argv[1]!r}")
