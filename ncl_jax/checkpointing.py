@@ -206,6 +206,9 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    if "://" in str(workdir):
+      raise UserError(f"workdir {workdir} is a URL; ncl_jax writes its run directory with local "
+                      "file operations: mount the bucket (e.g. gcsfuse) and pass the mounted path")
     self.workdir = pathlib.Path(workdir).resolve()
     self.directory = self.workdir / CHECKPOINT_DIR
     self._best_metric = best_metric
@@ -446,7 +449,10 @@ class PreemptionWatcher:
 
   Multi-process runs: signals reach processes at different times, so the decision to stop is
   taken collectively in :meth:`should_stop` (an all-gather of every process's flag). Every
-  process must then call it at the same steps.
+  process must then call it at the same steps. ``jax.distributed.initialize`` installs JAX's own
+  SIGTERM notifier (for ``multihost_utils.reached_preemption_sync_point``); this handler takes
+  its place while the watcher is open, and afterwards SIGTERM gets the default action (exit)
+  because Python cannot reinstall a handler it did not install.
   """
 
   def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), sync_every_steps: int = 1):

@@ -222,6 +222,11 @@ def test_overwrite_never_deletes_a_run_with_the_same_config(tmp_path):
     assert ckpt.latest_step == 4
 
 
+def test_url_workdir_is_refused():
+  with pytest.raises(UserError, match="gcsfuse"):
+    checkpointing.Checkpointer("gs://bucket/run", config=CONFIG)
+
+
 def test_checkpoints_without_config_are_refused(tmp_path):
   with checkpointing.Checkpointer(tmp_path, config=CONFIG) as ckpt:
     ckpt.save(2, _tiny_state(2), {})
