@@ -1,0 +1,169 @@
+"""Tests for ncl_jax.normalize against POT, numpy transcriptions of DSL/QB-Norm, and real data."""
+
+import numpy as np
+import ot
+import pytest
+from scipy.special import logsumexp, softmax
+
+from ncl_jax import metrics
+from ncl_jax import normalize as nz
+
+TITLES = "msrvtt_cap4video/msrvtt_titles_matrix.npy"
+VIDEO = "msrvtt_cap4video/msrvtt_video_matrix.npy"
+
+
+def _hub_sims(rng, n_rows, n_cols, dim=16):
+  """Cosine similarities where some candidates are hubs (close to a shared direction)."""
+  cands = rng.standard_normal((n_cols, dim)) + 2 * rng.random((n_cols, 1)) * rng.standard_normal(dim)
+  cands /= np.linalg.norm(cands, axis=1, keepdims=True)
+  queries = rng.standard_normal((n_rows, dim))
+  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+  return (queries @ cands.T).astype(np.float32)
+
+
+def test_ncl_biases_match_pot_plan(rng):
+  bank = _hub_sims(rng, 40, 15)
+  temperature = 0.1
+  got = nz.ncl_biases(bank, temperature=temperature, tol=1e-6)
+  logits = bank.astype(np.float64) / temperature
+  plan = ot.sinkhorn(np.ones(40), np.full(15, 40 / 15), -logits, reg=1.0,
+                     method="sinkhorn_log", stopThr=1e-12, numItermax=20000)
+  # With unit row sums, the plan's rows are the normalized retrieval distributions.
+  np.testing.assert_allclose(softmax(logits + got.bias, axis=1), plan, atol=2e-5)
+
+
+@pytest.mark.parametrize("marginals", [False, True])
+def test_streamed_equals_dense_iterates(rng, marginals):
+  bank = _hub_sims(rng, 150, 24)
+  col = rng.integers(1, 4, 24).astype(np.float64) if marginals else None
+  kwargs = dict(temperature=0.05, col_marginals=col, tol=0.0, max_iterations=25)
+  dense = nz.ncl_biases(bank, stream=False, **kwargs)
+  streamed = nz.ncl_biases(bank, stream=True, chunk_rows=32, **kwargs)  # 150 = 4*32 + padded tail
+  assert dense.iterations == streamed.iterations == 25
+  np.testing.assert_allclose(streamed.bias, dense.bias, atol=2e-4)
+
+
+def test_streamed_reaches_expected_counts_from_memmap(rng, tmp_path):
+  """Multi-caption marginals through a memory-mapped bank: each video gets its caption count."""
+  bank = _hub_sims(rng, 300, 20)
+  path = tmp_path / "bank.npy"
+  np.save(path, bank)
+  mapped = np.load(path, mmap_mode="r")
+  counts = rng.integers(1, 5, 20).astype(np.float64)
+  got = nz.streamed_ncl_biases(mapped, temperature=0.05, col_marginals=counts, tol=1e-5,
+                               chunk_rows=64)
+  in_memory = nz.streamed_ncl_biases(bank, temperature=0.05, col_marginals=counts, tol=1e-5,
+                                     chunk_rows=64)
+  np.testing.assert_array_equal(got.bias, in_memory.bias)
+  assert got.error <= 1e-5
+  mass = nz.candidate_mass(mapped, scale=1 / 0.05, bias=got.bias)
+  np.testing.assert_allclose(mass, counts * 300 / counts.sum(), rtol=1e-4)
+
+
+def test_streamed_survives_an_underflowing_column():
+  # Column 0 sits 2000 logits below every row's best entry: its probability underflows to 0.
+  bank = np.full((64, 6), 0.5, np.float32)
+  bank[:, 1:] += np.linspace(0, 0.1, 5, dtype=np.float32)
+  bank[:, 0] = -1.5
+  got = nz.streamed_ncl_biases(bank, temperature=0.001, tol=1e-4, max_iterations=200,
+                               chunk_rows=16)
+  assert np.all(np.isfinite(got.bias))
+  assert got.error <= 1e-4  # the floor slows the column's climb, it does not stop it
+
+
+def test_dsl_matches_formula(rng):
+  sims = _hub_sims(rng, 30, 12)
+  logits = sims.astype(np.float64) / 0.02
+  expected = logits * 30 * softmax(logits / 2.0, axis=0)
+  got = nz.dsl(sims, temperature=0.02, dsl_temperature=2.0, chunk_rows=7)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_qbnorm_matches_numpy_transcription(rng):
+  bank = _hub_sims(rng, 12, 40)
+  sims = _hub_sims(rng, 25, 40)
+  beta, k, temperature = 5.0, 2, 0.01
+  got = nz.qbnorm(sims, bank, temperature=temperature, beta=beta, k=k, chunk_rows=8)
+  # QB-Norm as published: activation set = union of the bank queries' top-k candidates;
+  # a query whose top-1 is in it gets exp(beta s) / sum_bank exp(beta s_bank); others stay raw.
+  active = np.unique(np.argsort(-bank, axis=1)[:, :k])
+  gated = np.isin(np.argmax(sims, axis=1), active)
+  inverted = np.exp(beta * sims.astype(np.float64)) / np.exp(beta * bank.astype(np.float64)).sum(0)
+  assert 0 < gated.sum() < len(sims)  # both branches are exercised
+  np.testing.assert_allclose(got[gated] * beta * temperature, np.log(inverted[gated]),
+                             rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got[~gated] * temperature, sims[~gated], atol=1e-6)
+  lse, mask = nz.qbnorm_biases(bank, beta=beta, k=k, chunk_rows=8)
+  np.testing.assert_allclose(lse, logsumexp(beta * bank.astype(np.float64), axis=0), rtol=1e-6)
+  np.testing.assert_array_equal(np.flatnonzero(mask), active)
+
+
+def test_normalization_error_and_expected_mass():
+  # Two equal candidates and one that no query prefers.
+  logits = np.log(np.array([[0.5, 0.5, 1e-9], [0.5, 0.5, 1e-9]]))
+  mass = nz.candidate_mass(logits)
+  np.testing.assert_allclose(mass, [1, 1, 0], atol=1e-6)
+  err = nz.normalization_error(mass, nz.expected_mass(2, 3), bins=4)
+  assert err["mae"] == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3, abs=1e-6)
+  assert err["max"] == pytest.approx(2 / 3, abs=1e-6)
+  assert sum(err["histogram"]["counts"]) == 3 and len(err["histogram"]["edges"]) == 5
+  mapping = np.array([0, 0, 0, 1])
+  np.testing.assert_array_equal(nz.expected_mass(4, 2, mapping, direction="t2v"), [3, 1])
+  np.testing.assert_allclose(nz.expected_mass(2, 4, mapping, direction="v2t"),
+                             [1 / 3, 1 / 3, 1 / 3, 1])
+
+
+def test_normalize_dispatch_and_labels(rng):
+  sims = _hub_sims(rng, 20, 20)
+  np.testing.assert_allclose(nz.normalize(sims, "none", temperature=0.5), sims / 0.5)
+  with pytest.raises(ValueError, match="transductive"):
+    nz.normalize(sims, "dsl", sims, temperature=0.01)
+  with pytest.raises(ValueError, match="method"):
+    nz.normalize(sims, "sinkhorn", temperature=0.01)
+  with pytest.raises(ValueError, match="bank"):
+    nz.normalize(sims, "ncl", sims[:, :5], temperature=0.01)
+  assert nz.setting("ncl", bank_is_test=True) == "transductive"
+  assert nz.setting("qbnorm", bank_is_test=False) == "inductive"
+  assert nz.setting("dsl", bank_is_test=False) == "transductive"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data: a trained model's MSR-VTT 1k-A scores.
+
+@pytest.mark.parametrize("name", [TITLES, VIDEO])
+def test_real_ncl_needs_the_temperature(shared_data_dir, name):
+  sims = np.load(shared_data_dir / name)
+  plain = metrics.retrieval_metrics(sims)
+  t2v = nz.normalize(sims, "ncl", temperature=0.01)
+  v2t = nz.normalize(sims.T, "ncl", temperature=0.01)
+  # With the model's temperature, transductive NCL raises R@1 in both directions by > 2 points
+  # and balances each video's summed retrieval probability.
+  assert metrics.t2v_metrics(t2v)["R@1"] > plain["t2v"]["R@1"] + 2
+  assert metrics.v2t_metrics(v2t)["R@1"] > plain["v2t"]["R@1"] + 2
+  before = nz.normalization_error(nz.candidate_mass(sims, scale=100.0), 1.0)["mae"]
+  after = nz.normalization_error(nz.candidate_mass(t2v), 1.0)["mae"]
+  assert before > 0.4 and after < 1e-3
+  # At temperature 1 the softmax is almost flat, so there is almost nothing to balance, and the
+  # "normalized" scores lose t2v recall.
+  flat = nz.normalization_error(nz.candidate_mass(sims, scale=1.0), 1.0)["mae"]
+  assert flat < 0.02
+  hot = nz.normalize(sims, "ncl", temperature=1.0)
+  assert metrics.t2v_metrics(hot)["R@1"] < plain["t2v"]["R@1"]
+
+
+def test_real_inductive_bank_and_streaming_agree(shared_data_dir):
+  """Bank = the first 500 test captions, evaluated on the other 500 (an inductive split)."""
+  sims = np.load(shared_data_dir / TITLES)
+  bank, queries, gt = sims[:500], sims[500:], np.arange(500, 1000)
+  plain = metrics.t2v_metrics(queries, gt)["R@1"]
+  normalized, biases = nz.ncl(queries, bank, temperature=0.01)
+  assert metrics.t2v_metrics(normalized, gt)["R@1"] > plain
+  streamed = nz.ncl_biases(bank, temperature=0.01, stream=True, chunk_rows=96, tol=0.0,
+                           max_iterations=biases.iterations)
+  np.testing.assert_allclose(streamed.bias, biases.bias, atol=1e-3)
+
+
+def test_real_dsl_raises_recall(shared_data_dir):
+  sims = np.load(shared_data_dir / VIDEO)
+  plain = metrics.t2v_metrics(sims)["R@1"]
+  assert metrics.t2v_metrics(nz.dsl(sims, temperature=0.01))["R@1"] > plain + 2

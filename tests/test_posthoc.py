@@ -1,0 +1,137 @@
+"""Tests for the post-hoc CLI: end to end in a subprocess, input validation in-process."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ncl_jax import metrics
+from ncl_jax import normalize as nz
+from ncl_jax import posthoc
+from ncl_jax.errors import UserError
+
+TITLES = "msrvtt_cap4video/msrvtt_titles_matrix.npy"
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "ncl_jax.posthoc", *map(str, args)],
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
+  out_json, out_png = tmp_path / "result.json", tmp_path / "hist.png"
+  proc = _run(shared_data_dir / TITLES, "--method", "ncl", "--json", out_json, "--plot", out_png)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out_json.read_text())
+  assert set(result) == {"method", "t2v", "v2t", "normalization_error"}
+  assert result["method"] == "ncl"
+  for direction in ("t2v", "v2t"):
+    assert tuple(result[direction]) == metrics.METRIC_NAMES
+  # The same numbers as the library gives (transductive NCL, pessimistic ties).
+  sims = np.load(shared_data_dir / TITLES)
+  expected_t2v = metrics.t2v_metrics(nz.normalize(sims, "ncl", temperature=0.01))
+  assert result["t2v"] == pytest.approx(expected_t2v)
+  assert result["t2v"]["R@1"] > 29.7 + 2  # raw R@1 (README table) plus a clear gain
+  errors = result["normalization_error"]
+  assert errors["before"] > 0.4 and errors["after"] < 1e-3
+  assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "t2v: 1000 queries x 1000 candidates, transductive" in proc.stdout
+  assert "R@1" in proc.stdout
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+  bad = tmp_path / "vector.npy"
+  np.save(bad, np.zeros(5, np.float32))
+  proc = _run(bad, "--method", "none")
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: SIMS must be a 2-D matrix"), proc.stderr
+  assert proc.stdout == ""
+
+
+def test_importing_cli_does_not_import_matplotlib():
+  code = "import sys, ncl_jax.posthoc, ncl_jax.plots; print('matplotlib' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+@pytest.fixture
+def files(tmp_path, rng):
+  sims = rng.standard_normal((6, 6)).astype(np.float32)
+  paths = {"sims": tmp_path / "sims.npy", "wide": tmp_path / "wide.npy",
+           "nan": tmp_path / "nan.npy", "map_short": tmp_path / "map_short.npy",
+           "map_range": tmp_path / "map_range.npy", "bank5": tmp_path / "bank5.npy",
+           "text": tmp_path / "text.npy", "map_float": tmp_path / "map_float.npy"}
+  np.save(paths["sims"], sims)
+  np.save(paths["wide"], np.zeros((6, 4), np.float32))
+  with_nan = sims.copy()
+  with_nan[3, 2] = np.nan
+  np.save(paths["nan"], with_nan)
+  np.save(paths["map_short"], np.arange(5))
+  np.save(paths["map_range"], np.array([0, 1, 2, 3, 4, 6]))
+  np.save(paths["map_float"], np.arange(6, dtype=np.float32))
+  np.save(paths["bank5"], np.zeros((10, 5), np.float32))
+  paths["text"].write_text("not an array")
+  return paths
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{missing}"], "not found"),
+    (["{text}"], "not a readable .npy"),
+    (["{nan}"], "NaN or Inf \\(first in row 3\\)"),
+    (["{wide}"], "not square"),
+    (["{sims}", "--gt", "{map_short}"], "one entry per text row \\(6\\)"),
+    (["{sims}", "--gt", "{map_range}"], "must lie in \\[0, 5\\]"),
+    (["{sims}", "--gt", "{map_float}"], "integer video indices"),
+    (["{sims}", "--method", "ncl", "--bank", "{bank5}"], "5 columns but SIMS has 6 videos"),
+    (["{sims}", "--method", "ncl", "--v2t-bank", "{bank5}"], "5 columns but SIMS has 6 texts"),
+    (["{sims}", "--method", "dsl", "--bank", "{sims}"], "dsl is transductive"),
+    (["{sims}", "--temperature", "0"], "must be positive"),
+    (["{sims}", "--method", "sinkhorn"], "invalid choice"),
+    (["{sims}", "--method", "qbnorm", "--qb-k", "9"], "k must lie in"),
+    (["{sims}", "--demo"], "exactly one of"),
+    (["{sims}", "--json", "{sims}"], "already exists"),
+])
+def test_bad_inputs_raise_user_errors(files, tmp_path, argv, message):
+  names = dict(files, missing=tmp_path / "missing.npy")
+  before = files["sims"].read_bytes()
+  with pytest.raises(UserError, match=message):
+    posthoc.main([a.format(**names) for a in argv])
+  assert files["sims"].read_bytes() == before  # never overwritten
+
+
+def test_inductive_bank_and_json_to_stdout(files, rng, tmp_path, capsys):
+  bank = tmp_path / "bank.npy"
+  np.save(bank, rng.standard_normal((40, 6)).astype(np.float32))
+  assert posthoc.main([str(files["sims"]), "--method", "qbnorm", "--bank", str(bank),
+                       "--json", "-"]) == 0
+  captured = capsys.readouterr()
+  result = json.loads(captured.out)  # stdout holds only the JSON ...
+  assert result["method"] == "qbnorm"
+  assert "t2v: 6 queries x 6 candidates, inductive, bank:" in captured.err  # ... the table is here
+  assert "40 x 6" in captured.err
+  assert "v2t: 6 queries x 6 candidates, transductive" in captured.err
+
+
+def test_multi_caption_map_and_group_max(tmp_path, rng, capsys):
+  mapping = np.array([0, 0, 1, 2, 2, 2, 3])
+  sims = rng.standard_normal((7, 4)).astype(np.float32)
+  np.save(tmp_path / "s.npy", sims)
+  np.save(tmp_path / "m.npy", mapping)
+  out = tmp_path / "r.json"
+  assert posthoc.main([str(tmp_path / "s.npy"), "--gt", str(tmp_path / "m.npy"),
+                       "--v2t-protocol", "group_max", "--tie", "optimistic",
+                       "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["t2v"] == metrics.t2v_metrics(sims, mapping, tie="optimistic")
+  assert result["v2t"] == metrics.v2t_metrics(sims.T, mapping, protocol="group_max",
+                                              tie="optimistic")
+  assert "7 queries x 4 candidates" in capsys.readouterr().out
+
+
+def test_demo_runs_without_files(capsys):
+  assert posthoc.main(["--demo", "--method", "dsl"]) == 0
+  table = capsys.readouterr().out
+  assert "t2v: 400 queries x 400 candidates, transductive" in table
