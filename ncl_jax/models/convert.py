@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import warnings
 from typing import Mapping
 
 import jax
@@ -31,6 +32,39 @@ PARAMS_DIR = "params"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # Scalars some OpenAI archives keep next to the weights; build_model drops them too.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def read_torch_checkpoint(path) -> dict[str, np.ndarray]:
+  """Reads an OpenAI CLIP checkpoint into numpy arrays (needs PyTorch).
+
+  Accepts the TorchScript archives OpenAI publishes (``ViT-B-32.pt``, ...) and plain state dicts
+  saved with ``torch.save(model.state_dict(), path)``. Nothing in the file is executed: plain
+  files are read with ``weights_only=True``.
+
+  Raises:
+    UserError: if the file is missing, is not a PyTorch file, or holds no state dict.
+  """
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise UserError(f"--src {path} does not exist or is not a file")
+  try:
+    import torch
+  except ImportError as err:
+    raise UserError("reading PyTorch checkpoints needs torch: pip install torch") from err
+  try:
+    with warnings.catch_warnings():  # torch 2.13 deprecates jit.load; OpenAI's files need it
+      warnings.simplefilter("ignore", DeprecationWarning)
+      state = torch.jit.load(str(path), map_location="cpu").state_dict()
+  except RuntimeError:  # not TorchScript: a plain torch.save file, or not PyTorch at all
+    try:
+      state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for foreign files
+      raise UserError(f"{path} is neither a TorchScript archive nor a torch.save file "
+                      f"({type(err).__name__}); pass an OpenAI CLIP .pt checkpoint") from err
+  if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise UserError(f"{path} does not hold a state dict (name → tensor); save one with "
+                    "torch.save(model.state_dict(), path)")
+  return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
 
 
 def _count_blocks(keys, prefix: str) -> int:
