@@ -19,12 +19,13 @@ from ncl_jax.data.pipeline import (CLIP_MEAN, CLIP_STD, EvalData, RetrievalDatas
                                    normalize_frames, sample_frame_indices)
 from ncl_jax.errors import UserError
 
-REAL_DATASETS = ("msrvtt", "msvd", "activitynet", "didemo")
+# coco and flickr30k: image-text retrieval, images as one-frame videos (ncl_jax.data.image_text).
+REAL_DATASETS = ("msrvtt", "msvd", "activitynet", "didemo", "coco", "flickr30k")
 DATASETS = ("synthetic",) + REAL_DATASETS
 
 # CLIP4Clip's words / frames per data set (retrieval-background.md §2).
 _REAL_LIMITS = {"msrvtt": (32, 12), "msvd": (32, 12), "activitynet": (64, 64),
-                "didemo": (64, 64)}
+                "didemo": (64, 64), "coco": (32, 1), "flickr30k": (32, 1)}
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "DATASETS", "EvalData", "REAL_DATASETS", "RetrievalDataset",
            "TrainIterator", "default_data_config", "get_dataset", "normalize_frames",

@@ -22,8 +22,14 @@ import sys
 from ncl_jax.errors import UserError, run_cli
 
 
+def _all_builders() -> dict:
+  """The video builders plus the image-text ones (COCO, Flickr30k; ncl_jax.data.image_text)."""
+  from ncl_jax.data import builders, image_text  # pylint: disable=g-import-not-at-top
+  return {**builders.BUILDERS, **image_text.BUILDERS}
+
+
 def _parser() -> argparse.ArgumentParser:
-  from ncl_jax.data.builders import BUILDERS  # pylint: disable=g-import-not-at-top
+  BUILDERS = _all_builders()  # pylint: disable=invalid-name
   epilog = "\n".join(f"--- {name} ---{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
                      for name, cls in BUILDERS.items())
   parser = argparse.ArgumentParser(
@@ -56,13 +62,13 @@ def prepare(args: argparse.Namespace) -> dict:
     raise UserError(f"--manual_dir {args.manual_dir} is not a folder; see "
                     "`python -m ncl_jax.data.prepare --help` for the files it must hold")
   mode = args.mode or ("features" if args.features_dir else "frames")
-  max_frames = args.max_frames or builders.DEFAULT_MAX_FRAMES[args.dataset]
+  max_frames = args.max_frames or builders.DEFAULT_MAX_FRAMES.get(args.dataset, 1)
   if max_frames < 1 or args.image_size < 1 or args.fps <= 0:
     raise UserError("--max_frames, --image_size and --fps must be positive")
   if not 0 <= args.max_bad_fraction <= 1:
     raise UserError("--max_bad_fraction must be in [0, 1]")
   config = builders.make_config(mode, max_frames, args.image_size, args.fps, args.jpeg_quality)
-  builder_cls = builders.BUILDERS[args.dataset]
+  builder_cls = _all_builders()[args.dataset]
   # TFDS refuses a new config object named like a built-in one: pass the built-in by name.
   if config.name in builder_cls.builder_configs:
     config = config.name
