@@ -150,6 +150,12 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
+    if self.builder_config.input_mode == "frames":
+      try:
+        import av  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+      except ImportError as err:
+        raise UserError("frames mode decodes videos with PyAV: pip install 'ncl_jax[video]' "
+                        "(or pass --features_dir for features mode)") from err
     annotations = annotations_lib.READERS[self.DATASET](manual_dir)
     files = self._index_files(self._source_dir(manual_dir))
     meta = self.info.metadata

@@ -39,7 +39,7 @@ def resize_and_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
 
 def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int = 224,
                  start: float = 0.0, end: float | None = None) -> np.ndarray:
-  """Decodes ``path`` into CLIP4Clip-style sampled frames: uint8 [T, size, size, 3], T <= max_frames.
+  """Decodes ``path`` into CLIP4Clip-style frames: uint8 [T, size, size, 3], T <= max_frames.
 
   Args:
     path: a video file any FFmpeg build behind PyAV reads (.mp4, .webm, .avi, ...).
@@ -83,7 +83,8 @@ def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int
 def encode_jpeg(frame: np.ndarray, quality: int = 95) -> bytes:
   """JPEG bytes of one uint8 RGB frame [H, W, 3]."""
   buffer = io.BytesIO()
-  Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+  # 4:4:4 chroma: no colour subsampling on top of the codec's own (PIL defaults to 4:2:0).
+  Image.fromarray(frame).save(buffer, format="JPEG", quality=quality, subsampling=0)
   return buffer.getvalue()
 
 
