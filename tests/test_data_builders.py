@@ -121,6 +121,12 @@ def test_msrvtt_maps_subsets_and_truncation(videos, tmp_path, capsys):
   assert full.num_train_examples == 25
   with pytest.raises(UserError, match="train_split"):
     get_dataset(_config("msrvtt", tmp_path, train_split="train_5k"), WordTokenizer())
+  # Without a tokenizer the real sets use CLIP's BPE (an independent OpenAI CLIP implementation
+  # checks it elsewhere): start 49406 ... end 49407, the long caption cut to 8 tokens.
+  clip = get_dataset(_config("msrvtt", tmp_path)).eval_data("test")
+  clip_tokens = next(clip.text_batches(2))["text_tokens"]
+  assert (clip_tokens[:, 0] == 49406).all() and clip_tokens[1, -1] == 49407
+  assert (clip_tokens[1] > 0).all() and (clip_tokens[0] == 0).any()
 
 
 def test_training_batches_from_prepared_frames_resume_exactly(videos, tmp_path, capsys):

@@ -41,7 +41,9 @@ def default_data_config(name: str) -> ConfigDict:
   (frames mode: random horizontal flips; off by default, as in CLIP4Clip). Real sets add
   ``image_size``, ``builder_config`` (which prepared variant to read; "" picks the only one
   matching ``input_mode``), ``train_split`` (MSR-VTT: "train" = 9k or "train_7k") and
-  ``num_workers`` (JPEG-decoding threads).
+  ``num_workers`` (JPEG-decoding threads) and ``vocab_path`` (CLIP's
+  ``bpe_simple_vocab_16e6.txt.gz`` or a folder holding it, for the default tokenizer; "" uses
+  the copy in an installed ``clip`` package).
   """
   if name == "synthetic":
     from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
@@ -52,7 +54,7 @@ def default_data_config(name: str) -> ConfigDict:
   return ConfigDict(dict(
       name=name, data_dir="", input_mode="frames", seed=0, max_words=max_words,
       max_frames=max_frames, image_size=224, builder_config="", train_split="train",
-      prefetch=2, augment=False, num_workers=2))
+      prefetch=2, augment=False, num_workers=2, vocab_path=""))
 
 
 def get_dataset(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
@@ -61,8 +63,8 @@ def get_dataset(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
   Args:
     data_config: a ConfigDict as from :func:`default_data_config`.
     tokenizer: for the real sets, an object with ``encode_batch(list[str], context_length) ->
-      int32 [N, L]`` (default: ``ncl_jax.models.tokenizer.ClipTokenizer()``). The synthetic set
-      already has token ids and ignores it.
+      int32 [N, L]`` (default: CLIP's BPE, ``ncl_jax.models.tokenizer.ClipTokenizer`` with
+      ``data_config.vocab_path``). The synthetic set already has token ids and ignores it.
 
   Raises:
     UserError: unknown name, or a real set whose prepared data is missing (the message says

@@ -68,12 +68,10 @@ def find_prepared(data_config: ConfigDict) -> str:
   return available[matches[0]]
 
 
-def _default_tokenizer():
-  try:
-    from ncl_jax.models.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
-  except ImportError as err:
-    raise UserError("real data sets need a tokenizer; pass one to get_dataset") from err
-  return ClipTokenizer()
+def _default_tokenizer(data_config: ConfigDict):
+  """CLIP's BPE tokenizer, with the vocabulary at ``data.vocab_path`` if set."""
+  from ncl_jax.models.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
+  return ClipTokenizer(data_config.get("vocab_path") or None)
 
 
 class RecordSplit(Split):
@@ -175,7 +173,7 @@ def load_prepared(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
       int(settings["image_size"]) != int(data_config.get("image_size", settings["image_size"])):
     raise UserError(f"{path} holds {settings['image_size']} px frames but data.image_size is "
                     f"{data_config.image_size}; prepare again or change data.image_size")
-  tokenizer = tokenizer if tokenizer is not None else _default_tokenizer()
+  tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(data_config)
   split_names = list(meta["splits"])
   sources = {s: builder.as_data_source(s) for s in split_names}
 
