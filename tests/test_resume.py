@@ -1,0 +1,126 @@
+"""A run stopped by SIGTERM and started again ends exactly like an uninterrupted run.
+
+Both runs are the real command line (``python -m ncl_jax.main``) in subprocesses on 2 fake CPU
+devices, so the test covers the signal handler, the forced save, exit code 0, automatic resume
+(train state, queues, RNG, data-iterator position, best-checkpoint bookkeeping) and the rewind
+of ``metrics.jsonl``.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOTAL_STEPS = 20
+STOP_AFTER = 10  # send SIGTERM once metrics.jsonl holds this step (after the first validation)
+OVERRIDES = (
+    f"--config.total_steps={TOTAL_STEPS}",
+    "--config.eval_every_steps=8",         # validation at 8, 16, 20: best selection resumes too
+    "--config.checkpoint_every_steps=7",
+    "--config.max_to_keep=1",              # retention (last + best) runs across the resume
+    "--config.ncl.queue_size=256",
+    "--config.global_batch_size=32",
+    "--config.data.num_val_videos=100",
+    "--config.data.num_test_videos=100",
+)
+
+
+def _command(workdir):
+  return [sys.executable, "-m", "ncl_jax.main", "--config=configs/synthetic.py",
+          f"--workdir={workdir}", *OVERRIDES]
+
+
+def _env():
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _start(workdir):
+  return subprocess.Popen(_command(workdir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _records(workdir):
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:  # a line being written right now
+      break
+  return records
+
+
+def _train_steps(records):
+  return [r["step"] for r in records if "loss" in r]
+
+
+def _checkpoint_steps(workdir):
+  directory = pathlib.Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _finish(proc, timeout=240):
+  output, _ = proc.communicate(timeout=timeout)
+  return proc.returncode, output
+
+
+@pytest.mark.slow
+def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path):
+  reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
+  reference = _start(reference_dir)  # runs alongside the first half of the interrupted run
+  try:
+    _interrupted_then_resumed(resumed_dir)
+    code, output = _finish(reference)
+  finally:
+    if reference.poll() is None:
+      reference.kill()
+  assert code == 0, output
+  expected, got = _records(reference_dir), _records(resumed_dir)
+  assert _train_steps(expected) == list(range(1, TOTAL_STEPS + 1))
+  assert got == expected  # every logged value, bit for bit, including the validation metrics
+  expected_results = json.loads((reference_dir / "results.json").read_text())
+  assert json.loads((resumed_dir / "results.json").read_text()) == expected_results
+  assert expected_results["step"] == TOTAL_STEPS
+
+
+def _interrupted_then_resumed(resumed_dir):
+  """Starts a run, sends SIGTERM after STOP_AFTER steps, checks the stop, runs it again."""
+  first = _start(resumed_dir)
+  try:
+    deadline = time.monotonic() + 180
+    while STOP_AFTER not in _train_steps(_records(resumed_dir)):
+      assert first.poll() is None, _finish(first)[1]
+      assert time.monotonic() < deadline, "the run logged no training steps in 180 s"
+      time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)
+    code, output = _finish(first)
+  finally:
+    if first.poll() is None:
+      first.kill()
+  assert code == 0, output
+  stopped_at = max(_train_steps(_records(resumed_dir)))
+  assert STOP_AFTER <= stopped_at < TOTAL_STEPS, (
+      f"SIGTERM arrived after the training loop (step {stopped_at}); make the run longer")
+  assert not (resumed_dir / "results.json").exists()
+  # The forced save holds the step the run stopped at; the log has nothing beyond it.
+  assert _checkpoint_steps(resumed_dir)[-1] == stopped_at
+
+  second = _start(resumed_dir)
+  try:
+    code, output = _finish(second)
+  finally:
+    if second.poll() is None:
+      second.kill()
+  assert code == 0, output
+  assert re.search(rf"resumed from step {stopped_at}\b", output), output
