@@ -113,10 +113,16 @@ def test_errors_in_the_prefetch_thread_reach_the_caller():
   def broken(ids, rngs=None):
     raise RuntimeError("decoder exploded")
 
+  working = split.videos
   split.videos = broken
   it = TrainIterator(split, 8, seed=0, prefetch=2)
   with pytest.raises(RuntimeError, match="decoder exploded"):
     next(it)
+  assert it.get_state()["step"] == 0
+  split.videos = working   # Once the cause is gone, the same position is served.
+  first = TrainIterator(split, 8, seed=0).batch_at(0, 0)
+  np.testing.assert_array_equal(_ids(next(it)), _ids(first))
+  it.close()
 
 
 def test_eval_batches_pad_and_mask_and_drop_nothing():

@@ -267,7 +267,11 @@ class TrainIterator:
     else:
       if self._worker is None:
         self._worker = _Prefetcher(self, self._positions(self._epoch, self._step), self._prefetch)
-      batch = self._worker.get()
+      try:
+        batch = self._worker.get()
+      except BaseException:
+        self._stop_worker()   # The next call retries the same position with a fresh thread.
+        raise
     self._step += 1
     if self._step == self.steps_per_epoch:
       self._epoch, self._step = self._epoch + 1, 0
