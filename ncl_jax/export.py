@@ -1,0 +1,302 @@
+"""Inference bundles from training runs, and their verification.
+
+``python tools/export.py --workdir RUN --out BUNDLE [--verify]`` calls :func:`export_bundle`
+(and :func:`verify_bundle`). A bundle folder holds::
+
+  manifest.json              format, JAX/jaxlib versions, source run and step, input shapes,
+                             temperature, bank sizes, platforms of the exported functions
+  config.json                the run's full config (model, data, eval settings)
+  params/                    encoder parameters (orbax), restored without model code
+  bank.npz                   text_bank [n_t, E], video_bank [n_v, E]: the training query queues
+                             at the exported step, the bank of NCL-normalized inference
+  embed_text.jax_exported    jax.export serialization of (params, tokens int32 [b, L]) -> [b, E]
+  embed_video.jax_exported   (params, video [b, T, ...], frame_mask bool [b, T]) -> [b, E]
+  bpe_simple_vocab_16e6.txt.gz   CLIP's tokenizer vocabulary (real data sets only)
+
+The exported functions are polymorphic in the batch size ``b`` and lowered for CPU, CUDA and TPU.
+They are StableHLO for **deployment, not archival**: a later JAX may refuse to load them (JAX
+only guarantees a limited compatibility window), so the orbax parameters plus the config are
+the durable copy; :func:`ncl_jax.inference.load_bundle` uses them by default.
+
+The exported step is the one the run evaluated on its test split (``results.json``'s
+``selected_step``: the best validation checkpoint), so a bundle reproduces the reported numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import shutil
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ncl_jax import inference
+from ncl_jax.errors import UserError
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+RESULTS_FILE = "results.json"
+RUN_CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"   # ncl_jax.checkpointing saves the train state under this item name
+# Verification thresholds: embeddings through the exported functions vs the training code path,
+# and metric equality (R@K are percentages of counts, MdR/MnR ranks: equal up to float noise).
+EMBEDDING_TOLERANCE = 1e-5
+METRIC_TOLERANCE = 1e-9
+DEPLOYMENT_NOTE = ("embed_*.jax_exported are jax.export serializations for deployment, not "
+                   "archival: newer JAX releases may refuse them. params/ + config.json are the "
+                   "durable copy.")
+
+
+class RunCheckpoint(NamedTuple):
+  """What a bundle needs from a run: config, step, parameters, banks, results (or None)."""
+
+  config: ml_collections.ConfigDict
+  step: int
+  params: Any
+  text_bank: np.ndarray
+  video_bank: np.ndarray
+  results: dict | None
+
+
+def _workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(workdir).expanduser()
+  if not (path / RUN_CONFIG_FILE).is_file() or not (path / CHECKPOINT_DIR).is_dir():
+    raise UserError(f"--workdir {path} is not a training run (it needs {RUN_CONFIG_FILE} and "
+                    f"{CHECKPOINT_DIR}/, as python -m ncl_jax.main --workdir writes them)")
+  return path
+
+
+def read_results(workdir: str | os.PathLike) -> dict | None:
+  """The run's results.json, or None if the run has not finished."""
+  path = pathlib.Path(workdir).expanduser() / RESULTS_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def available_steps(workdir: pathlib.Path) -> list[int]:
+  """Steps of the complete checkpoints in the run, ascending."""
+  root = workdir / CHECKPOINT_DIR
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and (p / STATE_ITEM).is_dir())
+
+
+def select_step(workdir: pathlib.Path, results: dict | None, step: int | None = None) -> int:
+  """The checkpoint to export: ``step`` if given, else the run's selected (best) step, else the
+  newest checkpoint of an unfinished run."""
+  steps = available_steps(workdir)
+  if not steps:
+    raise UserError(f"{workdir / CHECKPOINT_DIR} holds no checkpoint yet; train first")
+  if step is None:
+    step = int(results["selected_step"]) if results and "selected_step" in results else steps[-1]
+  if step not in steps:
+    raise UserError(f"no checkpoint of step {step} in {workdir / CHECKPOINT_DIR} (kept: "
+                    f"{', '.join(map(str, steps))}); pass one of them with --step")
+  return step
+
+
+def _valid_rows(queue: dict) -> np.ndarray:
+  embeddings = np.asarray(queue["embeddings"], np.float32)
+  return embeddings[np.asarray(queue["valid"], bool)]
+
+
+def restore_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
+  """Reads a run's config, results and one checkpoint's parameters and query queues.
+
+  Raises:
+    UserError: ``workdir`` is not a run, has no checkpoint, or lacks ``step``.
+  """
+  path = _workdir(workdir)
+  config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG_FILE).read_text()))
+  results = read_results(path)
+  step = select_step(path, results, step)
+  state = inference.restore_params(path / CHECKPOINT_DIR / str(step) / STATE_ITEM)
+  return RunCheckpoint(config, step, state["params"], _valid_rows(state["text_queue"]),
+                       _valid_rows(state["video_queue"]), results)
+
+
+def find_vocabulary(config: ml_collections.ConfigDict) -> pathlib.Path | None:
+  """CLIP's vocabulary file for a real-data run: next to its CLIP weights, else the installed
+  reference package's copy (what the trainer's default tokenizer used). None for the synthetic
+  set, whose captions are token ids."""
+  if config.data.name == "synthetic":
+    return None
+  from ncl_jax.models import tokenizer  # pylint: disable=g-import-not-at-top
+  for candidate in ([config.clip_dir] if config.get("clip_dir") else []) + [None]:
+    try:
+      return tokenizer.find_vocab(os.path.expanduser(candidate) if candidate else None)
+    except UserError:
+      continue
+  return None
+
+
+def exported_functions(config: ml_collections.ConfigDict, params: Any,
+                       platforms=PLATFORMS):
+  """``jax.export`` of the text and video embedding functions, batch size symbolic.
+
+  They are the training evaluation's own jitted encoders (:func:`ncl_jax.evaluate.make_encoders`),
+  so exported and training-time embeddings come from the same code.
+  """
+  from jax import export  # pylint: disable=g-import-not-at-top
+  from ncl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
+
+  encoders = evaluate.make_encoders(DualEncoder(config.model))
+  param_specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  (batch,) = export.symbolic_shape("b")
+  video_shape, video_dtype = inference.video_input_shape(config)
+  tokens = jax.ShapeDtypeStruct((batch, int(config.data.max_words)), jnp.int32)
+  video = jax.ShapeDtypeStruct((batch,) + tuple(video_shape), video_dtype)
+  mask = jax.ShapeDtypeStruct((batch, video_shape[0]), jnp.bool_)
+  text_exp = export.export(encoders.text, platforms=platforms)(param_specs, tokens)
+  video_exp = export.export(encoders.video, platforms=platforms)(param_specs, video, mask)
+  return text_exp, video_exp
+
+
+def _jaxlib_version() -> str | None:
+  try:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(jaxlib, "__version__", None)
+
+
+def _save_params(path: pathlib.Path, params: Any) -> None:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path.resolve(), params)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+
+
+def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+                  platforms=PLATFORMS) -> dict:
+  """Writes an inference bundle of a run's selected checkpoint to ``out``; returns its manifest.
+
+  The bundle is assembled in a temporary folder beside ``out`` and renamed at the end, so a
+  failure never leaves a half-written bundle.
+
+  Raises:
+    UserError: ``out`` exists (nothing is overwritten), or ``workdir`` is not a usable run.
+  """
+  out = pathlib.Path(out).expanduser()
+  if out.exists():
+    raise UserError(f"--out {out} already exists; choose a new folder (bundles are never "
+                    "overwritten)")
+  run = restore_run(workdir, step)
+  vocab = find_vocabulary(run.config)
+  text_exp, video_exp = exported_functions(run.config, run.params, platforms)
+  video_shape, video_dtype = inference.video_input_shape(run.config)
+  results = run.results or {}
+  manifest = {
+      "format": inference.BUNDLE_FORMAT,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax_version": jax.__version__,
+      "jaxlib_version": _jaxlib_version(),
+      "workdir": str(pathlib.Path(workdir).expanduser().resolve()),
+      "step": run.step,
+      "selected_on": results.get("selected_on"),
+      "loss": run.config.loss,
+      "dataset": run.config.data.name,
+      "input_mode": run.config.model.input_mode,
+      "embed_dim": int(run.config.model.embed_dim),
+      "text_input": {"shape": ["b", int(run.config.data.max_words)], "dtype": "int32"},
+      "video_input": {"shape": ["b", *map(int, video_shape)], "dtype": np.dtype(video_dtype).name},
+      "frame_mask_input": {"shape": ["b", int(video_shape[0])], "dtype": "bool"},
+      "logit_scale": float(np.exp(np.asarray(jax.device_get(run.params["logit_scale"]),
+                                             np.float64))),
+      "bank_size": {"text": int(len(run.text_bank)), "video": int(len(run.video_bank))},
+      "exported": {"text": inference.TEXT_FN_FILE, "video": inference.VIDEO_FN_FILE,
+                   "platforms": list(text_exp.platforms),
+                   "calling_convention_version": int(text_exp.calling_convention_version)},
+      "tokenizer": vocab.name if vocab else None,
+      "note": DEPLOYMENT_NOTE,
+  }
+  manifest["temperature"] = 1.0 / manifest["logit_scale"]
+  tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+  if tmp.exists():
+    shutil.rmtree(tmp)  # our own leftover from a crashed export of this process id
+  tmp.mkdir(parents=True)
+  try:
+    _save_params(tmp / inference.PARAMS_DIR, run.params)
+    np.savez(tmp / inference.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
+    (tmp / inference.TEXT_FN_FILE).write_bytes(text_exp.serialize())
+    (tmp / inference.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
+    if vocab:
+      shutil.copyfile(vocab, tmp / vocab.name)
+    (tmp / inference.CONFIG_FILE).write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
+    (tmp / inference.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+      raise UserError(f"--out {out} appeared while exporting; nothing was overwritten")
+    os.rename(tmp, out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return manifest
+
+
+def _metrics_equal(a: dict, b: dict) -> bool:
+  return set(a) == set(b) and all(abs(float(a[k]) - float(b[k])) <= METRIC_TOLERANCE for k in a)
+
+
+def verify_bundle(workdir: str | os.PathLike, bundle_dir: str | os.PathLike) -> dict:
+  """Re-embeds the run's evaluation split through the bundle's exported functions.
+
+  Verified when (1) the recomputed plain metrics equal the run's ``results.json`` in both
+  directions and (2) the embeddings agree with the training code path (the run's jitted
+  encoders on the same checkpoint, as the trainer's evaluation ran them) within
+  :data:`EMBEDDING_TOLERANCE`.
+
+  Returns:
+    ``{"verified": bool, "t2v": {...}, "v2t": {...}, "split", "step", "ncl": {"t2v", "v2t"},
+    "ncl_matches_results": bool, "max_abs_diff": {"text", "video"}}`` with the recomputed
+    plain metrics under "t2v"/"v2t".
+
+  Raises:
+    UserError: the run has no results.json, or its data cannot be opened.
+  """
+  from ncl_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ncl_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ncl_jax.data import get_dataset  # pylint: disable=g-import-not-at-top
+  from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
+
+  results = read_results(workdir)
+  if results is None:
+    raise UserError(f"--verify needs {pathlib.Path(workdir) / RESULTS_FILE}, which a finished "
+                    "run writes; let the run finish (or export without --verify)")
+  bundle = inference.load_bundle(bundle_dir, backend="exported")
+  run = restore_run(workdir, int(bundle.manifest["step"]))
+  config = run.config
+  dataset = get_dataset(config.data, bundle.tokenizer)
+  split = results.get("split", dataset.eval_splits[-1])
+  eval_data = dataset.eval_data(split)
+  batch_size = int(config.eval.batch_size)
+
+  mesh = sharding.make_mesh()
+  encoders = evaluate.make_encoders(DualEncoder(config.model))
+  params = sharding.put_replicated(jax.device_get(run.params), mesh)  # as the trainer holds them
+  train_text, train_video = evaluate.encode_split(encoders, params, eval_data, mesh, batch_size)
+  text = np.concatenate([bundle.embed_texts(b["text_tokens"], batch_size)[b["mask"]]
+                         for b in eval_data.text_batches(batch_size)])
+  video = np.concatenate([
+      bundle.embed_videos(b["video"], b["frame_mask"], batch_size)[b["mask"]]
+      for b in eval_data.video_batches(batch_size)])
+  diffs = {"text": float(np.abs(text - train_text).max()),
+           "video": float(np.abs(video - train_video).max())}
+  recomputed = evaluate.retrieval_results(
+      text, video, eval_data.caption_to_video, logit_scale=bundle.logit_scale,
+      text_bank=bundle.text_bank, video_bank=bundle.video_bank, eval_config=config.eval)
+  expected = results["eval"]
+  plain_equal = all(_metrics_equal(recomputed["plain"][d], expected["plain"][d])
+                    for d in ("t2v", "v2t"))
+  ncl_equal = all(_metrics_equal(recomputed["ncl"][d], expected["ncl"][d])
+                  for d in ("t2v", "v2t"))
+  verified = plain_equal and max(diffs.values()) <= EMBEDDING_TOLERANCE
+  return {"verified": bool(verified), "t2v": recomputed["plain"]["t2v"],
+          "v2t": recomputed["plain"]["v2t"], "split": split, "step": run.step,
+          "ncl": recomputed["ncl"], "ncl_matches_results": bool(ncl_equal),
+          "max_abs_diff": diffs}
