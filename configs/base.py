@@ -98,3 +98,36 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # A workdir holding a run with a different config is never replaced unless this is True.
   config.overwrite_workdir = False
   return config
+
+
+# Where the real-data configs look for prepared data sets and converted CLIP weights (see the
+# README, "Training"); override with --config.data.data_dir / --config.clip_dir.
+DATA_ROOT = "~/ncl_jax_data"
+CLIP_DIR = "~/ncl_jax_data/clip/ViT-B-32"
+HEADS = ("meanP", "seqTransf")
+
+
+def get_dataset_config(dataset: str, head: str | None) -> ml_collections.ConfigDict:
+  """A real data set with CLIP4Clip's recipe: pretrained ViT-B/32 on raw frames, ``head``.
+
+  Words and frames per example (32 / 12, or 64 / 64 for ActivityNet and DiDeMo) come from
+  ``ncl_jax.data.default_data_config``; the model's frame count follows them.
+
+  Args:
+    dataset: "msrvtt", "msvd", "activitynet" or "didemo".
+    head: CLIP4Clip's similarity head, "meanP" (default; all CLIP4Clip README commands) or
+      "seqTransf"; chosen on the command line as ``--config=configs/msrvtt.py:seqTransf``.
+  """
+  head = head or "meanP"
+  if head not in HEADS:
+    raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+  config = get_base_config(dataset)
+  config.data.data_dir = DATA_ROOT
+  config.clip_dir = CLIP_DIR
+  config.model.input_mode = config.data.input_mode
+  config.model.max_frames = config.data.max_frames
+  config.model.head = head
+  # CLIP4Clip's seqTransf copies the text tower's first 4 blocks, so it has the text heads.
+  config.model.head_heads = config.model.text.heads
+  return config
+

@@ -176,10 +176,8 @@ def new_train_state(params: Any, tx: optax.GradientTransformation, queue_size: i
 
 def load_clip_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """Copies pretrained CLIP weights from ``config.clip_dir`` into ``params`` (host side)."""
-  from ncl_jax import models  # pylint: disable=g-import-not-at-top
-  clip_params = models.load_clip(os.path.expanduser(config.clip_dir))
-  if isinstance(clip_params, tuple):  # (params, config) from loaders that also return the config
-    clip_params = clip_params[0]
+  from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
+  _, clip_params = convert.load_clip(os.path.expanduser(config.clip_dir))
   return dual_encoder.init_dual_encoder_from_clip(params, clip_params, config.model)
 
 
@@ -245,7 +243,7 @@ def make_train_step(model: dual_encoder.DualEncoder, loss_fn: losses.LossFn,
         video_queue=enqueue(state.video_queue, video_emb), rng=state.rng)
     metrics = {"loss": loss, **aux}
     metrics = {k: jax.lax.pmean(jnp.asarray(v, jnp.float32), DATA) for k, v in metrics.items()}
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["logit_scale"] = jnp.asarray(scale, jnp.float32)
     for name, schedule in schedules.items():
       metrics[f"lr_{name}"] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -279,6 +277,9 @@ class _Run:
       errors.fail(f"config.global_batch_size {config.global_batch_size} exceeds the "
                   f"{self.dataset.num_train_examples} training examples")
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
+    if config.clip_dir:  # fail before any work if the weights are missing
+      from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
+      convert.read_config(os.path.expanduser(config.clip_dir))
     self.model = dual_encoder.DualEncoder(config.model)
     self.loss_fn = make_loss_fn(config)
     abstract_params = jax.eval_shape(functools.partial(init_params, self.model), config.seed)
@@ -301,9 +302,7 @@ class _Run:
   def initial_state(self) -> TrainState:
     """A fresh train state, created directly with its shardings."""
     if self.config.clip_dir:
-      params = load_clip_params(self.config, jax.device_get(
-          jax.jit(functools.partial(init_params, self.model), static_argnums=0)(
-              int(self.config.seed))))
+      params = load_clip_params(self.config, init_params(self.model, int(self.config.seed)))
       return jax.jit(self._state_from_params, out_shardings=self.shardings)(params)
     make = lambda: self._state_from_params(init_params(self.model, int(self.config.seed)))
     return jax.jit(make, out_shardings=self.shardings)()

@@ -1,0 +1,26 @@
+"""DiDeMo paragraph-to-video retrieval with CLIP4Clip's recipe and NCL.
+
+Prepare the data and convert CLIP's weights first (README, "Training"), then::
+
+  python -m ncl_jax.main --config=configs/didemo.py --workdir=runs/didemo_ncl
+
+CLIP4Clip: global batch 128 (8 GPUs), 64 words, 64 frames, 5 epochs, lr 1e-4 (new) / 1e-7
+(CLIP), ViT-B/32; the descriptions of a video form one paragraph.
+"""
+
+import importlib.util
+import pathlib
+
+
+def _base():
+  spec = importlib.util.spec_from_file_location(
+      "ncl_jax_configs_base", pathlib.Path(__file__).resolve().with_name("base.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(head=None):
+  config = _base().get_dataset_config("didemo", head)
+  config.eval.batch_size = 64
+  return config

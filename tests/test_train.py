@@ -1,0 +1,133 @@
+"""The training job end to end: CLI, logs, results, evaluation protocol and error paths."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ncl_jax import errors
+from ncl_jax import train
+
+import train_testutils as tu
+
+METRIC_KEYS = {"R@1", "R@5", "R@10", "MdR", "MnR"}
+
+
+def _cli(args, env_extra=None, timeout=300):
+  env = dict(os.environ)
+  env.pop("JAX_NUM_CPU_DEVICES", None)
+  env.update(env_extra or {})
+  return subprocess.run([sys.executable, "-m", "ncl_jax.main", *args], cwd=tu.REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_results_schema(results, steps):
+  assert results["step"] == steps
+  assert np.isfinite(results["loss"])
+  for mode in ("plain", "ncl"):
+    for direction in ("t2v", "v2t"):
+      metrics = results["eval"][mode][direction]
+      assert set(metrics) == METRIC_KEYS
+      assert 0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 100
+      assert metrics["MdR"] >= 1 and metrics["MnR"] >= 1
+    assert results["normalization_error"][mode] >= 0
+
+
+@pytest.mark.slow
+def test_cli_trains_and_evaluates_on_four_devices(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _cli(["--config=configs/synthetic.py", f"--workdir={workdir}",
+               *tu.cli_overrides(total_steps=6)],
+              env_extra={"JAX_NUM_CPU_DEVICES": "4", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "4 device(s)" in proc.stdout
+  assert "steps/s" in proc.stdout and "ETA" in proc.stdout
+
+  results = json.loads((workdir / "results.json").read_text())
+  _check_results_schema(results, steps=6)
+  assert results["split"] == "test" and results["selected_on"] == "val"
+  assert results["num_texts"] == results["num_videos"] == 28
+  assert results["num_devices"] == 4
+  # Model selection on the validation split: evaluated every 2 steps, so step 2, 4 or 6.
+  assert results["selected_step"] in (2, 4, 6)
+
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [l for l in lines if "loss" in l]
+  assert [l["step"] for l in train_lines] == [1, 2, 3, 4, 5, 6]  # every step of a short run
+  assert train_lines[-1]["loss"] == pytest.approx(results["loss"])
+  val_lines = [l for l in lines if "val/plain/t2v/R@1" in l]
+  assert [l["step"] for l in val_lines] == [2, 4, 6]
+  best = max(val_lines, key=lambda l: l["val/plain/t2v/R@1"])  # first maximum wins ties
+  assert results["selected_step"] == best["step"]
+  assert any(l.get("test/plain/t2v/R@1") == results["eval"]["plain"]["t2v"]["R@1"]
+             for l in lines)
+
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  pngs = sorted(p.name for p in workdir.glob("*.png"))
+  step = results["selected_step"]
+  assert pngs == [f"normalization_test_step{step}_t2v.png", f"normalization_test_step{step}_v2t.png"]
+
+
+def test_misspelled_override_is_one_line_naming_the_nearest_keys(tmp_path):
+  proc = _cli(["--config=configs/synthetic.py", f"--workdir={tmp_path}",
+               "--config.ncl.queue_sise=8"], timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert "queue_sise" in lines[0] and "ncl.queue_size" in lines[0]
+  assert not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_in_process_run_logs_and_resumes_without_repeating(tmp_path):
+  config = tu.tiny_config("infonce", total_steps=3, eval_every_steps=0)
+  with tu.fast_compile():
+    results = train.train_and_evaluate(config, str(tmp_path))
+    _check_results_schema(results, steps=3)
+    assert results["loss_name"] == "infonce"
+    # The same command again finds the finished run: no step is repeated, results are rebuilt.
+    again = train.train_and_evaluate(config, str(tmp_path))
+  assert again["eval"] == results["eval"] and again["loss"] == results["loss"]
+  steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           if "loss" in json.loads(l)]
+  assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
+  # Step 1 has learning rate 0 (CLIP4Clip's warm-up starts at 0); step 2 moves every weight by
+  # ~1e30, so the logits of step 3 overflow.
+  config = tu.tiny_config("infonce", total_steps=4, optimizer__lr=1e30,
+                          optimizer__weight_decay=0.0, eval_every_steps=0)
+  with tu.fast_compile(), pytest.raises(errors.UserError, match=r"not finite at step 3"):
+    train.train_and_evaluate(config, str(tmp_path))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines] == [1, 2]
+
+
+def test_real_dataset_without_prepared_data_says_how_to_prepare(tmp_path):
+  config = tu.load_config("msrvtt")
+  config.data.data_dir = str(tmp_path / "nothing_here")
+  with pytest.raises(errors.UserError) as err:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  message = str(err.value)
+  assert "ncl_jax.data.prepare msrvtt" in message
+  assert "configs/synthetic.py needs no data" in message
+  assert not (tmp_path / "run").exists()
+
+
+def test_model_that_cannot_read_the_data_is_a_user_error(tmp_path):
+  config = tu.tiny_config("ncl", model__feature_dim=32)
+  with pytest.raises(errors.UserError, match="model.feature_dim is 32"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_queue_that_does_not_split_over_devices_is_a_user_error(tmp_path):
+  config = tu.tiny_config("ncl", ncl__queue_size=30)
+  with pytest.raises(errors.UserError, match="config.ncl.queue_size = 30"):
+    train.train_and_evaluate(config, str(tmp_path))
