@@ -1,0 +1,177 @@
+"""tools/export.py and tools/embed.py on a tiny synthetic run: the bundle round trip, --verify,
+the exported functions, refusals, and embeddings fed to ncl_jax.posthoc."""
+
+import importlib.util
+import json
+import pathlib
+import shlex
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import bundle_testutils
+import train_testutils
+from ncl_jax import export, inference, posthoc
+from ncl_jax.data import normalize_frames
+from ncl_jax.models.dual_encoder import DualEncoder
+
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+
+
+def _tool(name):
+  spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _run_cli(module, argv):
+  """Runs a tool's main under run_cli; returns its exit code."""
+  from ncl_jax.errors import run_cli
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(lambda: module.main(argv))
+  return exit_info.value.code
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  return bundle_testutils.tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+  return bundle_testutils.tiny_bundle(tmp_path_factory)
+
+
+def test_export_verify_reproduces_results(run_dir, tmp_path, capsys):
+  tool = _tool("export")
+  out = tmp_path / "bundle"
+  with train_testutils.fast_compile():
+    assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(out), "--verify"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  report = json.loads(lines[-1])
+  results = json.loads((run_dir / "results.json").read_text())
+  assert report["verified"] is True
+  assert report["t2v"] == results["eval"]["plain"]["t2v"]
+  assert report["v2t"] == results["eval"]["plain"]["v2t"]
+  assert report["ncl_matches_results"] is True
+  assert report["step"] == results["selected_step"] and report["split"] == results["split"]
+  assert max(report["max_abs_diff"].values()) <= 1e-5
+
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["jax_version"] == jax.__version__
+  assert set(manifest["exported"]["platforms"]) == {"cpu", "cuda", "tpu"}
+  assert "not archival" in manifest["note"] and manifest["tokenizer"] is None
+  config = train_testutils.tiny_config("ncl")
+  # The bank is the queue at the selected step: min(queue size, steps x global batch) rows of
+  # unit-norm embeddings in each direction.
+  rows = min(config.ncl.queue_size, results["selected_step"] * config.global_batch_size)
+  with np.load(out / "bank.npz") as bank:
+    for name in ("text_bank", "video_bank"):
+      assert bank[name].shape == (rows, config.model.embed_dim)
+      np.testing.assert_allclose(np.linalg.norm(bank[name], axis=1), 1.0, atol=1e-5)
+  assert manifest["bank_size"] == {"text": rows, "video": rows}
+
+
+def test_verify_fails_when_results_differ(run_dir, bundle_dir, tmp_path, capsys):
+  changed = tmp_path / "run"
+  shutil.copytree(run_dir, changed)
+  results = json.loads((changed / "results.json").read_text())
+  results["eval"]["plain"]["t2v"]["R@1"] += 1.0
+  (changed / "results.json").write_text(json.dumps(results))
+  with train_testutils.fast_compile():
+    report = export.verify_bundle(changed, bundle_dir)
+  assert report["verified"] is False
+  assert report["t2v"]["R@1"] == results["eval"]["plain"]["t2v"]["R@1"] - 1.0
+
+
+def test_refusals_are_one_clear_error(run_dir, bundle_dir, tmp_path, capsys):
+  tool = _tool("export")
+  assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(bundle_dir)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --out") and "already exists" in err and "\n" not in err
+  assert _run_cli(tool, ["--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "is not a training run" in err and "\n" not in err
+  assert not (tmp_path / "b").exists()
+  assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(tmp_path / "c"),
+                         "--step", "3"]) == 2
+  assert "no checkpoint of step 3" in capsys.readouterr().err
+
+
+def test_exported_functions_match_the_model_for_any_batch(bundle_dir):
+  exported = inference.load_bundle(bundle_dir, backend="exported")
+  flax_bundle = inference.load_bundle(bundle_dir)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(1, 100, size=(7, exported.max_words)).astype(np.int32)
+  tokens[:, -1] = 119   # end token (largest id) where the text tower pools
+  videos = rng.normal(size=(5,) + exported.video_shape).astype(np.float32)
+  mask = np.arange(exported.max_frames)[None] < rng.integers(1, exported.max_frames + 1, (5, 1))
+  model = DualEncoder(flax_bundle.config.model)
+  variables = {"params": flax_bundle.params}
+  want_text = np.asarray(model.apply(variables, tokens, method=DualEncoder.encode_text))
+  want_video = np.asarray(model.apply(variables, videos, mask, method=DualEncoder.encode_video))
+  for bundle in (exported, flax_bundle):
+    for batch_size in (3, 8):
+      np.testing.assert_allclose(bundle.embed_texts(tokens, batch_size), want_text, atol=1e-5)
+      np.testing.assert_allclose(bundle.embed_videos(videos, mask, batch_size), want_video,
+                                 atol=1e-5)
+  # The serialized functions are batch-polymorphic: any batch size runs without padding.
+  text_fn = jax.export.deserialize(bytearray((bundle_dir / inference.TEXT_FN_FILE).read_bytes()))
+  np.testing.assert_allclose(np.asarray(text_fn.call(exported.params, tokens[:2])),
+                             want_text[:2], atol=1e-5)
+
+
+def test_frames_mode_export_normalizes_uint8_pixels():
+  config = ml_collections.ConfigDict(dict(
+      model=train_testutils.tiny_config().model.to_dict(),
+      data=dict(max_words=8, max_frames=2, image_size=8)))
+  model_config = config.model
+  model_config.input_mode = "frames"
+  model_config.max_frames = 2
+  model_config.vision.update(dict(width=16, layers=1, heads=2, patch_size=4, image_size=8))
+  model = DualEncoder(model_config)
+  pixels = np.random.default_rng(2).integers(0, 256, size=(3, 2, 8, 8, 3)).astype(np.uint8)
+  mask = np.array([[True, True], [True, False], [True, True]])
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                      jnp.zeros((1, 2, 8, 8, 3)), jnp.ones((1, 2), bool))["params"]
+  with train_testutils.fast_compile():
+    _, video_fn = export.exported_functions(config, params, platforms=("cpu",))
+    got = np.asarray(video_fn.call(params, pixels, mask))
+  want = model.apply({"params": params}, normalize_frames(pixels), mask,
+                     method=DualEncoder.encode_video)
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+
+
+def test_embed_feeds_posthoc_with_the_runs_numbers(run_dir, bundle_dir, tmp_path, capsys):
+  tool = _tool("embed")
+  out = tmp_path / "emb"
+  assert _run_cli(tool, ["--bundle", str(bundle_dir), "--split", "test", "--out",
+                         str(out), "--batch_size", "16"]) == 0
+  command = capsys.readouterr().out.strip().splitlines()[-1].strip()
+  info = json.loads((out / "info.json").read_text())
+  results = json.loads((run_dir / "results.json").read_text())
+  assert (info["num_texts"], info["num_videos"]) == (results["num_texts"], results["num_videos"])
+  text, video = np.load(out / "text_emb.npy"), np.load(out / "video_emb.npy")
+  np.testing.assert_allclose(np.load(out / "sims.npy"), text @ video.T, atol=1e-6)
+  # The printed posthoc command (NCL with the bundled banks) reproduces the run's NCL numbers;
+  # without normalization, its plain numbers.
+  assert command == info["posthoc"]
+  ncl_args = shlex.split(command)
+  assert ncl_args[:3] == ["python", "-m", "ncl_jax.posthoc"]
+  plain_args = [str(out / "sims.npy"), "--method", "none", "--gt",
+                str(out / "caption_to_video.npy")]
+  for mode, argv in (("ncl", ncl_args[3:]), ("plain", plain_args)):
+    assert posthoc.main(argv + ["--json", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for direction in ("t2v", "v2t"):
+      for key, value in results["eval"][mode][direction].items():
+        assert report[direction][key] == pytest.approx(value, abs=1e-9), (mode, direction, key)
+  # The same files from the workdir directly; an existing --out is refused.
+  assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(tmp_path / "emb2")]) == 0
+  np.testing.assert_allclose(np.load(tmp_path / "emb2" / "text_emb.npy"), text, atol=1e-6)
+  assert _run_cli(tool, ["--bundle", str(bundle_dir), "--out", str(out)]) == 2
