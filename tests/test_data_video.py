@@ -38,8 +38,8 @@ def test_long_clips_are_subsampled_uniformly_and_windows_respected(tmp_path):
   dummy.write_video(path, 1, seconds=4.0, fps=4)
   frames = video.decode_video(path, max_frames=3, size=8)
   assert _seconds_of(frames, 1) == [0, 1, 3]   # linspace(0, 3, 3) -> 0, 1.5, 3 -> 0, 1, 3.
-  window = video.decode_video(path, max_frames=12, size=8, start=1.0, end=3.0)
-  assert _seconds_of(window, 1) == [1, 2]
+  window = video.decode_video(path, max_frames=12, size=8, start=1.0, end=2.0)
+  assert _seconds_of(window, 1) == [1, 2]   # Both ends included, as in CLIP4Clip.
   twice = video.decode_video(path, max_frames=12, size=8, fps=2.0)
   assert _seconds_of(twice, 1) == [0, 0, 1, 1, 2, 2, 3, 3]
 

@@ -252,14 +252,15 @@ class Msrvtt(_RetrievalBuilder):
   BUILDER_CONFIGS = [make_config("frames", 12), make_config("features", 12)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
 Put these files (CLIP4Clip's MSR-VTT instructions) in one folder, `--manual_dir`:
-* `MSRVTT_data.json`: all captions (`sentences[{video_id, caption}]`), from the MSR-VTT
-  release or the `msrvtt_data.zip` asset of https://github.com/ArrowLuo/CLIP4Clip (README,
-  "MSRVTT").
+* `MSRVTT_data.json`: all captions (`sentences[{video_id, caption}]`), in
+  https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip (official
+  release: http://ms-multimedia-challenge.com/2017/dataset).
 * `MSRVTT_train.9k.csv`, `MSRVTT_train.7k.csv`: training video lists (column `video_id`),
   in the same zip.
 * `MSRVTT_JSFUSION_test.csv`: the 1k-A test pairs (`key,vid_key,video_id,sentence`), same zip.
-* Videos `video0.mp4` ... `video9999.mp4` (`MSRVTT_Videos.zip` linked from the CLIP4Clip
-  README; the 10,000 MSR-VTT clips).
+* Videos `video0.mp4` ... `video9999.mp4`: `MSRVTT/videos/all/` inside
+  https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip (Frozen in Time's copy,
+  which CLIP4Clip's README points to).
 A fixed 500-video validation list is held out of the 9k training set (every 18th id of the
 sorted list), so model selection never looks at the test split.
 """ + _VIDEO_NOTE.format(name="msrvtt")
@@ -271,8 +272,9 @@ class Msvd(_RetrievalBuilder):
   DATASET = "msvd"
   BUILDER_CONFIGS = [make_config("frames", 12), make_config("features", 12)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-Put these files (CLIP4Clip's MSVD instructions, `msvd_data.zip` linked from the CLIP4Clip
-README, https://github.com/ArrowLuo/CLIP4Clip) in one folder, `--manual_dir`:
+Put these files (CLIP4Clip's MSVD instructions: they are in
+https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msvd_data.zip, taken from
+collaborative-experts' misc/datasets/msvd) in one folder, `--manual_dir`:
 * `raw-captions.pkl`: a pickled dict, video id -> list of captions as token lists.
 * `train_list.txt` (1200 ids), `val_list.txt` (100), `test_list.txt` (670): one id a line.
 * Videos `<id>.avi` from the MSVD release (`YouTubeClips.tar`,
@@ -289,8 +291,9 @@ class Activitynet(_RetrievalBuilder):
 Put these files (ActivityNet Captions, https://cs.stanford.edu/people/ranjaykrishna/densevid/,
 as used by CLIP4Clip) in one folder, `--manual_dir`:
 * `train.json`, `val_1.json`: id -> {duration, timestamps, sentences} (`captions.zip`).
-* `train_ids.json`, `val_ids.json`: the id lists (`v_` prefixed), from the same page or the
-  CLIP4Clip / collaborative-experts data releases.
+* `train_ids.json`, `val_ids.json`: the id lists (`v_` prefixed), from
+  https://github.com/albanie/collaborative-experts (misc/datasets/activity-net), as CLIP4Clip's
+  README says.
 * Videos `<id>.mp4` (or .mkv/.webm), named with or without the `v_` prefix, from the
   ActivityNet download (http://activity-net.org/download.html).
 val_1 (4,917 videos) is the test split; a fixed ~500-video validation list is held out of
@@ -304,8 +307,9 @@ class Didemo(_RetrievalBuilder):
   DATASET = "didemo"
   BUILDER_CONFIGS = [make_config("frames", 64), make_config("features", 64)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
-Put these files (DiDeMo, https://github.com/LisaAnne/LocalizingMoments `data/`, with the
-split lists CLIP4Clip's README links) in one folder, `--manual_dir`:
+Put these files (DiDeMo annotations from https://github.com/LisaAnne/LocalizingMoments
+`data/`; split lists from https://github.com/albanie/collaborative-experts, misc/datasets/didemo,
+as CLIP4Clip's README says) in one folder, `--manual_dir`:
 * `train_data.json`, `val_data.json`, `test_data.json`: lists of
   {video, description, times, ...}.
 * `train_list.txt`, `val_list.txt`, `test_list.txt`: the video names of each split.

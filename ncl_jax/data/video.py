@@ -1,7 +1,8 @@
 """Video decoding for the frames mode: PyAV decode, 1 fps sampling, resize and centre crop, JPEG.
 
 CLIP4Clip's recipe (``RawVideoExtractor``, ``feature_framerate=1``, ``slice_framepos=2``):
-take one frame per second (the first frame at or after each whole second of the clip window),
+take one frame per second (the first frame at or after each whole second of the clip window,
+both ends included),
 subsample uniformly to ``max_frames`` when the clip is longer, resize the shorter side to 224
 with bicubic interpolation and centre-crop 224 x 224 (OpenAI CLIP's ``_transform``).
 """
@@ -26,12 +27,15 @@ class VideoDecodeError(Exception):
 def resize_and_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
   """Bicubic resize of the shorter side to ``size``, then a centre crop: uint8 [size, size, 3].
 
-  The crop offset rounds like torchvision's ``CenterCrop``: ``round((h - size) / 2)``.
+  Sizes follow torchvision's ``Resize(size)`` on PIL images (the longer side becomes
+  ``int(size * long / short)``) and the crop offset its ``CenterCrop``: ``round((h - size) / 2)``.
   """
   image = Image.fromarray(frame)
   width, height = image.size
-  scale = size / min(width, height)
-  new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+  if width <= height:
+    new_w, new_h = size, int(size * height / width)
+  else:
+    new_w, new_h = int(size * width / height), size
   image = image.resize((new_w, new_h), Image.BICUBIC)
   left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
   return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
@@ -46,7 +50,8 @@ def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int
     fps: frames kept per second of video.
     max_frames: upper bound on T; longer clips are subsampled uniformly.
     size: output height and width.
-    start, end: the clip window in seconds (end None: to the end of the file).
+    start, end: the clip window in seconds, both included as in CLIP4Clip's
+      ``RawVideoExtractor`` (end None: to the end of the file).
 
   Raises:
     VideoDecodeError: the file has no video stream, cannot be decoded, or yields no frame in
@@ -65,7 +70,7 @@ def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int
       for frame in container.decode(stream):
         if frame.time is None:
           continue
-        if end is not None and frame.time >= end:
+        if end is not None and frame.time > end + 1e-6:
           break
         if frame.time + 1e-6 >= next_time:
           picked.append(frame.to_ndarray(format="rgb24"))
