@@ -302,7 +302,8 @@ def ncl_loss(
   if not use_queue:
     text_queue = video_queue = None
   scale = jnp.asarray(logit_scale, jnp.float32)
-  sinkhorn_scale = scale if sinkhorn_logit_scale is None else jnp.float32(sinkhorn_logit_scale)
+  sinkhorn_scale = (scale if sinkhorn_logit_scale is None
+                    else jnp.asarray(sinkhorn_logit_scale, jnp.float32))
   kwargs = dict(tol=tol, max_iterations=max_iterations, check_every=check_every,
                 gradient=gradient)
   t2v, it_t2v, err_t2v, nq_t2v = _ncl_direction(

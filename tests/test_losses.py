@@ -314,8 +314,8 @@ def test_stop_gradient_is_ce_with_constant_biases(rng):
     return 0.5 * (np_ncl_direction(t_, v_, scale, biases=beta_v)
                   + np_ncl_direction(v_, t_, scale, biases=beta_t))
 
-  gt, gv = jax.jit(jax.grad(lambda a, b: losses.ncl_loss(a, b, scale, tq, vq, gradient="stop",
-                                                         **TIGHT)[0], argnums=(0, 1)))(f32(t), f32(v))
+  stop_loss = lambda a, b: losses.ncl_loss(a, b, scale, tq, vq, gradient="stop", **TIGHT)[0]
+  gt, gv = jax.jit(jax.grad(stop_loss, argnums=(0, 1)))(f32(t), f32(v))
   np.testing.assert_allclose(np.asarray(gt), fd_grad(lambda x: frozen(x, v), t), atol=3e-4)
   np.testing.assert_allclose(np.asarray(gv), fd_grad(lambda x: frozen(t, x), v), atol=3e-4)
 
