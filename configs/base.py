@@ -53,17 +53,17 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # the queues (they are the bank of NCL-normalized inference); only "ncl" trains with them.
   config.ncl.queue_size = 16384
   # Sinkhorn queries: the queue's valid entries and/or the current global batch.
-  config.ncl.use_queue = True
-  config.ncl.include_batch = True
+  config.ncl.use_queue = True       # False: Sinkhorn on the current global batch only
+  config.ncl.include_batch = True   # False: Sinkhorn on the queue only
   # Temperature of the Sinkhorn logits; 0 uses the model's learned temperature (1 / logit scale).
   config.ncl.sinkhorn_temperature = 0.0
   # Sinkhorn stopping rule: relative L1 marginal error <= tol, checked every check_every
   # iterations, at most max_iterations. With gradient="unroll" exactly max_iterations updates
   # run and gradients flow through them; "stop" treats the biases as constants.
-  config.ncl.tol = 1e-4
-  config.ncl.max_iterations = 200
-  config.ncl.check_every = 10
-  config.ncl.gradient = "stop"
+  config.ncl.tol = 1e-4             # stop when the relative L1 marginal error is this small
+  config.ncl.max_iterations = 200   # cap ("stop") or exact count ("unroll") of iterations
+  config.ncl.check_every = 10       # iterations between error checks ("stop")
+  config.ncl.gradient = "stop"      # "stop": biases are constants; "unroll": differentiate
 
   # DSL's prior temperature (CAMoE's released training loss uses 1000 on the logits).
   config.dsl = ml_collections.ConfigDict()
