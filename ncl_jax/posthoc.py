@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                   "of a [n_texts, n_videos] similarity matrix.")
   parser.add_argument("sims", nargs="?", help="SIMS.npy, [n_texts, n_videos] similarities")
   parser.add_argument("--demo", action="store_true",
-                      help="use a generated 400 x 400 matrix with hub videos instead of SIMS.npy")
+                      help="use a generated 400 x 400 matrix with miscalibrated videos instead of SIMS.npy")
   parser.add_argument("--method", choices=norm_lib.METHODS, default="none")
   parser.add_argument("--bank", default="test",
                       help="t2v query bank: 'test' (transductive) or BANK.npy [n_bank, n_videos]")
@@ -131,18 +131,19 @@ def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
 
 
 def demo_matrix(n: int = 400, dim: int = 32, seed: int = 0) -> np.ndarray:
-  """A [n, n] cosine matrix with hub videos (ground truth on the diagonal).
+  """A [n, n] similarity matrix with miscalibrated videos (ground truth on the diagonal).
 
-  Videos share a common direction in proportion to a random 'hubness', so a few videos score
-  high against every caption: the imbalance NCL corrects.
+  Captions are noisy copies of their video's embedding; each video's scores then get a random
+  offset, the per-instance miscalibration that makes some videos hubs (too much summed
+  retrieval probability) and others nearly unretrievable: what NCL's biases correct.
   """
   rng = np.random.default_rng(seed)
   videos = rng.standard_normal((n, dim))
-  videos += 2.0 * rng.random((n, 1)) ** 3 * rng.standard_normal(dim)
   videos /= np.linalg.norm(videos, axis=1, keepdims=True)
-  texts = videos + 0.9 * rng.standard_normal((n, dim)) / np.sqrt(dim) * 3
+  texts = videos + 1.8 * rng.standard_normal((n, dim)) / np.sqrt(dim)
   texts /= np.linalg.norm(texts, axis=1, keepdims=True)
-  return (texts @ videos.T).astype(np.float32)
+  offsets = 0.02 * rng.standard_normal(n)
+  return (0.3 * (texts @ videos.T) + offsets[None, :]).astype(np.float32)
 
 
 def _bank_label(bank_arg: str, direction: str) -> str:
