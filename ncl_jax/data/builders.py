@@ -110,7 +110,7 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
           tfds.features.Tensor(shape=(), dtype=np.object_))}
     else:
       video_feature = {"features": tfds.features.Tensor(
-          shape=(None, None), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB)}
+          shape=(None, None), dtype=np.float32, encoding=tfds.features.Encoding.BYTES)}
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{self.DATASET} text-video retrieval ({cfg.name}).",
