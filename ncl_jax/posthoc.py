@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                   "of a [n_texts, n_videos] similarity matrix.")
   parser.add_argument("sims", nargs="?", help="SIMS.npy, [n_texts, n_videos] similarities")
   parser.add_argument("--demo", action="store_true",
-                      help="use a generated 400 x 400 matrix with miscalibrated videos instead of SIMS.npy")
+                      help="use a generated 400 x 400 matrix with miscalibrated videos "
+                           "instead of SIMS.npy")
   parser.add_argument("--method", choices=norm_lib.METHODS, default="none")
   parser.add_argument("--bank", default="test",
                       help="t2v query bank: 'test' (transductive) or BANK.npy [n_bank, n_videos]")

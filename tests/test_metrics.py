@@ -1,4 +1,4 @@
-"""Tests for ncl_jax.metrics: hand-computed ties and protocols, a brute-force reference, real data."""
+"""Tests for ncl_jax.metrics: hand-made ties and protocols, a brute-force reference, real data."""
 
 import numpy as np
 import pytest

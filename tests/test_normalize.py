@@ -14,7 +14,8 @@ VIDEO = "msrvtt_cap4video/msrvtt_video_matrix.npy"
 
 def _hub_sims(rng, n_rows, n_cols, dim=16):
   """Cosine similarities where some candidates are hubs (close to a shared direction)."""
-  cands = rng.standard_normal((n_cols, dim)) + 2 * rng.random((n_cols, 1)) * rng.standard_normal(dim)
+  hubness = 2 * rng.random((n_cols, 1))
+  cands = rng.standard_normal((n_cols, dim)) + hubness * rng.standard_normal(dim)
   cands /= np.linalg.norm(cands, axis=1, keepdims=True)
   queries = rng.standard_normal((n_rows, dim))
   queries /= np.linalg.norm(queries, axis=1, keepdims=True)
