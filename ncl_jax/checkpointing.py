@@ -81,6 +81,16 @@ _EXTRA = "extra"
 _log = logging.getLogger(__name__)
 
 
+class _NoMetricsWarningFilter(logging.Filter):
+  """Drops orbax's warning for saves without metrics: only evaluated steps carry metrics here."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsWarningFilter())
+
+
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   """Flattens a nested config dict to ``{"a.b.c": json_value}``.
 

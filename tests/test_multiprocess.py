@@ -138,6 +138,109 @@ def test_checkpoints_across_processes(tmp_path):
     assert "a: 1 -> 2" in report["guard"]
 
 
+# -- the real trainer ----------------------------------------------------------------------------
+
+TOTAL_STEPS = 10
+STOP_AFTER = 3
+OVERRIDES = (
+    f"--config.total_steps={TOTAL_STEPS}",
+    "--config.eval_every_steps=0",         # one validation, at the end (62 steps per epoch)
+    "--config.checkpoint_every_steps=2",
+    "--config.ncl.queue_size=256",
+    "--config.global_batch_size=32",
+    "--config.data.num_val_videos=100",
+    "--config.data.num_test_videos=100",
+)
+
+
+def _main(workdir, num_devices, process_id=None, port=None):
+  command = [sys.executable, "-m", "ncl_jax.main", "--config=configs/synthetic.py",
+             f"--workdir={workdir}", *OVERRIDES]
+  if process_id is not None:
+    command += [f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
+                f"--process_id={process_id}"]
+  return subprocess.Popen(command, cwd=REPO, env=_env(num_devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _start_processes(workdir):
+  port = _free_port()
+  return [_main(workdir, DEVICES_PER_PROCESS, i, port) for i in range(NUM_PROCESSES)]
+
+
+def _train_records(workdir):
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line being written right now
+      break
+    if "loss" in record:
+      records.append(record)
+  return records
+
+
+def _run_preempted_then_resumed(workdir):
+  """2 processes; SIGTERM to process 1 only; both must stop at one step; then run again."""
+  procs = _start_processes(workdir)
+  try:
+    deadline = time.monotonic() + 180
+    while STOP_AFTER not in [r["step"] for r in _train_records(workdir)]:
+      for proc in procs:
+        assert proc.poll() is None, proc.communicate()[0]
+      assert time.monotonic() < deadline, "no training steps logged in 180 s"
+      time.sleep(0.02)
+    procs[1].send_signal(signal.SIGTERM)
+    for code, output in _finish_all(procs):
+      assert code == 0, output
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  stopped_at = max(r["step"] for r in _train_records(workdir))
+  assert STOP_AFTER <= stopped_at < TOTAL_STEPS, f"SIGTERM came after the loop ({stopped_at})"
+  steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps[-1] == stopped_at
+  assert not (pathlib.Path(workdir) / "results.json").exists()
+  results = _finish_all(_start_processes(workdir))
+  for code, output in results:
+    assert code == 0, output
+  assert f"resumed from step {stopped_at}" in results[0][1], results[0][1]  # process 0 logs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_after_sigterm(tmp_path):
+  reference_dir, multi_dir = tmp_path / "one_process", tmp_path / "two_processes"
+  reference = _main(reference_dir, NUM_PROCESSES * DEVICES_PER_PROCESS)
+  try:
+    _run_preempted_then_resumed(multi_dir)
+    [(code, output)] = _finish_all([reference])
+  finally:
+    if reference.poll() is None:
+      reference.kill()
+  assert code == 0, output
+  expected, got = _train_records(reference_dir), _train_records(multi_dir)
+  assert [r["step"] for r in got] == [r["step"] for r in expected] == list(
+      range(1, TOTAL_STEPS + 1))
+  for want, have in zip(expected, got):
+    assert have.keys() == want.keys()
+    for key in want:
+      np.testing.assert_allclose(float(have[key]), float(want[key]), rtol=1e-5, atol=1e-6,
+                                 err_msg=f"step {want['step']} {key}")
+  results = [json.loads((d / "results.json").read_text()) for d in (reference_dir, multi_dir)]
+  assert results[1]["num_processes"] == NUM_PROCESSES and results[0]["num_processes"] == 1
+  assert results[1]["selected_step"] == results[0]["selected_step"]
+  for mode in ("plain", "ncl"):
+    for direction in ("t2v", "v2t"):
+      for metric, value in results[0]["eval"][mode][direction].items():
+        np.testing.assert_allclose(results[1]["eval"][mode][direction][metric], value,
+                                   rtol=1e-5, err_msg=f"{mode} {direction} {metric}")
+
+
 if __name__ == "__main__":
   if sys.argv[1] == "checkpoint":
     _checkpoint_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
