@@ -470,9 +470,12 @@ class PreemptionWatcher:
 
     Args:
       signals: the signals that request a stop.
-      sync_every_steps: with several processes, :meth:`should_stop` given a ``step`` only runs
-        its collective (and can only return True) when ``step`` is a multiple of this, to keep
-        cross-host traffic off most steps. One process checks its flag at every call.
+      sync_every_steps: with several processes, :meth:`should_stop` only runs its collective
+        (and can only return True) when its ``step`` (default: the number of calls so far) is a
+        multiple of this. The collective waits for the devices, so checking every step costs
+        each step a host-device sync; every 10 or so steps keeps the loop asynchronous and still
+        stops well within a preemption's grace period. One process checks its flag at every
+        call.
 
     Raises:
       ValueError: not on the main thread (Python only delivers signals there).
@@ -482,6 +485,7 @@ class PreemptionWatcher:
     if sync_every_steps < 1:
       raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
     self._sync_every_steps = sync_every_steps
+    self._calls = 0
     self._requested = False
     self._previous = {}
     for signum in signals:
@@ -503,12 +507,13 @@ class PreemptionWatcher:
     """True if any process received the signal.
 
     With several processes this is a collective (every process must call it at the same steps)
-    that all processes answer alike; given ``step``, it is skipped (False) unless ``step`` is a
-    multiple of ``sync_every_steps``.
+    that all processes answer alike; it is skipped (False) unless ``step`` (default: the number
+    of calls so far, counting this one) is a multiple of ``sync_every_steps``.
     """
+    self._calls += 1
     if jax.process_count() == 1:
       return self._requested
-    if step is not None and step % self._sync_every_steps:
+    if (self._calls if step is None else step) % self._sync_every_steps:
       return False
     flags = multihost_utils.process_allgather(np.asarray(self._requested, np.int32))
     return bool(np.any(flags))

@@ -97,12 +97,12 @@ def _checkpoint_worker(process_id, port, workdir, out_path):
   ckpt.close()
 
   with checkpointing.PreemptionWatcher(sync_every_steps=2) as watcher:
-    report["stop_before"] = watcher.should_stop()
+    report["stop_before"] = [watcher.should_stop(), watcher.should_stop()]  # calls 1 and 2
     if process_id == 1:
       os.kill(os.getpid(), signal.SIGTERM)
     report["requested"] = watcher.requested
-    report["stop_off_sync_step"] = watcher.should_stop(step=3)  # no collective on odd steps
-    report["stop_after"] = watcher.should_stop(step=4)
+    report["stop_after"] = [watcher.should_stop(), watcher.should_stop()]  # 3: no collective
+    report["stop_at_steps"] = [watcher.should_stop(step=5), watcher.should_stop(step=6)]
 
   try:
     checkpointing.Checkpointer(workdir, config={"a": 2})
@@ -131,10 +131,10 @@ def test_checkpoints_across_processes(tmp_path):
     np.testing.assert_array_equal(report["local_queue"], full_queue[4 * i: 4 * i + 4])
     np.testing.assert_array_equal(report["replicated_queue"], full_queue)
     assert report["w"] == [0.0, 1.0, 2.0]
-    assert report["stop_before"] is False
+    assert report["stop_before"] == [False, False]
     assert report["requested"] is (i == 1)
-    assert report["stop_off_sync_step"] is False
-    assert report["stop_after"] is True  # process 0 got no signal but stops too
+    assert report["stop_after"] == [False, True]  # process 0 got no signal but stops too
+    assert report["stop_at_steps"] == [False, True]
     assert "a: 1 -> 2" in report["guard"]
 
 
