@@ -123,3 +123,18 @@ def test_concept_popularity_is_zipf_like():
 def test_bad_settings_are_user_errors(override):
   with pytest.raises(UserError):
     get_dataset(_small(**override))
+
+
+def test_default_configs_and_unknown_names():
+  from ncl_jax.data import DATASETS
+  for name in DATASETS:
+    cfg = default_data_config(name)
+    assert cfg.name == name
+    for field in ("data_dir", "max_words", "max_frames", "input_mode", "seed"):
+      assert field in cfg, (name, field)
+  with pytest.raises(UserError, match="unknown data set"):
+    default_data_config("kinetics")
+  cfg = default_data_config("synthetic")
+  cfg.name = "kinetics"
+  with pytest.raises(UserError, match="unknown data set"):
+    get_dataset(cfg)
