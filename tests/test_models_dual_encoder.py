@@ -18,6 +18,19 @@ from ncl_jax.models import convert
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+  """These models are tiny: compile time dominates, so skip most XLA optimisation passes."""
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def init(model, seed, tokens, video, mask):
+  return jax.jit(model.init)(jax.random.key(seed), tokens, video, mask)["params"]
+
+
 def small_config(**overrides):
   """The synthetic demo's size: text width 64, 2 layers, vocab 1000, context 16."""
   config = default_model_config()
@@ -25,7 +38,7 @@ def small_config(**overrides):
   config.feature_dim = 32
   config.embed_dim = 64
   config.text.update(width=64, layers=2, heads=2, vocab_size=1000, context_length=16)
-  config.vision.update(width=64, layers=2, heads=2, patch_size=8, image_size=16)
+  config.vision.update(width=64, layers=1, heads=2, patch_size=8, image_size=16)
   config.head_heads = 2
   config.head_layers = 2
   config.max_frames = 4
@@ -60,7 +73,7 @@ def test_small_text_tower_from_scratch_features_mode(rng):
   config = small_config()
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
-  params = model.init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(model, 0, tokens, video, mask)
   assert set(params) == {"text", "feature_proj", "logit_scale"}
   assert params["feature_proj"]["kernel"].shape == (32, 64)
   text, vid, scale = jax.jit(model.apply)({"params": params}, tokens, video, mask)
@@ -80,7 +93,7 @@ def test_meanp_matches_numpy(rng):
   config = small_config(feature_dim=64)  # equal sizes: no projection, the head sees raw features
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
-  params = model.init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(model, 0, tokens, video, mask)
   assert "feature_proj" not in params
   got = model.apply({"params": params}, video, mask, method=model.encode_video)
   x = np.asarray(video, np.float64)
@@ -123,7 +136,7 @@ def test_seqtransf_from_clip_matches_clip4clip_reference(rng, small_clip):
   assert config.head_heads == 2 and config.embed_dim == 128
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
-  params = model.init(jax.random.key(1), tokens, video, mask)["params"]
+  params = init(model, 1, tokens, video, mask)
   params = init_dual_encoder_from_clip(params, clip_params, config)
   assert len(params["head"]["transformer"]) == 2
   text, vid, scale = jax.jit(model.apply)({"params": params}, tokens, video, mask)
@@ -142,7 +155,7 @@ def test_frames_mode_is_meanp_over_clip_image_features(rng, small_clip):
   config = config_from_clip(small_config(input_mode="frames"), clip_config)
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config, n=2, t=3)
-  params = model.init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(model, 0, tokens, video, mask)
   params = init_dual_encoder_from_clip(params, clip_params, config)
   got = jax.jit(lambda p, v, m: model.apply({"params": p}, v, m, method=model.encode_video))(
       params, video, mask)
@@ -161,7 +174,7 @@ def test_init_from_clip_reports_mismatches(rng, small_clip):
   config = small_config(head="seqTransf")  # width 64 towers: nothing fits the 128-wide CLIP
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
-  params = model.init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(model, 0, tokens, video, mask)
   with pytest.raises(UserError, match=r"text/ln_final/bias: model \(64,\) vs CLIP \(128,\).*and \d+ more"):
     init_dual_encoder_from_clip(params, clip_params, config)
 
@@ -169,7 +182,7 @@ def test_init_from_clip_reports_mismatches(rng, small_clip):
 def test_bfloat16_compute_keeps_float32_params(rng):
   config = small_config(head="seqTransf", input_mode="frames")
   tokens, video, mask = make_inputs(rng, config)
-  params = DualEncoder(config).init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(DualEncoder(config), 0, tokens, video, mask)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
   full = jax.jit(DualEncoder(config).apply)({"params": params}, tokens, video, mask)
   config.dtype = "bfloat16"
@@ -191,9 +204,9 @@ def _grads(model, params, tokens, video, mask):
 
 
 def test_remat_gives_the_same_gradients(rng):
-  config = small_config(head="seqTransf", input_mode="frames")
+  config = small_config(head="seqTransf")  # remat in the text tower and the head
   tokens, video, mask = make_inputs(rng, config)
-  params = DualEncoder(config).init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(DualEncoder(config), 0, tokens, video, mask)
   plain = _grads(DualEncoder(config), params, tokens, video, mask)
   config.remat = True
   remat = _grads(DualEncoder(config), params, tokens, video, mask)
@@ -206,7 +219,7 @@ def test_freezing_labels_and_gradients(rng):
                         freeze_vision_layers=0)
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
-  params = model.init(jax.random.key(0), tokens, video, mask)["params"]
+  params = init(model, 0, tokens, video, mask)
   labels = param_labels(params, config)
   frozen = {"/".join(k.key for k in path)
             for path, label in jax.tree_util.tree_flatten_with_path(labels)[0] if label == "frozen"}
