@@ -184,3 +184,22 @@ def test_sample_frame_indices_uniform_like_clip4clip():
   np.testing.assert_array_equal(sample_frame_indices(10, 4), [0, 3, 6, 9])
   idx = sample_frame_indices(100, 12)
   assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 99 and (np.diff(idx) > 0).all()
+
+
+def test_eval_batches_split_across_hosts_cover_everything_once():
+  split = _split(num_videos=13, captions_per_video=3)
+  data = RetrievalDataset("toy", {"train": split, "test": split}, input_mode="features",
+                          eval_splits=("test",), validation_split=None).eval_data("test")
+  hosts = [list(data.text_batches(16, process_index=p, process_count=4)) for p in range(4)]
+  assert {len(h) for h in hosts} == {3}   # Same number of batches on every host.
+  assert all(b["text_tokens"].shape == (4, 4) for h in hosts for b in h)
+  ids = [_ids(b)[b["mask"]] for step in range(3) for h in hosts for b in [h[step]]]
+  np.testing.assert_array_equal(np.concatenate(ids), np.arange(39))
+  videos = [list(data.video_batches(8, process_index=p, process_count=4)) for p in range(4)]
+  seen = [b["video"][b["mask"]][:, 0, 0] for step in range(2) for h in videos for b in [h[step]]]
+  np.testing.assert_array_equal(np.concatenate(seen), np.arange(13))
+  # The second global batch holds videos 8..12: host 2 gets one, host 3 only padding.
+  assert [v[1]["mask"].sum() for v in videos] == [2, 2, 1, 0]
+  assert videos[3][1]["video"].shape == (2, 3, 2)
+  with pytest.raises(UserError):
+    next(data.text_batches(10, process_index=0, process_count=4))

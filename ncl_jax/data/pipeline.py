@@ -165,21 +165,41 @@ class EvalData:
     self.caption_to_video = np.asarray(split.caption_to_video, np.int32)
     self.video_ids = split.video_ids
 
-  def text_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yields ``{"text_tokens": int32 [bs, L], "mask": bool [bs]}``, the last batch zero-padded."""
-    for start in range(0, self.num_texts, batch_size):
-      ids = np.arange(start, min(start + batch_size, self.num_texts))
-      yield {"text_tokens": _pad_rows(self._split.tokens(ids), batch_size),
-             "mask": _pad_rows(np.ones(len(ids), bool), batch_size)}
+  def text_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Yields ``{"text_tokens": int32 [bs, L], "mask": bool [bs]}``, the last batch zero-padded.
 
-  def video_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Yields ``{"video", "frame_mask", "mask": bool [bs]}``, the last batch zero-padded."""
-    for start in range(0, self.num_videos, batch_size):
-      ids = np.arange(start, min(start + batch_size, self.num_videos))
-      video, frame_mask = self._split.videos(ids)
-      yield {"video": _pad_rows(video, batch_size),
-             "frame_mask": _pad_rows(frame_mask, batch_size),
-             "mask": _pad_rows(np.ones(len(ids), bool), batch_size)}
+    With several processes, each global batch of ``batch_size`` rows is split into
+    ``process_count`` contiguous blocks and this host gets block ``process_index`` (bs =
+    batch_size / process_count); every host yields the same number of batches.
+    """
+    for ids, rows in self._blocks(self.num_texts, batch_size, process_index, process_count):
+      yield {"text_tokens": _pad_rows(self._split.tokens(ids), rows),
+             "mask": _pad_rows(np.ones(len(ids), bool), rows)}
+
+  def video_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Yields ``{"video", "frame_mask", "mask": bool [bs]}``, the last batch zero-padded
+    (hosts split each global batch as in :meth:`text_batches`)."""
+    for ids, rows in self._blocks(self.num_videos, batch_size, process_index, process_count):
+      if len(ids):
+        video, frame_mask = self._split.videos(ids)
+      else:   # This host's block is all padding.
+        shape, dtype = self._split.video_item_shape()
+        video, frame_mask = np.zeros((0,) + shape, dtype), np.zeros((0, shape[0]), bool)
+      yield {"video": _pad_rows(video, rows), "frame_mask": _pad_rows(frame_mask, rows),
+             "mask": _pad_rows(np.ones(len(ids), bool), rows)}
+
+  @staticmethod
+  def _blocks(total: int, batch_size: int, process_index: int, process_count: int):
+    """(item ids, padded row count) of this host's block of every global batch."""
+    if batch_size <= 0 or batch_size % process_count or not 0 <= process_index < process_count:
+      raise UserError(f"evaluation batch size {batch_size} must be a positive multiple of the "
+                      f"process count {process_count} (process index {process_index})")
+    rows = batch_size // process_count
+    for start in range(0, total, batch_size):
+      first = min(start + process_index * rows, total)
+      yield np.arange(first, min(first + rows, start + batch_size, total)), rows
 
 
 class TrainIterator:
