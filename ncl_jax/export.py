@@ -114,7 +114,8 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheck
   config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG_FILE).read_text()))
   results = read_results(path)
   step = select_step(path, results, step)
-  state = inference.restore_params(path / CHECKPOINT_DIR / str(step) / STATE_ITEM)
+  state = inference.restore_params(path / CHECKPOINT_DIR / str(step) / STATE_ITEM,
+                                   keys=("params", "text_queue", "video_queue"))
   return RunCheckpoint(config, step, state["params"], _valid_rows(state["text_queue"]),
                        _valid_rows(state["video_queue"]), results)
 

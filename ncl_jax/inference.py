@@ -51,23 +51,29 @@ BACKENDS = ("flax", "exported")
 NORMALIZATIONS = ("plain", "ncl")
 
 
-def restore_params(path: str | os.PathLike) -> Any:
-  """Restores an orbax parameter tree saved by ``StandardCheckpointer`` onto the first device.
+def restore_params(path: str | os.PathLike, keys: Sequence[str] | None = None) -> Any:
+  """Restores an orbax pytree checkpoint (or its top-level ``keys`` only) onto the first device.
 
   The target is built from the checkpoint's own metadata, so no model code is needed and the
-  device count at save time does not matter.
+  device count at save time does not matter. With ``keys`` (e.g. the parameters and queues of a
+  train state) the other entries, such as the optimizer state, are never read.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(path).resolve()
-  checkpointer = ocp.StandardCheckpointer()
-  try:
-    tree = checkpointer.metadata(path).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    return checkpointer.restore(path, target)
-  finally:
-    checkpointer.close()
+  with ocp.StandardCheckpointer() as reader:
+    tree = reader.metadata(path).item_metadata.tree
+  if keys is not None:
+    missing = [k for k in keys if k not in tree]
+    if missing:
+      raise UserError(f"{path} lacks {', '.join(missing)}; it is not an ncl_jax checkpoint")
+    tree = {k: tree[k] for k in keys}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=keys is not None))
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
