@@ -330,6 +330,20 @@ def qbnorm_biases(bank, *, beta: float = 20.0, k: int = 1, chunk_rows: int | Non
   return lse, active
 
 
+def _rowwise(sims, fn, chunk_rows: int | None = None) -> np.ndarray:
+  """``fn(rows, block)`` applied to float32 row blocks of ``sims``, written into one output.
+
+  Keeps temporaries to one chunk, so a 60,000 x 3,000 matrix needs only its input and output.
+  """
+  n_rows, n_cols = sims.shape
+  step = chunk_rows or max(1, (1 << 22) // max(n_cols, 1))
+  out = np.empty((n_rows, n_cols), np.float32)
+  for start in range(0, n_rows, step):
+    rows = slice(start, min(start + step, n_rows))
+    out[rows] = fn(rows, np.asarray(sims[rows], np.float32))
+  return out
+
+
 def _as_float32(sims) -> np.ndarray:
   sims = np.asarray(sims, np.float32)
   if sims.ndim != 2:
@@ -362,7 +376,8 @@ def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float =
   biases = ncl_biases(bank, temperature=temperature, col_marginals=col_marginals, tol=tol,
                       max_iterations=max_iterations, anderson=anderson, chunk_rows=chunk_rows,
                       stream=stream)
-  return sims / np.float32(temperature) + biases.bias[None, :], biases
+  inv_t = np.float32(1.0 / temperature)
+  return _rowwise(sims, lambda _, block: block * inv_t + biases.bias[None, :]), biases
 
 
 def dsl(sims, *, temperature: float, dsl_temperature: float = 1.0,
@@ -380,9 +395,14 @@ def dsl(sims, *, temperature: float, dsl_temperature: float = 1.0,
   for block, valid in _chunks(sims, rows):
     col_lse = np.logaddexp(col_lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(scale)),
                                                np.float64))
-  logits = sims / np.float32(temperature)
-  prior = np.exp(logits / np.float32(dsl_temperature) - col_lse.astype(np.float32)[None, :])
-  return logits * (np.float32(n_rows) * prior)
+  inv_t, col_lse = np.float32(1.0 / temperature), col_lse.astype(np.float32)
+
+  def rescale(_, block):
+    logits = block * inv_t
+    prior = np.exp(logits / np.float32(dsl_temperature) - col_lse[None, :])
+    return logits * (np.float32(n_rows) * prior)
+
+  return _rowwise(sims, rescale, chunk_rows)
 
 
 def qbnorm(sims, bank=None, *, temperature: float, beta: float = 20.0, k: int = 1,
@@ -405,9 +425,14 @@ def qbnorm(sims, bank=None, *, temperature: float, beta: float = 20.0, k: int = 
   _check_bank(bank, sims.shape[1])
   lse, active = qbnorm_biases(bank, beta=beta, k=k, chunk_rows=chunk_rows)
   # Ties at the top count as one top-1 (argmax's first index), as in QB-Norm's argmax.
-  gate = active[np.argmax(sims, axis=1)]
   bias = (-lse / (beta * temperature)).astype(np.float32)
-  return sims / np.float32(temperature) + np.where(gate[:, None], bias[None, :], np.float32(0))
+  inv_t = np.float32(1.0 / temperature)
+
+  def rescale(_, block):
+    gate = active[np.argmax(block, axis=1)]
+    return block * inv_t + np.where(gate[:, None], bias[None, :], np.float32(0))
+
+  return _rowwise(sims, rescale, chunk_rows)
 
 
 def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals=None,
@@ -432,7 +457,8 @@ def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals
   if temperature <= 0:
     raise ValueError(f"temperature must be positive, got {temperature}")
   if method == "none":
-    return _as_float32(sims) / np.float32(temperature)
+    inv_t = np.float32(1.0 / temperature)
+    return _rowwise(_as_float32(sims), lambda _, block: block * inv_t)
   if method == "ncl":
     return ncl(sims, bank, temperature=temperature, col_marginals=col_marginals, **options)[0]
   if method == "dsl":

@@ -231,8 +231,13 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.demo == bool(args.sims):
     raise UserError("give exactly one of SIMS.npy or --demo")
-  if args.temperature <= 0 or not np.isfinite(args.temperature):
-    raise UserError(f"--temperature must be positive, got {args.temperature}")
+  for flag, value in (("--temperature", args.temperature), ("--qb-beta", args.qb_beta),
+                      ("--dsl-temperature", args.dsl_temperature)):
+    if not (np.isfinite(value) and value > 0):
+      raise UserError(f"{flag} must be a positive number, got {value}")
+  if not (np.isfinite(args.tol) and args.tol >= 0) or args.max_iterations < 1:
+    raise UserError(f"--tol must be >= 0 and --max-iterations >= 1, got {args.tol} and "
+                    f"{args.max_iterations}")
   if args.method == "dsl" and (args.bank != "test" or args.v2t_bank != "test"):
     raise UserError("dsl is transductive (it normalizes over the test queries); drop --bank "
                     "and --v2t-bank")
