@@ -239,6 +239,32 @@ def _build_kernel(p: _Problem, g: jax.Array) -> _Kernel:
   return _Kernel(matrix, peak, jnp.sum(matrix, axis=1))
 
 
+# XLA:CPU's vector-matrix dot accumulates a long contraction in one float32 sum (measured
+# relative error 1e-5 at 16512 rows, 7e-5 at 65536), which would leave the column marginals
+# inexact. Contractions are therefore kept to at most this length per dot.
+_DOT_CHUNK = 4096
+# Up to this many columns, XLA's fused multiply-reduce is as fast as the dot (5x faster at
+# 65536 x 128) and accurate (pairwise partial sums); wider matrices use chunked dots.
+_REDUCE_MAX_COLS = 1024
+
+
+def _col_sums(u: jax.Array, k: jax.Array) -> jax.Array:
+  """[m] ``u @ K`` (``K.T @ u`` would transpose K on every call on XLA:CPU), float32-exact."""
+  n, m = k.shape
+  if m <= _REDUCE_MAX_COLS:
+    return jnp.sum(u[:, None] * k, axis=0)
+  parts = [jnp.matmul(u[s:s + _DOT_CHUNK], k[s:s + _DOT_CHUNK], precision=_HIGHEST)
+           for s in range(0, n, _DOT_CHUNK)]
+  return functools.reduce(jnp.add, parts)
+
+
+def _row_sums(k: jax.Array, v: jax.Array) -> jax.Array:
+  """[n] ``K @ v``: a dot while rows are short, else a row reduction (contiguous, accurate)."""
+  if k.shape[1] <= 2 * _DOT_CHUNK:
+    return jnp.matmul(k, v, precision=_HIGHEST)
+  return jnp.sum(k * v[None, :], axis=1)
+
+
 class _Scalings(NamedTuple):
   u: jax.Array  # [n] row scaling of the accepted, column-exact state
   v: jax.Array  # [m] column scaling of the accepted state
@@ -266,10 +292,10 @@ def _kernel_steps(p: _Problem, kernel: _Kernel, tol, budget) -> _Scalings:
 
   def step(s: _Scalings) -> _Scalings:
     # Column update, then the row sums of the new column-exact state (= the next row update).
-    col_sums = jnp.matmul(s.u_next, k, precision=_HIGHEST)  # u @ K: no transpose on XLA:CPU
+    col_sums = _col_sums(s.u_next, k)
     safe_col = jnp.where(p.col_active & (col_sums > 0), col_sums, 1.0)
     v = jnp.where(p.col_active, p.col_marginals / safe_col, 0.0)
-    row_sums = jnp.matmul(k, v, precision=_HIGHEST)
+    row_sums = _row_sums(k, v)
     safe_row = jnp.where(p.row_active & (row_sums > 0), row_sums, 1.0)
     u_next = jnp.where(p.row_active, p.row_marginals / safe_row, 0.0)
     ok = (_trusted(col_sums, p.col_active, s.u_next) & _trusted(row_sums, p.row_active, v)
