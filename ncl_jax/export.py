@@ -277,7 +277,10 @@ def verify_bundle(workdir: str | os.PathLike, bundle_dir: str | os.PathLike) -> 
   eval_data = dataset.eval_data(split)
   batch_size = int(config.eval.batch_size)
 
-  mesh = sharding.make_mesh()
+  # The trainer's layout when the batch splits over this machine's devices, else one device
+  # (embeddings are per row, so the layout changes them by float rounding at most).
+  devices = jax.devices()
+  mesh = sharding.make_mesh(devices if batch_size % len(devices) == 0 else devices[:1])
   encoders = evaluate.make_encoders(DualEncoder(config.model))
   params = sharding.put_replicated(jax.device_get(run.params), mesh)  # as the trainer holds them
   train_text, train_video = evaluate.encode_split(encoders, params, eval_data, mesh, batch_size)
