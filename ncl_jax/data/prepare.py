@@ -4,7 +4,8 @@ Usage:
   python -m ncl_jax.data.prepare DATASET --manual_dir DIR [--videos_dir DIR] \
       [--features_dir DIR] --data_dir OUT [--max_bad_fraction F]
 
-DATASET is one of msrvtt, msvd, activitynet, didemo. Frames mode (the default) decodes the
+DATASET is one of msrvtt, msvd, activitynet, didemo, or the image-text sets coco and flickr30k
+(``ncl_jax.data.image_text``: --videos_dir is then the image folder). Frames mode (the default) decodes the
 videos; passing --features_dir (or --mode features) stores per-frame features instead. The
 command shows progress while it decodes, prints a readable summary, and ends with one JSON line
 ``{"dataset": ..., "splits": {"train": {"videos": n, "captions": m}, ...}, "skipped_videos": k}``.
