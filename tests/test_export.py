@@ -129,7 +129,7 @@ def test_exported_functions_match_the_model_for_any_batch(bundle_dir):
                              want_text[:2], atol=1e-5)
 
 
-def test_frames_mode_export_normalizes_uint8_pixels():
+def test_frames_mode_seqtransf_export_normalizes_uint8_pixels():
   config = ml_collections.ConfigDict(dict(
       model=train_testutils.tiny_config().model.to_dict(),
       data=dict(max_words=8, max_frames=2, image_size=8)))
@@ -137,6 +137,8 @@ def test_frames_mode_export_normalizes_uint8_pixels():
   model_config.input_mode = "frames"
   model_config.max_frames = 2
   model_config.vision.update(dict(width=16, layers=1, heads=2, patch_size=4, image_size=8))
+  # seqTransf's frame transformer must also export with a symbolic batch size.
+  model_config.update(dict(head="seqTransf", head_layers=1, head_heads=2))
   model = DualEncoder(model_config)
   pixels = np.random.default_rng(2).integers(0, 256, size=(3, 2, 8, 8, 3)).astype(np.uint8)
   mask = np.array([[True, True], [True, False], [True, True]])
