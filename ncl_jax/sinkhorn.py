@@ -27,6 +27,17 @@ Two solvers share one problem set-up, iteration sequence and result:
   column update runs in the log domain instead. Every stop is confirmed by the exact log-domain
   error of the returned potentials, so the answer has the log solver's accuracy.
 
+Stopping: the error is the relative L1 row-marginal error of the returned, column-exact state.
+The kernel form gets it from its row products at every iteration for free and confirms the final
+value in the log domain; the log solver measures it every ``check_every`` iterations (one ``exp``
+pass each). Both stop at ``tol`` or ``max_iterations``, inside one jit-compiled
+``lax.while_loop``.
+
+Gradients: ``gradient="stop"`` (default) treats the potentials as constants, as NCL does, and
+can use either solver. ``gradient="unroll"`` runs exactly ``max_iterations`` log-domain updates
+in a ``lax.scan`` that reverse-mode autodiff differentiates through (memory grows with the
+iteration count). ``lax.while_loop`` itself is not reverse-differentiable.
+
 Masks: rows and columns that are masked out, or whose logits are all ``-inf`` among the
 unmasked entries, are removed from the problem. Their potentials are reported as 0 (finite) and
 default marginals count only the remaining rows and columns.
@@ -40,6 +51,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ncl_jax import errors
 
@@ -288,7 +300,8 @@ def _trusted(sums: jax.Array, active: jax.Array, weights: jax.Array) -> jax.Arra
 def _kernel_steps(p: _Problem, kernel: _Kernel, tol, budget) -> _Scalings:
   """Kernel-form iterations until converged, ``budget`` is spent or float32 stops being exact."""
   k = kernel.matrix
-  u0 = jnp.where(p.row_active, p.row_marginals / jnp.where(p.row_active, kernel.row_sums, 1.0), 0.0)
+  safe_rows = jnp.where(p.row_active, kernel.row_sums, 1.0)
+  u0 = jnp.where(p.row_active, p.row_marginals / safe_rows, 0.0)  # the exact row update
 
   def step(s: _Scalings) -> _Scalings:
     # Column update, then the row sums of the new column-exact state (= the next row update).
@@ -301,7 +314,8 @@ def _kernel_steps(p: _Problem, kernel: _Kernel, tol, budget) -> _Scalings:
     ok = (_trusted(col_sums, p.col_active, s.u_next) & _trusted(row_sums, p.row_active, v)
           & jnp.all(jnp.isfinite(u_next)))
     err = _relative_l1(p, s.u_next * row_sums)
-    accepted = _Scalings(s.u_next, v, u_next, err, s.steps + 1, (err > tol) & (s.steps + 1 < budget))
+    go = (err > tol) & (s.steps + 1 < budget)
+    accepted = _Scalings(s.u_next, v, u_next, err, s.steps + 1, go)
     rejected = s._replace(go=jnp.asarray(False))
     return jax.tree.map(lambda x, y: jnp.where(ok, x, y), accepted, rejected)
 
@@ -326,7 +340,8 @@ def _solve_kernel(p: _Problem, tol, max_iterations):
       s = _kernel_steps(p, kernel, tol, max_iterations - it)
 
       def absorb(_):
-        f_new = jnp.where(p.row_active, jnp.log(jnp.where(p.row_active, s.u, 1.0)) - kernel.peak, 0.0)
+        log_u = jnp.log(jnp.where(p.row_active, s.u, 1.0))
+        f_new = jnp.where(p.row_active, log_u - kernel.peak, 0.0)
         g_new = jnp.where(p.col_active, g + jnp.log(jnp.where(p.col_active, s.v, 1.0)), 0.0)
         return f_new, g_new, it + s.steps
 
@@ -357,7 +372,8 @@ def _solve_kernel(p: _Problem, tol, max_iterations):
 @functools.partial(jax.jit, static_argnames=("kernel",))
 def _sinkhorn_to_tolerance(logits, row_marginals, col_marginals, row_mask, col_mask, tol,
                            max_iterations, check_every, *, kernel: bool) -> SinkhornOutput:
-  """``gradient='stop'``: tol and the iteration limits are traced (changing them never recompiles)."""
+  """``gradient='stop'``: tol and the iteration limits are traced, so changing them never
+  recompiles."""
   problem = _prepare(jax.lax.stop_gradient(logits), row_marginals, col_marginals, row_mask,
                      col_mask)
   if kernel:
@@ -427,7 +443,7 @@ def sinkhorn(
   if method == "kernel" and gradient == "unroll":
     errors.fail("method='kernel' has no differentiable path; use gradient='stop', or "
                 "method='log' (or 'auto') with gradient='unroll'")
-  if not isinstance(max_iterations, jax.core.Tracer) and int(max_iterations) < 0:
+  if isinstance(max_iterations, (int, np.integer)) and max_iterations < 0:
     errors.fail(f"max_iterations must be >= 0, got {max_iterations}")
   masks_and_marginals = (row_marginals, col_marginals, row_mask, col_mask)
   if gradient == "unroll":
