@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bundle_testutils
+import train_testutils
 from ncl_jax import inference, metrics, normalize
 from ncl_jax.data import get_dataset
 from ncl_jax.errors import UserError
@@ -147,3 +148,16 @@ def test_bundle_from_workdir_and_bundled_vocabulary(run_dir, bundle, tmp_path):
   config = bundle.config.copy_and_resolve_references()
   config.data.name, config.clip_dir = "msvd", str(clip_dir)
   assert export.find_vocabulary(config) == clip_dir / tokenizer.VOCAB_FILE
+  # A run whose config says so gets the vocabulary in its bundle, and strings are tokenized.
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  stored = json.loads((run / "config.json").read_text())
+  stored["data"]["name"], stored["clip_dir"] = "msvd", str(clip_dir)
+  (run / "config.json").write_text(json.dumps(stored))
+  with train_testutils.fast_compile():
+    manifest = export.export_bundle(run, tmp_path / "bundle", platforms=("cpu",))
+  assert manifest["tokenizer"] == tokenizer.VOCAB_FILE
+  assert (tmp_path / "bundle" / tokenizer.VOCAB_FILE).read_bytes() == vocab.read_bytes()
+  loaded = inference.load_bundle(tmp_path / "bundle")
+  want = tokenizer.ClipTokenizer(vocab).encode_batch(["A dog, surfing!"], loaded.max_words)
+  np.testing.assert_array_equal(loaded.tokenize(["A dog, surfing!"]), want)
