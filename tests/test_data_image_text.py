@@ -184,3 +184,8 @@ def test_instructions_name_every_file_and_configs_load():
     assert config.data.name == name and config.data.max_frames == 1
     assert config.model.max_frames == 1 and config.model.input_mode == "frames"
     assert config.data.train_split == image_text.DEFAULT_TRAIN_SPLIT[name]
+    assert config.model.text.context_length >= config.data.max_words == 32
+    assert config.global_batch_size == 128 and config.clip_dir
+    assert f"--config=configs/{name}.py" in module.__doc__
+    config.lock()
+    config.to_dict()
