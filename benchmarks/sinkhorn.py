@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-  python benchmarks/sinkhorn.py [--repeats 3] [--pot-max-iterations 2000] [--sizes 1000,4096,train]
+  python benchmarks/sinkhorn.py [--repeats 5] [--pot-max-iterations 2000] [--sizes 1000,4096,train]
 
 Every solver gets the same float32 logits ``L = cos / 0.01`` (CLIP's temperature) and uniform
 marginals. The OT libraries solve ``P = exp((f + g - C) / eps)`` with probability marginals; with
@@ -24,7 +24,8 @@ error of the probability plan instead; it gets ``1e-4 / sqrt(n_cols)``, the L2 n
 spread evenly with L1 norm 1e-4. Its iterations are capped (``--pot-max-iterations``) and it is
 skipped at 4096 x 4096 unless ``--pot-4096`` is given (about 0.35 s per iteration).
 
-For each solver the table reports the best of ``--repeats`` warm runs (compile excluded), the
+For each solver the table reports the best of ``--repeats`` warm runs (compile excluded; the
+JAX solvers take turns so that load drift on a shared machine hits them alike; POT runs once), the
 iterations, ms per iteration, and the final error measured identically for all: the larger of
 the relative L1 row and column marginal errors of ``exp(L + f + g)`` in float64 from the
 returned potentials. Prints a Markdown table and one JSON line. Numbers from a shared CPU are
@@ -95,32 +96,26 @@ def final_error(logits: np.ndarray, f, g, mass: float) -> tuple[float, float]:
   return float(row_err), float(col_err)
 
 
-def _best_time(run, repeats: int):
-  result = run()  # compile / warm-up
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = run()
-    best = min(best, time.perf_counter() - start)
-  return best, result
-
-
-def bench_ncl(logits: np.ndarray, method: str, repeats: int, max_iterations: int) -> dict:
+def ncl_solver(logits: np.ndarray, method: str, max_iterations: int):
+  """Returns a warm-able closure that solves with ncl_jax and reports iterations and errors."""
   import jax  # pylint: disable=g-import-not-at-top
   from ncl_jax import sinkhorn as sk  # pylint: disable=g-import-not-at-top
 
   x = jax.device_put(logits)
 
   def run():
-    out = sk.sinkhorn(x, tol=TOL, max_iterations=max_iterations, method=method)
-    return jax.block_until_ready(out)
+    return jax.block_until_ready(
+        sk.sinkhorn(x, tol=TOL, max_iterations=max_iterations, method=method))
 
-  seconds, out = _best_time(run, repeats)
-  return dict(seconds=seconds, iterations=int(out.iterations),
-              errors=final_error(logits, out.row_potential, out.col_potential, logits.shape[0]))
+  def summary(out):
+    return dict(iterations=int(out.iterations),
+                errors=final_error(logits, out.row_potential, out.col_potential, logits.shape[0]))
+
+  return run, summary
 
 
-def bench_ott(logits: np.ndarray, repeats: int, max_iterations: int) -> dict:
+def ott_solver(logits: np.ndarray, max_iterations: int):
+  """Same for ott-jax's lse-mode Sinkhorn (C = -L, epsilon = 1), jit-compiled end to end."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
@@ -138,8 +133,29 @@ def bench_ott(logits: np.ndarray, repeats: int, max_iterations: int) -> dict:
     return out.f, out.g, out.n_iters
 
   cost = jax.device_put(-jnp.asarray(logits))
-  seconds, (f, g, iters) = _best_time(lambda: jax.block_until_ready(solve(cost)), repeats)
-  return dict(seconds=seconds, iterations=int(iters), errors=final_error(logits, f, g, 1.0))
+
+  def run():
+    return jax.block_until_ready(solve(cost))
+
+  def summary(out):
+    f, g, iters = out
+    return dict(iterations=int(iters), errors=final_error(logits, f, g, 1.0))
+
+  return run, summary
+
+
+def time_interleaved(solvers: dict, repeats: int) -> dict:
+  """Best-of-``repeats`` wall time per solver, round-robin so load drift hits all alike."""
+  results = {name: summary(run()) for name, (run, summary) in solvers.items()}  # compile
+  best = {name: float("inf") for name in solvers}
+  for _ in range(repeats):
+    for name, (run, _) in solvers.items():
+      start = time.perf_counter()
+      run()
+      best[name] = min(best[name], time.perf_counter() - start)
+  for name in solvers:
+    results[name]["seconds"] = best[name]
+  return results
 
 
 def bench_pot(logits: np.ndarray, max_iterations: int) -> dict:
@@ -189,7 +205,7 @@ def machine() -> str:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1000,4096,train")
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--max-iterations", type=int, default=5000)
   parser.add_argument("--pot-max-iterations", type=int, default=2000)
   parser.add_argument("--pot-4096", action="store_true", help="also run POT at 4096 x 4096")
@@ -204,11 +220,11 @@ def main() -> int:
   print("|" + "---|" * 8)
   for name, logits in problems(args.sizes.split(",")):
     span = float(np.ptp(logits))
-    results = {
-        "ncl_jax kernel (auto)": bench_ncl(logits, "auto", args.repeats, args.max_iterations),
-        "ncl_jax log": bench_ncl(logits, "log", args.repeats, args.max_iterations),
-        "ott-jax lse": bench_ott(logits, args.repeats, args.max_iterations),
-    }
+    results = time_interleaved({
+        "ncl_jax kernel (auto)": ncl_solver(logits, "auto", args.max_iterations),
+        "ncl_jax log": ncl_solver(logits, "log", args.max_iterations),
+        "ott-jax lse": ott_solver(logits, args.max_iterations),
+    }, args.repeats)
     if not args.skip_pot and ("4096" not in name or args.pot_4096):
       results["POT sinkhorn_log (float64)"] = bench_pot(logits, args.pot_max_iterations)
     ott_seconds = results["ott-jax lse"]["seconds"]

@@ -13,15 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import ot
+from ott.geometry import geometry as ott_geometry
+from ott.problems.linear import linear_problem as ott_problem
+from ott.solvers.linear import sinkhorn as ott_sinkhorn
 import pytest
 import scipy.special
 
 from ncl_jax import errors
 from ncl_jax import sinkhorn as sk
-
-ott_geometry = pytest.importorskip("ott.geometry.geometry")
-ott_problem = pytest.importorskip("ott.problems.linear.linear_problem")
-ott_sinkhorn = pytest.importorskip("ott.solvers.linear.sinkhorn")
 
 SOLVERS = ("kernel", "log")
 SHAPE = (12, 9)  # most small tests share this shape, so each solver compiles a few times only
