@@ -9,7 +9,8 @@ CPU mode builds a ViT-B/32-shaped CLIP with random weights in PyTorch, converts 
 ``ncl_jax.models.convert``, and times the image tower on ``--frames`` CLIP-sized frames and the
 text tower on ``--captions`` captions of ``--words`` tokens (CLIP4Clip's max_words 32), both
 frameworks in the same process with the same threads, weights and batches. Compilation and
-warm-up runs are excluded; the median of ``--repeats`` runs is reported.
+warm-up runs are excluded; the two frameworks run alternately and the median of
+``--repeats`` runs of each is reported.
 
 GPU mode times one optimiser step (AdamW, symmetric InfoNCE, meanP head) of the whole dual
 encoder with bfloat16 compute and float32 parameters: ncl_jax (jit, donated state) against the
@@ -74,15 +75,21 @@ def tokens_for(rng, n, length, vocab):
   return tokens
 
 
-def timed(fn, repeats, warmup=2):
+def timed_pair(ours, peer, repeats, warmup=2):
+  """Median seconds per call of ``ours`` and ``peer``, measured alternately.
+
+  Alternating makes both see the same background load on a shared machine.
+  """
   for _ in range(warmup):
-    fn()
-  times = []
+    ours()
+    peer()
+  times = {ours: [], peer: []}
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    for fn in (ours, peer):
+      start = time.perf_counter()
+      fn()
+      times[fn].append(time.perf_counter() - start)
+  return statistics.median(times[ours]), statistics.median(times[peer])
 
 
 def cpu_forward(args) -> dict:
@@ -123,17 +130,19 @@ def cpu_forward(args) -> dict:
   with torch.inference_mode():
     gap = float(np.abs(np.asarray(encode_image(params, images_j))
                        - reference.encode_image(images_t).numpy()).max())
+  jax_image_s, torch_image_s = timed_pair(
+      lambda: encode_image(params, images_j).block_until_ready(), torch_image, args.repeats)
+  jax_text_s, torch_text_s = timed_pair(
+      lambda: encode_text(params, tokens_j).block_until_ready(), torch_text, args.repeats)
   results = {
       "mode": "cpu-forward", "machine": f"{platform.processor() or platform.machine()}, "
                                         f"{threads} cores", "model": "tiny" if args.tiny
       else "ViT-B/32", "frames": args.frames, "captions": args.captions,
       "words": int(tokens.shape[1]), "max_abs_image_gap": gap,
-      "jax_frames_per_s": args.frames / timed(
-          lambda: encode_image(params, images_j).block_until_ready(), args.repeats),
-      "torch_frames_per_s": args.frames / timed(torch_image, args.repeats),
-      "jax_captions_per_s": args.captions / timed(
-          lambda: encode_text(params, tokens_j).block_until_ready(), args.repeats),
-      "torch_captions_per_s": args.captions / timed(torch_text, args.repeats),
+      "jax_frames_per_s": args.frames / jax_image_s,
+      "torch_frames_per_s": args.frames / torch_image_s,
+      "jax_captions_per_s": args.captions / jax_text_s,
+      "torch_captions_per_s": args.captions / torch_text_s,
   }
   results["frames_ratio"] = results["jax_frames_per_s"] / results["torch_frames_per_s"]
   results["captions_ratio"] = results["jax_captions_per_s"] / results["torch_captions_per_s"]
@@ -230,8 +239,7 @@ def gpu_train(args) -> dict:
     if device == "cuda":
       torch.cuda.synchronize()
 
-  jax_s = timed(run_jax, args.repeats, warmup=3)
-  torch_s = timed(run_torch, args.repeats, warmup=3)
+  jax_s, torch_s = timed_pair(run_jax, run_torch, args.repeats, warmup=3)
   return {"mode": "train-step", "device": jax.devices()[0].device_kind,
           "model": "tiny" if args.tiny else "ViT-B/32 + meanP", "batch": batch,
           "frames": n_frames, "words": words, "dtype": "bfloat16 compute, float32 params",

@@ -48,7 +48,7 @@ def small_config(**overrides):
 
 @pytest.fixture(scope="module")
 def small_clip():
-  """A random reference CLIP (3 text blocks, so 'the first 2' is a real choice) and its conversion."""
+  """A random reference CLIP (3 text blocks: 'the first 2' is a real choice), converted."""
   model = ref.random_clip(embed_dim=128, image_resolution=16, vision_layers=1, vision_width=64,
                           vision_patch_size=8, context_length=16, vocab_size=1000, text_width=128,
                           text_layers=3, seed=3)
@@ -159,7 +159,7 @@ def test_frames_mode_is_meanp_over_clip_image_features(rng, small_clip):
   params = init_dual_encoder_from_clip(params, clip_params, config)
   got = jax.jit(lambda p, v, m: model.apply({"params": p}, v, m, method=model.encode_video))(
       params, video, mask)
-  frames = np.asarray(video).reshape(6, 16, 16, 3).transpose(0, 3, 1, 2)
+  frames = np.array(video).reshape(6, 16, 16, 3).transpose(0, 3, 1, 2).copy()
   with torch.no_grad():
     feats = clip_model.encode_image(torch.from_numpy(frames)).numpy().reshape(2, 3, -1)
   feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
@@ -175,7 +175,8 @@ def test_init_from_clip_reports_mismatches(rng, small_clip):
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
   params = init(model, 0, tokens, video, mask)
-  with pytest.raises(UserError, match=r"text/ln_final/bias: model \(64,\) vs CLIP \(128,\).*and \d+ more"):
+  with pytest.raises(UserError,
+                     match=r"text/ln_final/bias: model \(64,\) vs CLIP \(128,\).*and \d+ more"):
     init_dual_encoder_from_clip(params, clip_params, config)
 
 

@@ -40,7 +40,7 @@ def tokenizers():
 
 
 def _reference_rows(reference, texts, context_length):
-  """clip.tokenize(truncate=True) and CLIP4Clip's max_words truncation, written from the reference."""
+  """clip.tokenize(truncate=True), which is CLIP4Clip's max_words rule, on the reference's ids."""
   start, end = reference.encoder["<|startoftext|>"], reference.encoder["<|endoftext|>"]
   rows = np.zeros((len(texts), context_length), np.int64)
   for i, text in enumerate(texts):

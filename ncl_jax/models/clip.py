@@ -127,7 +127,7 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """CLIP's image tower. Images [N, H, W, 3] (CLIP-normalised, H = W = image_size) → [N, output_dim].
+  """CLIP's image tower: images [N, H, W, 3] (CLIP-normalised, H = W = image_size) → [N, E].
 
   The patch embedding is a bias-free convolution with stride = kernel = patch_size; it is
   computed as a matmul over flattened patches, which is the same operation and fast on every
@@ -162,7 +162,7 @@ class VisionTransformer(nn.Module):
     proj = self.param("proj", nn.initializers.normal(scale), (self.width, self.output_dim))
 
     x = images.astype(self.dtype)
-    # [N, g, p, g, p, 3] -> [N, g, g, p, p, 3]: each patch flattened in (row, column, channel) order.
+    # [N, g, p, g, p, 3] -> [N, g, g, p, p, 3]: patches flattened in (row, column, channel) order.
     x = x.reshape(n, grid, p, grid, p, 3).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(n, grid * grid, p * p * 3)
     x = x @ kernel.reshape(p * p * 3, self.width).astype(self.dtype)

@@ -71,7 +71,8 @@ def _count_blocks(keys, prefix: str) -> int:
   pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
   indices = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
   if indices != set(range(len(indices))):
-    raise UserError(f"checkpoint blocks under {prefix!r} are not numbered 0..n-1: {sorted(indices)}")
+    raise UserError(f"checkpoint blocks under {prefix!r} are not numbered 0..n-1: "
+                    f"{sorted(indices)}")
   return len(indices)
 
 
@@ -164,7 +165,8 @@ def parameter_mapping(config: ml_collections.ConfigDict):
     pairs += _block_mapping(f"visual.transformer.resblocks.{i}.",
                             ("visual", "transformer", f"resblocks_{i}"))
   for i in range(config.text.layers):
-    pairs += _block_mapping(f"transformer.resblocks.{i}.", ("text", "transformer", f"resblocks_{i}"))
+    pairs += _block_mapping(f"transformer.resblocks.{i}.",
+                            ("text", "transformer", f"resblocks_{i}"))
   return pairs
 
 

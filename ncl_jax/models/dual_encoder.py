@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
-
+from typing import Mapping
 import flax.linen as nn
 from flax import traverse_util
 import jax
@@ -134,14 +133,14 @@ class DualEncoder(nn.Module):
     return video.astype(clip.compute_dtype(c.dtype))
 
   def encode_video(self, video: jax.Array, frame_mask: jax.Array) -> jax.Array:
-    """video (see :meth:`frame_embeddings`), frame_mask [N, T] bool → [N, E] float32, normalised."""
+    """video (see :meth:`frame_embeddings`), frame_mask [N, T] bool → [N, E] float32, unit norm."""
     frames = self.frame_embeddings(video)
     if self.config.head == "seqTransf":
       frames = self.head(frames, frame_mask)
     return heads.pool_frames(frames, frame_mask)
 
   def __call__(self, tokens: jax.Array, video: jax.Array, frame_mask: jax.Array):
-    """Returns (text_emb [N, E], video_emb [M, E], logit_scale = exp(param)), embeddings normalised."""
+    """Returns (text_emb [N, E], video_emb [M, E], exp(logit_scale)); embeddings normalised."""
     return (self.encode_text(tokens), self.encode_video(video, frame_mask),
             jnp.exp(self.logit_scale))
 
@@ -212,7 +211,7 @@ def param_labels(params, config: ml_collections.ConfigDict, pretrained: bool = T
 
 
 def _copy_checked(target, source, where: str, problems: list[str]):
-  """Returns ``source`` cast to target's dtypes; records name and shape mismatches in ``problems``."""
+  """Returns ``source`` cast to target's dtypes; records name/shape mismatches in ``problems``."""
   t_flat = traverse_util.flatten_dict(target, sep="/")
   s_flat = traverse_util.flatten_dict(source, sep="/")
   found = []
@@ -251,6 +250,9 @@ def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.Conf
   Raises:
     UserError: listing every parameter whose shape or name does not match.
   """
+  if not isinstance(clip_params, Mapping) or "text" not in clip_params:
+    raise UserError("clip_params must be CLIP's parameter tree, e.g. the second value of "
+                    f"`model, params = load_clip(DIR)`; got {type(clip_params).__name__}")
   params = dict(params)
   problems: list[str] = []
   towers = ["text"] + (["visual"] if config.input_mode == "frames" else [])
@@ -270,7 +272,8 @@ def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.Conf
           "head/frame_position_embeddings", problems)
     n_text_blocks = sum(1 for k in text["transformer"] if k.startswith("resblocks_"))
     if n_text_blocks < config.head_layers:
-      problems.append(f"head_layers {config.head_layers} exceeds CLIP's {n_text_blocks} text blocks")
+      problems.append(f"head_layers {config.head_layers} exceeds CLIP's {n_text_blocks} text "
+                      "blocks")
     elif config.head_heads != config.text.heads:
       problems.append(f"head_heads {config.head_heads} must equal the text tower's heads "
                       f"{config.text.heads} to reuse its blocks")
