@@ -258,6 +258,9 @@ def main():
   parser.add_argument("--num-frames", type=int, default=12, help="GPU mode: frames per video")
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
+  if args.gpu:
+    # JAX and PyTorch share the GPU in this process: JAX must not grab 75% of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   results = gpu_train(args) if args.gpu else cpu_forward(args)
   print(json.dumps(results, indent=2))
 
