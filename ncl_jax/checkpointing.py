@@ -132,13 +132,13 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     Sorted dotted keys that are missing on one side or hold different values.
   """
   flat_old, flat_new = flatten_config(old), flatten_config(new)
-  keys = set(flat_old) | set(flat_new)
-  return sorted(
-      k for k in keys
-      if not is_resumable_key(k) and flat_old.get(k, _MISSING) != flat_new.get(k, _MISSING))
+  return sorted(k for k in _changed(flat_old, flat_new) if not is_resumable_key(k))
 
 
-_MISSING = object()
+def _changed(flat_old: Mapping[str, Any], flat_new: Mapping[str, Any]) -> list[str]:
+  """Keys present on one side only or with different JSON (so NaN equals NaN)."""
+  encode = lambda flat, k: json.dumps(flat[k], sort_keys=True) if k in flat else None
+  return [k for k in set(flat_old) | set(flat_new) if encode(flat_old, k) != encode(flat_new, k)]
 
 
 def _describe(flat: Mapping[str, Any], key: str) -> str:
@@ -280,9 +280,7 @@ class Checkpointer:
         more = f" (and {len(differing) - 8} more)" if len(differing) > 8 else ""
         problem = (f"workdir {self.workdir} holds a run with a different config: {shown}{more}")
       else:
-        old, new = flatten_config(stored), flatten_config(self._config)
-        self.changed_keys = sorted(
-            k for k in set(old) | set(new) if old.get(k, _MISSING) != new.get(k, _MISSING))
+        self.changed_keys = sorted(_changed(flatten_config(stored), flatten_config(self._config)))
     if problem and not overwrite:
       raise UserError(f"{problem}. Use a new --workdir to start a separate run, or pass "
                       f"{overwrite_hint} to delete that run's checkpoints and start over.")

@@ -239,6 +239,8 @@ def test_config_differences_ignores_only_resumable_keys():
   old = {"a": {"b": 1, "eval_every_steps": 10}, "total_steps": 5, "c": [1, 2]}
   new = {"a": {"b": 2, "eval_every_steps": 20}, "total_steps": 9, "c": (1, 2), "d": None}
   assert checkpointing.config_differences(old, new) == ["a.b", "d"]
+  nan = {"x": float("nan"), "y": np.float32(0.5)}
+  assert checkpointing.config_differences(nan, {"x": float("nan"), "y": 0.5}) == []
 
 
 def test_rewind_jsonl(tmp_path):
