@@ -16,7 +16,8 @@ method, with the bank opened as a read-only memmap:
 * ``dense`` (the peer): ``ncl_jax.sinkhorn.sinkhorn`` on the whole bank loaded into memory,
   capped at ``--plain-iterations``.
 
-Wall time includes compilation. Peak memory is the worker's VmHWM, which counts the memmapped
+Wall time includes compilation; CPU time (user + system, all threads) shows how much of the
+two cores the run needed, a steadier number than wall time on a loaded machine. Peak memory is the worker's VmHWM, which counts the memmapped
 bank pages it touched (the page cache holding the bank), so it is an upper bound on what the
 process itself allocates. Numbers from a shared CPU are noisy.
 """
@@ -109,7 +110,7 @@ def worker(method: str, directory: str, plain_iterations: int) -> None:
   directory = pathlib.Path(directory)
   test = np.load(directory / "test.npy")
   baseline = _peak_rss_gib()
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   info = {}
   if method == "dense":
     # The peer: the whole bank in memory through ncl_jax.sinkhorn.sinkhorn (plain Sinkhorn),
@@ -127,9 +128,9 @@ def worker(method: str, directory: str, plain_iterations: int) -> None:
   else:
     bank = np.load(directory / "bank.npy", mmap_mode="r")
     scores = nz.qbnorm(test, bank, temperature=0.01)
-  wall = time.perf_counter() - start
+  wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
   print(json.dumps({
-      "method": method, "wall_s": wall, "peak_rss_gib": _peak_rss_gib(),
+      "method": method, "wall_s": wall, "cpu_s": cpu, "peak_rss_gib": _peak_rss_gib(),
       "rss_before_gib": baseline, "t2v_r1": metrics.t2v_metrics(scores)["R@1"],
       "t2v_r1_raw": metrics.t2v_metrics(test)["R@1"], **info}))
 
@@ -169,11 +170,12 @@ def main() -> None:
 
   print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}")
-  print(f"{'method':10s} {'wall s':>8s} {'s/pass':>7s} {'peak RSS GiB':>13s} {'iters':>6s} "
-        f"{'error':>9s} {'R@1 raw->norm':>14s}")
+  print(f"{'method':10s} {'wall s':>8s} {'CPU s':>7s} {'s/pass':>7s} {'peak RSS GiB':>13s} "
+        f"{'iters':>6s} {'error':>9s} {'R@1 raw->norm':>14s}")
   for name, r in results.items():
     passes = r.get("iterations", 0) + 1
-    print(f"{name:10s} {r['wall_s']:8.2f} {r['wall_s'] / passes:7.3f} {r['peak_rss_gib']:13.2f} "
+    print(f"{name:10s} {r['wall_s']:8.2f} {r['cpu_s']:7.2f} {r['wall_s'] / passes:7.3f} "
+          f"{r['peak_rss_gib']:13.2f} "
           f"{str(r.get('iterations', '-')):>6s} {r.get('error', float('nan')):9.1e} "
           f"{r['t2v_r1_raw']:6.1f}->{r['t2v_r1']:5.1f}")
   ncl = results["ncl"]
