@@ -60,16 +60,21 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--demo", action="store_true",
                       help="use a generated 400 x 400 matrix with miscalibrated videos "
                            "instead of SIMS.npy")
-  parser.add_argument("--method", choices=norm_lib.METHODS, default="none")
-  parser.add_argument("--bank", default="test",
+  parser.add_argument("--method", choices=norm_lib.METHODS, default="none",
+                      help="none; ncl (Sinkhorn biases); dsl (dual softmax, transductive); "
+                           "qbnorm (dynamic inverted softmax). Default: none")
+  parser.add_argument("--bank", default="test", metavar="test|BANK.npy",
                       help="t2v query bank: 'test' (transductive) or BANK.npy [n_bank, n_videos]")
-  parser.add_argument("--v2t-bank", default="test",
+  parser.add_argument("--v2t-bank", default="test", metavar="test|VBANK.npy",
                       help="v2t query bank: 'test' (test matrix transposed, transductive) or "
                            "VBANK.npy [n_bank_videos, n_texts]")
   parser.add_argument("--temperature", type=float, default=0.01,
-                      help="similarities are divided by it before any softmax/Sinkhorn")
-  parser.add_argument("--gt", help="MAP.npy, [n_texts] int: the video index of each text")
-  parser.add_argument("--tie", choices=metrics.TIE_POLICIES, default="pessimistic")
+                      help="similarities are divided by it before any softmax/Sinkhorn "
+                           "(default 0.01, CLIP's logit scale 100)")
+  parser.add_argument("--gt", metavar="MAP.npy", help="MAP.npy, [n_texts] int: the video index of each text")
+  parser.add_argument("--tie", choices=metrics.TIE_POLICIES, default="pessimistic",
+                      help="rank of a ground truth tied with other candidates: optimistic "
+                           "(1 + #higher), pessimistic (1 + #higher or equal; default) or mean")
   parser.add_argument("--v2t-protocol", choices=metrics.V2T_PROTOCOLS, default="strict",
                       help="multi-caption v2t: strict (all captions ranked) or group_max "
                            "(CLIP4Clip)")
@@ -79,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--qb-k", type=int, default=1, help="qbnorm: activation top-k")
   parser.add_argument("--dsl-temperature", type=float, default=1.0,
                       help="dsl: temperature of the softmax over queries (on the logits)")
-  parser.add_argument("--plot", help="OUT.png: t2v histograms before/after (not overwritten)")
-  parser.add_argument("--json", help="PATH (not overwritten) or '-' for stdout")
+  parser.add_argument("--plot", metavar="OUT.png", help="OUT.png: t2v histograms before/after (not overwritten)")
+  parser.add_argument("--json", metavar="PATH|-", help="PATH (not overwritten) or '-' for stdout")
   return parser
 
 
