@@ -137,7 +137,7 @@ def test_seqtransf_from_clip_matches_clip4clip_reference(rng, small_clip):
   model = DualEncoder(config)
   tokens, video, mask = make_inputs(rng, config)
   params = init(model, 1, tokens, video, mask)
-  params = init_dual_encoder_from_clip(params, clip_params, config)
+  params = init_dual_encoder_from_clip(params, clip_params, config, clip_config)
   assert len(params["head"]["transformer"]) == 2
   text, vid, scale = jax.jit(model.apply)({"params": params}, tokens, video, mask)
 
@@ -178,6 +178,17 @@ def test_init_from_clip_reports_mismatches(rng, small_clip):
   with pytest.raises(UserError,
                      match=r"text/ln_final/bias: model \(64,\) vs CLIP \(128,\).*and \d+ more"):
     init_dual_encoder_from_clip(params, clip_params, config)
+
+
+def test_init_from_clip_checks_heads_against_the_clip_config(rng, small_clip):
+  """Head counts leave parameter shapes unchanged: only the architecture can reveal them."""
+  _, clip_config, clip_params = small_clip
+  config = config_from_clip(small_config(feature_dim=128), clip_config)
+  config.text.heads = 4
+  params = init(DualEncoder(config), 0, *make_inputs(rng, config))
+  assert init_dual_encoder_from_clip(params, clip_params, config)["text"] is not None
+  with pytest.raises(UserError, match="model.text.heads is 4 but the CLIP checkpoint has 2"):
+    init_dual_encoder_from_clip(params, clip_params, config, clip_config)
 
 
 def test_bfloat16_compute_keeps_float32_params(rng):

@@ -230,7 +230,8 @@ def _copy_checked(target, source, where: str, problems: list[str]):
   return traverse_util.unflatten_dict(copied, sep="/")
 
 
-def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.ConfigDict):
+def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.ConfigDict,
+                                clip_config: ml_collections.ConfigDict | None = None):
   """Puts pretrained CLIP weights into a DualEncoder's parameters, as CLIP4Clip initialises.
 
   Copies the text tower, the image tower (frames mode) and the logit scale. For ``seqTransf``
@@ -243,6 +244,9 @@ def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.Conf
     clip_params: parameters of :class:`ncl_jax.models.clip.CLIP` (e.g. from ``load_clip``).
     config: the DualEncoder's model config; its sizes must match the CLIP checkpoint
       (:func:`ncl_jax.models.convert.config_from_clip` copies them).
+    clip_config: the checkpoint's architecture (``model.config`` of ``load_clip``). Optional
+      but recommended: head counts do not show in parameter shapes, so only this argument lets
+      a wrong ``heads`` be caught.
 
   Returns:
     A new parameter tree; the inputs are not modified.
@@ -255,6 +259,12 @@ def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.Conf
                     f"`model, params = load_clip(DIR)`; got {type(clip_params).__name__}")
   params = dict(params)
   problems: list[str] = []
+  if clip_config is not None:
+    for tower in ("vision", "text") if config.input_mode == "frames" else ("text",):
+      for key, value in clip_config[tower].items():
+        if config[tower][key] != value:
+          problems.append(f"model.{tower}.{key} is {config[tower][key]} but the CLIP checkpoint "
+                          f"has {value}")
   towers = ["text"] + (["visual"] if config.input_mode == "frames" else [])
   for tower in towers:
     params[tower] = _copy_checked(params[tower], clip_params[tower], tower, problems)
