@@ -1,13 +1,14 @@
 """The built-in demo: train and evaluate on the synthetic retrieval set, no data needed.
 
-Run (about a minute on a 2-core CPU)::
+Run (one to two minutes on a 2-core CPU)::
 
   python -m ncl_jax.main --config=configs/synthetic.py --workdir=/tmp/ncl_demo
 
 The synthetic set (``ncl_jax.data.synthetic``) has token-id captions and per-frame features with
 popular concepts that create hub videos. The model is a small from-scratch text transformer
 against the frame features pooled by CLIP4Clip's meanP head, so the whole CLIP4Clip protocol is
-kept except the sizes and the learning rate (no pretrained weights: every weight is new). Compare the losses with ``--config.loss=infonce`` and ``--config.loss=ncl``;
+kept except the sizes and the learning rate (no pretrained weights: every weight is new).
+Compare the losses with ``--config.loss=infonce`` and ``--config.loss=ncl``;
 ``--config.data.seed=N`` draws another synthetic set.
 """
 

@@ -35,7 +35,7 @@ from ncl_jax.models.dual_encoder import DualEncoder
 
 
 class Encoders(NamedTuple):
-  """Jitted ``text(params, tokens) -> [N, E]`` and ``video(params, video, frame_mask) -> [N, E]``."""
+  """Jitted encoders: ``text(params, tokens)`` and ``video(params, video, frame_mask)`` -> [N, E]."""
 
   text: Callable[..., jax.Array]
   video: Callable[..., jax.Array]

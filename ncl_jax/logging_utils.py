@@ -29,22 +29,6 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops lines with ``step > last_step`` from ``metrics.jsonl`` (a resume repeats those steps)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if jax.process_index() != 0 or not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-  if len(kept) == len(lines):
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
-
-
 class MetricWriter:
   """Appends metrics to ``DIR/metrics.jsonl`` and TensorBoard event files under ``DIR/tb``."""
 

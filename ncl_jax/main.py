@@ -28,7 +28,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
 
 
 def maybe_initialize_distributed(distributed: bool, coordinator: str | None,
@@ -98,9 +98,8 @@ def main(argv: list[str]) -> None:
   maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
   from ncl_jax import train  # pylint: disable=g-import-not-at-top
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  if results is None:  # stopped by SIGTERM after saving a checkpoint: exit 0, resume later
-    return
+  # Returns None when SIGTERM stopped the run after saving a checkpoint: exit 0, resume later.
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 def run(argv: list[str] | None = None) -> None:

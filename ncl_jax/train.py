@@ -35,7 +35,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Any, Callable, Mapping
 
 import jax

@@ -151,11 +151,6 @@ def clamp_logit_scale(params: Any, max_value: float = MAX_LOG_LOGIT_SCALE) -> An
   return jax.tree_util.tree_map_with_path(clamp, params)
 
 
-def count_params(params: Any) -> int:
-  """Total number of scalars in a parameter tree."""
-  return int(sum(x.size for x in jax.tree.leaves(params)))
-
-
 def leaf_paths(params: Any, predicate: Callable[[Any, Any], bool]) -> list[str]:
   """'/'-joined paths of the leaves where ``predicate(path, leaf)`` holds (for logs and tests)."""
   found = []

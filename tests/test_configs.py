@@ -5,7 +5,6 @@ import re
 
 import ml_collections
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 
 from ncl_jax import losses
 

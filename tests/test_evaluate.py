@@ -5,7 +5,6 @@ NCL biases, and the normalization error computed with numpy softmaxes.
 """
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

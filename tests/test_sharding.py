@@ -7,7 +7,6 @@ gradient and the optimiser update.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -4,9 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from ncl_jax import errors
@@ -67,7 +65,8 @@ def test_two_learning_rates_and_frozen_weights():
   opt = _opt_config(warmup_fraction=0.0, weight_decay=0.0)
   tx, schedules = ts.make_optimizer(opt, labels, total_steps=100)
   grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
-  grads["frozen"]["w"] = 1e6 * jnp.ones((3, 2))  # must neither move nor shrink the others by clipping
+  # A huge frozen gradient must neither move its weight nor shrink the others by clipping.
+  grads["frozen"]["w"] = 1e6 * jnp.ones((3, 2))
   updates, _ = tx.update(grads, tx.init(params), params)
   # Adam's first step moves every weight by lr * sign(grad) (up to eps).
   np.testing.assert_allclose(updates["head"]["w"], -1e-4, rtol=1e-3)
