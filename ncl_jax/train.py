@@ -176,8 +176,9 @@ def new_train_state(params: Any, tx: optax.GradientTransformation, queue_size: i
 def load_clip_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """Copies pretrained CLIP weights from ``config.clip_dir`` into ``params`` (host side)."""
   from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
-  _, clip_params = convert.load_clip(os.path.expanduser(config.clip_dir))
-  return dual_encoder.init_dual_encoder_from_clip(params, clip_params, config.model)
+  clip_model, clip_params = convert.load_clip(os.path.expanduser(config.clip_dir))
+  return dual_encoder.init_dual_encoder_from_clip(params, clip_params, config.model,
+                                                  clip_config=clip_model.config)
 
 
 # -- the train step ------------------------------------------------------------------------------

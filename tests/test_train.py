@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -129,3 +131,37 @@ def test_queue_that_does_not_split_over_devices_is_a_user_error(tmp_path):
   config = tu.tiny_config("ncl", ncl__queue_size=30)
   with pytest.raises(errors.UserError, match="config.ncl.queue_size = 30"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_initial_state_copies_pretrained_clip_weights(tmp_path):
+  from ncl_jax.models import clip as clip_lib
+  from ncl_jax.models import convert
+
+  config = tu.tiny_config("ncl")
+  clip_config = ml_collections.ConfigDict(dict(
+      embed_dim=16,
+      vision=dict(width=16, layers=1, heads=2, patch_size=8, image_size=16),
+      text={k: int(v) for k, v in config.model.text.items()}))
+  model = clip_lib.CLIP(clip_config)
+  clip_params = jax.jit(model.init)(jax.random.PRNGKey(7), np.zeros((1, 16, 16, 3), np.float32),
+                                    np.zeros((1, 8), np.int32))["params"]
+  clip_params = jax.device_get(clip_params)
+  clip_params["logit_scale"] = np.float32(4.0)
+  convert.save_converted(tmp_path / "clip", clip_config, clip_params)
+  config.clip_dir = str(tmp_path / "clip")
+  with tu.fast_compile():
+    run = train._Run(config)
+    state = jax.device_get(run.initial_state())
+  for a, b in zip(jax.tree.leaves(clip_params["text"]), jax.tree.leaves(state.params["text"])):
+    np.testing.assert_array_equal(a, b)
+  assert float(state.params["logit_scale"]) == 4.0
+  # Pretrained CLIP weights train at lr * clip_lr_coef.
+  assert float(run.schedules["clip"](50)) == pytest.approx(
+      float(run.schedules["new"](50)) * config.optimizer.clip_lr_coef)
+
+
+def test_missing_clip_weights_fail_before_training(tmp_path):
+  config = tu.tiny_config("ncl", clip_dir=str(tmp_path / "no_clip"))
+  with pytest.raises(errors.UserError, match="not a converted CLIP directory"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
