@@ -137,3 +137,19 @@ def test_demo_runs_without_files(capsys):
   assert posthoc.main(["--demo", "--method", "dsl"]) == 0
   table = capsys.readouterr().out
   assert "t2v: 400 queries x 400 candidates, transductive" in table
+
+
+def test_multi_caption_ncl_meets_caption_count_marginals(tmp_path, rng, capsys):
+  """With --gt, t2v targets each video's caption count and v2t 1/count per caption."""
+  mapping = np.concatenate([np.arange(8), rng.integers(0, 8, 24)])
+  sims = (rng.standard_normal((32, 8)) * 0.1 + 0.05 * rng.standard_normal(8)).astype(np.float32)
+  np.save(tmp_path / "s.npy", sims)
+  np.save(tmp_path / "m.npy", mapping)
+  out = tmp_path / "r.json"
+  assert posthoc.main([str(tmp_path / "s.npy"), "--gt", str(tmp_path / "m.npy"), "--method",
+                       "ncl", "--tol", "1e-6", "--json", str(out)]) == 0
+  errors = json.loads(out.read_text())["normalization_error"]
+  assert errors["before"] > 0.1 and errors["after"] < 1e-4
+  v2t_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("v2t ")]
+  v2t_after = float(v2t_line[0].split("->")[1].split("/")[0])
+  assert v2t_after < 1e-4
