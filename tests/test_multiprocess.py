@@ -34,9 +34,14 @@ def _free_port():
     return sock.getsockname()[1]
 
 
-def _env(num_devices):
+def _env(num_devices, cache_dir=None):
+  """Fake CPU devices; optionally a persistent compilation cache that later runs reuse."""
   env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   env.pop("XLA_FLAGS", None)
+  if cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
@@ -159,8 +164,9 @@ def _main(workdir, num_devices, process_id=None, port=None):
   if process_id is not None:
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
                 f"--process_id={process_id}"]
-  return subprocess.Popen(command, cwd=REPO, env=_env(num_devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  cache_dir = pathlib.Path(workdir).parent / "jax_cache"
+  return subprocess.Popen(command, cwd=REPO, env=_env(num_devices, cache_dir),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _start_processes(workdir):
