@@ -55,6 +55,9 @@ from ncl_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+# Files a trainer writes into the workdir: finding them without a config.json means the directory
+# holds something this module cannot vouch for, so it is not taken over without ``overwrite``.
+RUN_FILES = ("metrics.jsonl", "results.json")
 
 # Config leaf names that may differ between the run in a workdir and the command that resumes it:
 # the run's length, how many checkpoints to keep, the overwrite flag itself, and input-pipeline
@@ -199,15 +202,17 @@ class Checkpointer:
       best_metric: key in the ``metrics`` dict given to :meth:`save` that ranks checkpoints; the
         best one is kept in addition to the last ``max_to_keep``. None: no best tracking.
       best_mode: "max" or "min": whether a larger or a smaller ``best_metric`` is better.
-      overwrite: allow replacing a run in ``workdir`` whose config differs (its checkpoints are
-        deleted). A run with the same config is always resumed, never deleted.
+      overwrite: allow replacing a run in ``workdir`` whose config differs, or run files
+        (checkpoints, :data:`RUN_FILES`) without a readable ``config.json``: its checkpoints are
+        deleted and the caller starts its logs afresh. A run with the same config is always
+        resumed, never deleted.
       save_interval_steps: :meth:`save` without ``force`` saves only steps divisible by this.
         The default 1 saves whenever it is called.
       overwrite_hint: how the user sets ``overwrite`` on the command line (for error messages).
 
     Raises:
-      UserError: ``workdir`` holds a run with a different config (or checkpoints without a
-        config) and ``overwrite`` is False.
+      UserError: ``workdir`` holds a run with a different config (or run files without a
+        readable config) and ``overwrite`` is False.
       ValueError: bad ``max_to_keep``, ``best_mode`` or ``save_interval_steps``.
     """
     if max_to_keep < 1:
@@ -266,12 +271,18 @@ class Checkpointer:
   def _guard_workdir(self, overwrite: bool, overwrite_hint: str) -> None:
     """Compares ``config`` with the run stored in the workdir, then records ``config``."""
     config_path = self.workdir / CONFIG_FILE
-    stored = json.loads(config_path.read_text()) if config_path.is_file() else None
-    has_checkpoints = self.directory.is_dir() and any(self.directory.iterdir())
-    problem = None
-    if stored is None and has_checkpoints:
-      problem = (f"workdir {self.workdir} holds checkpoints but no {CONFIG_FILE}, so it cannot be "
-                 "resumed safely")
+    stored, problem = None, None
+    if config_path.is_file():
+      try:
+        stored = json.loads(config_path.read_text())
+      except json.JSONDecodeError as err:
+        problem = f"{config_path} is not valid JSON ({err}), so the run there cannot be resumed"
+    run_files = [name for name in RUN_FILES if (self.workdir / name).exists()]
+    if self.directory.is_dir() and any(self.directory.iterdir()):
+      run_files.insert(0, CHECKPOINT_DIR)
+    if stored is None and problem is None and run_files:
+      problem = (f"workdir {self.workdir} holds {', '.join(run_files)} but no {CONFIG_FILE}, so "
+                 "it cannot be resumed safely")
     elif stored is not None:
       differing = config_differences(stored, self._config)
       if differing:

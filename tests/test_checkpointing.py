@@ -231,8 +231,28 @@ def test_checkpoints_without_config_are_refused(tmp_path):
   with checkpointing.Checkpointer(tmp_path, config=CONFIG) as ckpt:
     ckpt.save(2, _tiny_state(2), {})
   (tmp_path / "config.json").unlink()
-  with pytest.raises(UserError, match="no config.json"):
+  with pytest.raises(UserError, match="holds checkpoints but no config.json"):
     checkpointing.Checkpointer(tmp_path, config=CONFIG)
+
+
+def test_foreign_logs_or_bad_config_json_are_refused(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+  with pytest.raises(UserError, match="holds metrics.jsonl but no config.json"):
+    checkpointing.Checkpointer(tmp_path, config=CONFIG)
+  assert not (tmp_path / "config.json").exists()
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(UserError, match="not valid JSON"):
+    checkpointing.Checkpointer(tmp_path, config=CONFIG)
+  with checkpointing.Checkpointer(tmp_path, config=CONFIG, overwrite=True) as ckpt:
+    assert ckpt.replaced_run
+  assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(CONFIG))
+  # An empty or unrelated directory is fine.
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("mine")
+  with checkpointing.Checkpointer(other, config=CONFIG) as ckpt:
+    assert not ckpt.replaced_run and ckpt.latest_step is None
+  assert (other / "notes.txt").read_text() == "mine"
 
 
 def test_config_differences_ignores_only_resumable_keys():
