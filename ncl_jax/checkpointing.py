@@ -303,7 +303,8 @@ class Checkpointer:
         if self.directory.is_dir():
           shutil.rmtree(self.directory)
       if self.changed_keys:
-        _log.info("resuming %s with changed settings: %s", self.workdir, ", ".join(self.changed_keys))
+        _log.info("resuming %s with changed settings: %s", self.workdir,
+                  ", ".join(self.changed_keys))
       _write_json_atomic(config_path, self._config)
     self.replaced_run = problem is not None
     _barrier("ncl_jax_checkpointing_config_written")

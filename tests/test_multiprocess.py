@@ -68,7 +68,8 @@ def _checkpoint_worker(process_id, port, workdir, out_path):
   jax.distributed.initialize(coordinator_address=f"localhost:{port}",
                              num_processes=NUM_PROCESSES, process_id=process_id)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from ncl_jax import checkpointing, errors  # pylint: disable=g-import-not-at-top
 
   mesh = Mesh(np.array(jax.devices()), ("data",))
