@@ -45,7 +45,7 @@ def plot_mass_histograms(path: str | os.PathLike, before, after, expected, *,
 
   fig = Figure(figsize=(9, 3.6), dpi=110)
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, 2, sharex=True, sharey=True)
+  axes = fig.subplots(1, 2, sharex=True)  # own y scales: the "after" spike would flatten "before"
   for ax, values, label in zip(axes, (before, after), labels):
     ax.hist(values, bins=edges, color="tab:blue", alpha=0.8)
     ax.axvline(share, color="tab:red", linestyle="--", label=f"expected share {share:.3g}")
