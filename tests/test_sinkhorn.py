@@ -165,7 +165,8 @@ _SHAPES = [(1, 7), (9, 1), SHAPE, (31, 17)]
 @hypothesis.given(
     shape=st.sampled_from(_SHAPES), method=st.sampled_from(SOLVERS),
     log_tau=st.floats(np.log(0.01), np.log(2.0)), seed=st.integers(0, 2**31 - 1),
-    row_keep=st.floats(0.3, 1.0), col_keep=st.floats(0.3, 1.0), neginf=st.floats(0.0, 0.3),
+    row_keep=st.floats(0.3, 1.0), col_keep=st.floats(0.3, 1.0),
+    neginf=st.sampled_from([0.0, 0.1, 0.3]),
     tol=st.sampled_from([1e-3, 1e-4, 1e-5]))
 def test_marginal_properties(shape, method, log_tau, seed, row_keep, col_keep, neginf, tol):
   rng = np.random.default_rng(seed)
@@ -193,6 +194,9 @@ def test_marginal_properties(shape, method, log_tau, seed, row_keep, col_keep, n
     assert float(out.error) <= tol
   else:
     assert int(out.iterations) == max_iterations
+  if neginf == 0 and log_tau >= np.log(0.05):
+    # All-finite logits of moderate span: always feasible, converges quickly.
+    assert int(out.iterations) < max_iterations
 
 
 def test_kernel_and_log_agree_on_hard_problems(rng):
@@ -408,3 +412,15 @@ def test_user_errors():
   for kwargs in bad_calls:
     with pytest.raises(errors.UserError):
       sk.sinkhorn(kwargs.pop("logits"), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(65536, 128), (4096, 2048), (1031, 1100), (4099, 1536),
+                                   (512, 2048)])
+def test_kernel_column_sums_are_float32_accurate(shape, rng):
+  """Every branch of the column-sum contraction (reduce, chunked, plain dot) stays ~1e-7."""
+  n, m = shape
+  k = np.exp(rng.normal(size=shape) * 3 - 9).astype(np.float32)
+  u = rng.uniform(0.5, 1.5, n).astype(np.float32)
+  exact = u.astype(np.float64) @ k.astype(np.float64)
+  got = np.asarray(jax.jit(sk._col_sums)(jnp.asarray(u), jnp.asarray(k)))
+  assert np.abs(got - exact).sum() / exact.sum() <= 1e-6
