@@ -423,7 +423,7 @@ def sinkhorn(
 
   Args:
     logits: [n_rows, n_cols] float (float32 or bfloat16; computed in float32). ``-inf`` entries
-      are allowed; NaN entries are treated as ``-inf``.
+      are allowed and NaN entries are treated as ``-inf``; ``+inf`` is not a valid logit.
     row_marginals: [n_rows] target row sums ``a``; default all ones.
     col_marginals: [n_cols] target column sums ``b``; default ``n_rows / n_cols`` each (over the
       active rows and columns). Rescaled to carry the same total mass as ``a``.
