@@ -108,12 +108,19 @@ def run(argv: list[str] | None = None) -> None:
   sys.argv = argv  # config_flags reads --config.* overrides from sys.argv
 
   def body() -> int:
+    config_file = _config_file_arg(argv[1:])
     try:
       flags.FLAGS(argv)
+      config = _CONFIG.value  # config_flags loads the file and applies overrides here
+      if config is not None:
+        config.keys()  # a file that failed to load gives a placeholder that raises on use
+    except OSError as err:
+      errors.fail(f"cannot load the config file {config_file!r}: "
+                  f"{str(err).strip().splitlines()[-1].strip()}")
     except (flags.Error, AttributeError, KeyError) as err:
-      message = unknown_override_message(argv[1:], _config_file_arg(argv[1:]))
+      message = unknown_override_message(argv[1:], config_file)
       errors.fail(message or str(err).splitlines()[0])
-    if _CONFIG.value is None:
+    if config is None:
       errors.fail("--config is required, e.g. --config=configs/synthetic.py")
     main([argv[0]])
     return 0

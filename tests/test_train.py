@@ -165,3 +165,10 @@ def test_missing_clip_weights_fail_before_training(tmp_path):
   with pytest.raises(errors.UserError, match="not a converted CLIP directory"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  proc = _cli(["--config=configs/no_such_config.py", f"--workdir={tmp_path}"], timeout=120)
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "no_such_config.py" in lines[0], proc.stderr
