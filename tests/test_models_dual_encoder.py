@@ -89,6 +89,24 @@ def test_small_text_tower_from_scratch_features_mode(rng):
   np.testing.assert_allclose(encode_video(params, noisy, mask), vid, atol=1e-6)
 
 
+def test_zero_padded_frames_give_finite_gradients(rng):
+  # Padded frames are all-zero; with a zero-initialised projection bias they stay zero after
+  # feature_proj, so l2_normalize sees exact zero vectors and must not return NaN gradients.
+  config = small_config()
+  model = DualEncoder(config)
+  tokens, video, mask = make_inputs(rng, config)
+  video = video.at[0, 2:].set(0.0)
+  params = init(model, 0, tokens, video, mask)
+
+  def loss(p):
+    text, vid, _ = model.apply({"params": p}, tokens, video, mask)
+    return jnp.sum(text @ vid.T)
+
+  grads = jax.grad(loss)(params)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  assert float(jnp.abs(grads["feature_proj"]["kernel"]).sum()) > 0
+
+
 def test_meanp_matches_numpy(rng):
   config = small_config(feature_dim=64)  # equal sizes: no projection, the head sees raw features
   model = DualEncoder(config)

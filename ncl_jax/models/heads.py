@@ -20,10 +20,14 @@ HEADS = ("meanP", "seqTransf")
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / ||x|| along ``axis`` (float32); an all-zero vector stays zero instead of NaN."""
+  """x / ||x|| along ``axis`` (float32); an all-zero vector stays zero instead of NaN.
+
+  The floor sits under the square root: sqrt's derivative is infinite at 0, so clamping the
+  norm after the sqrt would still give NaN gradients for zero vectors (padded frames).
+  """
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, 1e-12)
+  sum_sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sum_sq, 1e-24))
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
