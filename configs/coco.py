@@ -14,19 +14,10 @@ The optimiser is the video configs' CLIP4Clip recipe, not tuned for images; no r
 were reproduced with it.
 """
 
-import importlib.util
-import pathlib
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location(
-      "ncl_jax_configs_base", pathlib.Path(__file__).resolve().with_name("base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ncl_jax import config_base
 
 
 def get_config():
-  config = _base().get_dataset_config("coco", "meanP")
+  config = config_base.get_dataset_config("coco", "meanP")
   config.data.train_split = "train+restval"
   return config

@@ -8,19 +8,10 @@ CLIP4Clip: global batch 128 (8 GPUs), 64 words, 64 frames, 5 epochs, lr 1e-4 (ne
 (CLIP), ViT-B/32; the descriptions of a video form one paragraph.
 """
 
-import importlib.util
-import pathlib
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location(
-      "ncl_jax_configs_base", pathlib.Path(__file__).resolve().with_name("base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ncl_jax import config_base
 
 
 def get_config(head=None):
-  config = _base().get_dataset_config("didemo", head)
+  config = config_base.get_dataset_config("didemo", head)
   config.eval.batch_size = 64
   return config

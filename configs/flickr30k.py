@@ -11,17 +11,8 @@ Training uses the 29,000 Karpathy training images (all 5 captions each), model s
 configs' CLIP4Clip recipe, not tuned for images; no reference numbers were reproduced with it.
 """
 
-import importlib.util
-import pathlib
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location(
-      "ncl_jax_configs_base", pathlib.Path(__file__).resolve().with_name("base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ncl_jax import config_base
 
 
 def get_config():
-  return _base().get_dataset_config("flickr30k", "meanP")
+  return config_base.get_dataset_config("flickr30k", "meanP")

@@ -11,17 +11,8 @@ the 670 test videos; video-to-text uses ``config.eval.v2t_protocol`` ("strict" b
 "group_max" is CLIP4Clip's lenient protocol).
 """
 
-import importlib.util
-import pathlib
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location(
-      "ncl_jax_configs_base", pathlib.Path(__file__).resolve().with_name("base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ncl_jax import config_base
 
 
 def get_config(head=None):
-  return _base().get_dataset_config("msvd", head)
+  return config_base.get_dataset_config("msvd", head)

@@ -12,20 +12,11 @@ Compare the losses with ``--config.loss=infonce`` and ``--config.loss=ncl``;
 ``--config.data.seed=N`` draws another synthetic set.
 """
 
-import importlib.util
-import pathlib
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location(
-      "ncl_jax_configs_base", pathlib.Path(__file__).resolve().with_name("base.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from ncl_jax import config_base
 
 
 def get_config():
-  config = _base().get_base_config("synthetic")
+  config = config_base.get_base_config("synthetic")
   data = config.data
   config.global_batch_size = 64
   config.num_epochs = 8

@@ -81,7 +81,7 @@ def test_docstring_has_the_run_command(name):
 
 
 def test_ncl_knobs_are_documented_in_the_base_config():
-  text = (tu.CONFIG_DIR / "base.py").read_text()
+  text = (tu.REPO_ROOT / "ncl_jax" / "config_base.py").read_text()
   for knob in ("queue_size", "sinkhorn_temperature", "tol", "max_iterations", "gradient",
                "include_batch"):
     line = next(l for l in text.splitlines() if f"config.ncl.{knob} =" in l)

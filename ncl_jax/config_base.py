@@ -1,8 +1,11 @@
 """Settings shared by every training config: CLIP4Clip's protocol and NCL's knobs.
 
-Not a config on its own: ``synthetic.py``, ``msrvtt.py``, ``msvd.py``, ``activitynet.py`` and
-``didemo.py`` call :func:`get_base_config` and override what differs. Every field can be changed
-on the command line, e.g. ``--config.loss=infonce --config.ncl.queue_size=8192``.
+Not a config on its own: the files in ``configs/`` (``synthetic.py``, ``msrvtt.py``, ``msvd.py``,
+``activitynet.py``, ``didemo.py``, ``coco.py``, ``flickr30k.py``) call :func:`get_base_config` or
+:func:`get_dataset_config` and override what differs. It lives in the package rather than in
+``configs/`` so that config files import it by name (ml_collections loads config files by
+path, where a sibling import would not resolve) and so that an installed package has it too.
+Every field can be changed on the command line, e.g. ``--config.loss=infonce --config.ncl.queue_size=8192``.
 
 CLIP4Clip protocol (retrieval-background.md §2): global batch 128; AdamW with betas (0.9, 0.98),
 eps 1e-6, weight decay 0.2 except biases, norms, embeddings and the logit scale; learning rate
