@@ -89,11 +89,35 @@ instead needs one NumPy file `<video>.npy` of shape [T, D] per video under `--fe
 """
 
 
-class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """Shared logic of the four builders: read annotations, find videos, decode, write."""
+def record_features(input_mode: str,
+                    encoding=tfds.features.Encoding.BYTES) -> tfds.features.FeaturesDict:
+  """The record layout every builder writes: an id, its captions, and frames or features."""
+  if input_mode == "frames":
+    stored = {"frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_))}
+  else:
+    stored = {"features": tfds.features.Tensor(shape=(None, None), dtype=np.float32,
+                                               encoding=encoding)}
+  return tfds.features.FeaturesDict({
+      "video_id": tfds.features.Text(),
+      "captions": tfds.features.Sequence(tfds.features.Text()),
+      **stored})
+
+
+class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What the video and image-text builders share: bad-item accounting, parallel loading and
+  record writing. Subclasses plan the splits and define ``_load(entry, path)``, which returns the
+  stored frames or features of one entry and raises VideoDecodeError for an unusable file.
+
+  Args (besides the TFDS ones; the prepare command passes them unchanged to every builder):
+    videos_dir: the folder of videos (or images) in frames mode.
+    features_dir: the folder of ``.npy`` feature files in features mode.
+    max_bad_fraction: fail when a larger fraction of a split is missing or unreadable.
+    num_workers: decoding threads.
+  """
 
   VERSION = VERSION
   DATASET = ""
+  ITEM_NOUN = "videos"  # what an item is called in error messages
 
   def __init__(self, *, videos_dir: str | None = None, features_dir: str | None = None,
                max_bad_fraction: float = 0.01, num_workers: int = 2, **kwargs):
@@ -103,21 +127,73 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     self._num_workers = max(int(num_workers), 1)
     super().__init__(**kwargs)
 
+  def _check_bad(self, split: str, bad: int, total: int, what: str, examples: list[str]):
+    if total and bad / total > self._max_bad_fraction:
+      raise UserError(
+          f"{bad} of {total} {self.ITEM_NOUN} of the {self.DATASET} {split} split are {what} "
+          f"(e.g. {', '.join(examples[:3])}), more than "
+          f"--max_bad_fraction={self._max_bad_fraction}; check the {self.ITEM_NOUN} folder or "
+          "raise --max_bad_fraction")
+
+  @staticmethod
+  def _item_id(entry) -> str:
+    return entry.video_id
+
+  def _loaded(self, items) -> Iterator[tuple[int, Any]]:
+    """(index, stored item or its error) in input order, decoded by a bounded thread pool."""
+    def work(item):
+      entry, path = item
+      if path is None:
+        return video_lib.VideoDecodeError("file not found")
+      try:
+        return self._load(entry, path)
+      except video_lib.VideoDecodeError as err:
+        return err
+    window = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
+      for index, item in enumerate(items):
+        window.append((index, pool.submit(work, item)))
+        if len(window) >= 4 * self._num_workers:
+          done_index, future = window.popleft()
+          yield done_index, future.result()
+      while window:
+        done_index, future = window.popleft()
+        yield done_index, future.result()
+
+  def _generate_examples(self, split: str, items):
+    meta = self.info.metadata
+    video_ids, captions, skipped = [], [], []
+    meta["splits"][split] = {"video_ids": video_ids, "captions": captions}
+    meta["skipped"][split] = skipped
+    dims = set()
+    for index, loaded in self._loaded(items):
+      entry = items[index][0]
+      if isinstance(loaded, Exception):
+        skipped.append([self._item_id(entry), str(loaded)])
+        continue
+      if "features" in loaded:
+        dims.add(loaded["features"].shape[1])
+        if len(dims) > 1:
+          raise UserError(f"feature files disagree on the feature size ({sorted(dims)}); "
+                          f"{items[index][1]} differs from the earlier files")
+        meta["settings"]["feature_dim"] = int(loaded["features"].shape[1])
+      video_ids.append(self._item_id(entry))
+      captions.append(list(entry.captions))
+      yield f"{index:08d}", {"video_id": self._item_id(entry), "captions": list(entry.captions),
+                             **loaded}
+    self._check_bad(split, len(skipped), len(items), "missing or undecodable",
+                    [s[0] for s in skipped])
+
+
+class _RetrievalBuilder(StoredItemsBuilder, skip_registration=True):
+  """Shared logic of the four video builders: read annotations, find videos, decode, write."""
+
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
-    if cfg.input_mode == "frames":
-      video_feature = {"frames": tfds.features.Sequence(
-          tfds.features.Tensor(shape=(), dtype=np.object_))}
-    else:
-      video_feature = {"features": tfds.features.Tensor(
-          shape=(None, None), dtype=np.float32, encoding=tfds.features.Encoding.BYTES)}
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{self.DATASET} text-video retrieval ({cfg.name}).",
-        features=tfds.features.FeaturesDict({
-            "video_id": tfds.features.Text(),
-            "captions": tfds.features.Sequence(tfds.features.Text()),
-            **video_feature}),
+        features=record_features(cfg.input_mode),
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(),
         homepage="https://github.com/ArrowLuo/CLIP4Clip",
@@ -173,13 +249,6 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       generators[split] = self._generate_examples(split, list(zip(entries, paths)))
     return generators
 
-  def _check_bad(self, split: str, bad: int, total: int, what: str, examples: list[str]):
-    if total and bad / total > self._max_bad_fraction:
-      raise UserError(
-          f"{bad} of {total} videos of the {self.DATASET} {split} split are {what} (e.g. "
-          f"{', '.join(examples[:3])}), more than --max_bad_fraction={self._max_bad_fraction}; "
-          "check the video folder or raise --max_bad_fraction")
-
   # Example generation -----------------------------------------------------------------------
 
   def _load(self, entry: annotations_lib.VideoEntry, path: str) -> dict[str, Any]:
@@ -198,52 +267,6 @@ class _RetrievalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                                        f"{features.shape}")
     keep = sample_frame_indices(features.shape[0], cfg.max_frames)
     return {"features": features[keep].astype(np.float32)}
-
-  def _loaded(self, items) -> Iterator[tuple[int, Any]]:
-    """(index, stored video or the error) in input order, decoded by a bounded thread pool."""
-    def work(item):
-      entry, path = item
-      if path is None:
-        return video_lib.VideoDecodeError("file not found")
-      try:
-        return self._load(entry, path)
-      except video_lib.VideoDecodeError as err:
-        return err
-    window = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
-      for index, item in enumerate(items):
-        window.append((index, pool.submit(work, item)))
-        if len(window) >= 4 * self._num_workers:
-          done_index, future = window.popleft()
-          yield done_index, future.result()
-      while window:
-        done_index, future = window.popleft()
-        yield done_index, future.result()
-
-  def _generate_examples(self, split: str, items):
-    meta = self.info.metadata
-    video_ids, captions, skipped = [], [], []
-    meta["splits"][split] = {"video_ids": video_ids, "captions": captions}
-    meta["skipped"][split] = skipped
-    dims = set()
-    for index, loaded in self._loaded(items):
-      entry = items[index][0]
-      if isinstance(loaded, Exception):
-        skipped.append([entry.video_id, str(loaded)])
-        continue
-      if "features" in loaded:
-        dims.add(loaded["features"].shape[1])
-        if len(dims) > 1:
-          raise UserError(f"feature files disagree on the feature size ({sorted(dims)}); "
-                          f"{items[index][1]} differs from the earlier files")
-        meta["settings"]["feature_dim"] = int(loaded["features"].shape[1])
-      video_ids.append(entry.video_id)
-      captions.append(list(entry.captions))
-      yield f"{index:08d}", {"video_id": entry.video_id, "captions": list(entry.captions),
-                             **loaded}
-    self._check_bad(split, len(skipped), len(items), "missing or undecodable",
-                    [s[0] for s in skipped])
-
 
 class Msrvtt(_RetrievalBuilder):
   """MSR-VTT: 9k (and 7k) training videos with 20 captions each; 1k-A test."""

@@ -19,21 +19,19 @@ No TensorFlow: the builders write ``array_record`` files (see :mod:`ncl_jax.data
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, UnidentifiedImageError
 
+from ncl_jax.data import builders
 from ncl_jax.data import video as video_lib
 from ncl_jax.errors import UserError
 
-VERSION = tfds.core.Version("1.0.0")
 ANNOTATION_FILES = {"coco": "dataset_coco.json", "flickr30k": "dataset_flickr30k.json"}
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 EVAL_SPLITS = ("val", "test")
@@ -160,26 +158,15 @@ needs one NumPy file `<image stem>.npy` of shape [D] or [1, D] per image under
 """
 
 
-class _ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _ImageTextBuilder(builders.StoredItemsBuilder, skip_registration=True):
   """Karpathy split file + images -> one-frame retrieval records (the video builders' layout).
 
-  Args (besides the TFDS ones; the names match the video builders so that the prepare command
-  passes them unchanged):
-    videos_dir: the image folder (frames mode).
-    features_dir: the folder of ``<image stem>.npy`` files (features mode).
-    max_bad_fraction: fail when a larger fraction of a split's images is missing or unreadable.
-    num_workers: image-decoding threads.
+  ``videos_dir`` is the image folder in frames mode; the other arguments are the video builders'.
   """
 
-  VERSION = VERSION
-  DATASET = ""
+  ITEM_NOUN = "images"
 
-  def __init__(self, *, videos_dir: str | None = None, features_dir: str | None = None,
-               max_bad_fraction: float = 0.01, num_workers: int = 2, **kwargs):
-    self._images_dir = videos_dir
-    self._features_dir = features_dir
-    self._max_bad_fraction = max_bad_fraction
-    self._num_workers = max(int(num_workers), 1)
+  def __init__(self, **kwargs):
     super().__init__(**kwargs)
     cfg = self.builder_config
     if int(cfg.max_frames) != 1:
@@ -187,29 +174,25 @@ class _ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
                       f"(got {cfg.max_frames})")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    if self.builder_config.input_mode == "frames":
-      image_feature = {"frames": tfds.features.Sequence(
-          tfds.features.Tensor(shape=(), dtype=np.object_))}
-    else:
-      image_feature = {"features": tfds.features.Tensor(
-          shape=(None, None), dtype=np.float32, encoding=tfds.features.Encoding.ZLIB)}
     return tfds.core.DatasetInfo(
         builder=self,
         description=f"{self.DATASET} image-text retrieval, Karpathy splits, images as one-frame "
                     f"videos ({self.builder_config.name}).",
-        features=tfds.features.FeaturesDict({
-            "video_id": tfds.features.Text(),
-            "captions": tfds.features.Sequence(tfds.features.Text()),
-            **image_feature}),
+        features=builders.record_features(self.builder_config.input_mode,
+                                          tfds.features.Encoding.ZLIB),
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict(),
         homepage="https://cs.stanford.edu/people/karpathy/deepimagesent/",
     )
 
+  @staticmethod
+  def _item_id(entry) -> str:
+    return entry.image_id
+
   def _source(self, manual_dir: str) -> tuple[dict[str, str], str]:
     """(file index, what it holds): image files by name, or .npy files by image stem."""
     if self.builder_config.input_mode == "frames":
-      folder = self._images_dir or os.path.join(manual_dir, "images")
+      folder = self._videos_dir or os.path.join(manual_dir, "images")
       if not os.path.isdir(folder):
         raise UserError(f"image folder {folder} does not exist; pass it with --videos_dir")
       return index_image_files(folder), "frames"
@@ -239,14 +222,8 @@ class _ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       generators[split] = self._generate_examples(split, list(zip(entries, paths)))
     return generators
 
-  def _check_bad(self, split: str, bad: int, total: int, what: str, examples: list[str]):
-    if total and bad / total > self._max_bad_fraction:
-      raise UserError(
-          f"{bad} of {total} images of the {self.DATASET} {split} split are {what} (e.g. "
-          f"{', '.join(examples[:3])}), more than --max_bad_fraction={self._max_bad_fraction}; "
-          "check the image folder or raise --max_bad_fraction")
-
-  def _load(self, path: str) -> dict[str, Any]:
+  def _load(self, entry, path: str) -> dict[str, Any]:
+    del entry  # an image is found by its path alone
     cfg = self.builder_config
     if cfg.input_mode == "frames":
       return {"frames": [video_lib.encode_jpeg(load_image(path, int(cfg.image_size)),
@@ -260,51 +237,6 @@ class _ImageTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
       raise video_lib.VideoDecodeError(f"{path}: expected finite features [D] or [1, D], got "
                                        f"shape {features.shape}")
     return {"features": features.astype(np.float32)}
-
-  def _loaded(self, items) -> Iterator[tuple[int, Any]]:
-    """(index, stored image or its error) in input order, read by a bounded thread pool."""
-    def work(item):
-      _, path = item
-      if path is None:
-        return video_lib.VideoDecodeError("file not found")
-      try:
-        return self._load(path)
-      except video_lib.VideoDecodeError as err:
-        return err
-    window = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
-      for index, item in enumerate(items):
-        window.append((index, pool.submit(work, item)))
-        if len(window) >= 8 * self._num_workers:
-          done_index, future = window.popleft()
-          yield done_index, future.result()
-      while window:
-        done_index, future = window.popleft()
-        yield done_index, future.result()
-
-  def _generate_examples(self, split: str, items):
-    meta = self.info.metadata
-    image_ids, captions, skipped = [], [], []
-    meta["splits"][split] = {"video_ids": image_ids, "captions": captions}
-    meta["skipped"][split] = skipped
-    dims = set()
-    for index, loaded in self._loaded(items):
-      entry = items[index][0]
-      if isinstance(loaded, Exception):
-        skipped.append([entry.image_id, str(loaded)])
-        continue
-      if "features" in loaded:
-        dims.add(loaded["features"].shape[1])
-        if len(dims) > 1:
-          raise UserError(f"feature files disagree on the feature size ({sorted(dims)}); "
-                          f"{items[index][1]} differs from the earlier files")
-        meta["settings"]["feature_dim"] = int(loaded["features"].shape[1])
-      image_ids.append(entry.image_id)
-      captions.append(list(entry.captions))
-      yield f"{index:08d}", {"video_id": entry.image_id, "captions": list(entry.captions),
-                             **loaded}
-    self._check_bad(split, len(skipped), len(items), "missing or unreadable",
-                    [s[0] for s in skipped])
 
 
 class Coco(_ImageTextBuilder):
