@@ -5,13 +5,14 @@ import importlib.util
 import json
 import os
 import pathlib
-import zlib
 
 import numpy as np
 import pytest
 
 from ncl_jax.data import default_data_config, get_dataset, prepare, sample_frame_indices
 from ncl_jax.errors import UserError, run_cli
+
+from data_testutils import WordTokenizer
 
 DUMMY = pathlib.Path(__file__).resolve().parents[1] / "ncl_jax" / "data" / "dummy_data"
 _spec = importlib.util.spec_from_file_location("make_dummy_data", DUMMY / "make_dummy_data.py")
@@ -20,17 +21,6 @@ _spec.loader.exec_module(dummy)
 
 SIZE = 16          # Frame side in these tests (224 in real use).
 TOLERANCE = 10     # Codec + JPEG error on solid colours.
-
-
-class WordTokenizer:
-  """Whitespace tokenizer with CLIP-like framing: start=1, words, end=2, zero padding."""
-
-  def encode_batch(self, texts, context_length):
-    out = np.zeros((len(texts), context_length), np.int32)
-    for i, text in enumerate(texts):
-      words = [3 + zlib.crc32(w.encode()) % 30000 for w in text.split()][:context_length - 2]
-      out[i, :len(words) + 2] = [1] + words + [2]
-    return out
 
 
 @pytest.fixture(scope="module")

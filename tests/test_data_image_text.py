@@ -4,7 +4,6 @@ real formats, with tiny JPEGs written here."""
 import json
 import os
 import pathlib
-import zlib
 
 import numpy as np
 import pytest
@@ -13,21 +12,12 @@ from PIL import Image
 from ncl_jax.data import default_data_config, get_dataset, image_text, prepare
 from ncl_jax.errors import UserError
 
+from data_testutils import WordTokenizer
+
 DUMMY = pathlib.Path(__file__).resolve().parents[1] / "ncl_jax" / "data" / "dummy_data"
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 16
 TOLERANCE = 8   # JPEG error (written at quality 95, stored again at 95) on solid colours.
-
-
-class WordTokenizer:
-  """Whitespace tokenizer with CLIP-like framing: start=1, words, end=2, zero padding."""
-
-  def encode_batch(self, texts, context_length):
-    out = np.zeros((len(texts), context_length), np.int32)
-    for i, text in enumerate(texts):
-      words = [3 + zlib.crc32(w.encode()) % 30000 for w in text.split()][:context_length - 2]
-      out[i, :len(words) + 2] = [1] + words + [2]
-    return out
 
 
 def _karpathy(dataset):
