@@ -126,7 +126,7 @@ def find_vocabulary(config: ml_collections.ConfigDict) -> pathlib.Path | None:
   set, whose captions are token ids."""
   if config.data.name == "synthetic":
     return None
-  from ncl_jax.models import tokenizer  # pylint: disable=g-import-not-at-top
+  from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
   for candidate in ([config.clip_dir] if config.get("clip_dir") else []) + [None]:
     try:
       return tokenizer.find_vocab(os.path.expanduser(candidate) if candidate else None)

@@ -314,7 +314,7 @@ def video_input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 
 
 def _tokenizer_from(path: pathlib.Path):
-  from ncl_jax.models.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
+  from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
   return ClipTokenizer(str(path))
 
 

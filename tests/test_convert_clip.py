@@ -17,7 +17,7 @@ import torch
 import clip_reference as ref
 from ncl_jax.errors import UserError
 from ncl_jax.models import load_clip
-from ncl_jax.models.tokenizer import ClipTokenizer
+from ncl_jax.tokenizer import ClipTokenizer
 
 torch.set_num_threads(2)
 REPO = pathlib.Path(__file__).resolve().parents[1]

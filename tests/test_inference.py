@@ -140,7 +140,7 @@ def test_bundle_from_workdir_and_bundled_vocabulary(run_dir, bundle, tmp_path):
   np.testing.assert_allclose(from_run.embed_texts(tokens), bundle.embed_texts(tokens), atol=1e-6)
   # Real-data runs bundle CLIP's vocabulary from their CLIP directory.
   from ncl_jax import export
-  from ncl_jax.models import tokenizer
+  from ncl_jax import tokenizer
   vocab = tokenizer.find_vocab(None)
   clip_dir = tmp_path / "clip"
   clip_dir.mkdir()

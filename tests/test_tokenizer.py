@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import clip_reference as ref
 from ncl_jax.errors import UserError
-from ncl_jax.models.tokenizer import ClipTokenizer
+from ncl_jax.tokenizer import ClipTokenizer
 
 TRICKY = [
     "",

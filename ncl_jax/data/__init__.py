@@ -63,7 +63,7 @@ def get_dataset(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
   Args:
     data_config: a ConfigDict as from :func:`default_data_config`.
     tokenizer: for the real sets, an object with ``encode_batch(list[str], context_length) ->
-      int32 [N, L]`` (default: CLIP's BPE, ``ncl_jax.models.tokenizer.ClipTokenizer`` with
+      int32 [N, L]`` (default: CLIP's BPE, ``ncl_jax.tokenizer.ClipTokenizer`` with
       ``data_config.vocab_path``). The synthetic set already has token ids and ignores it.
 
   Raises:

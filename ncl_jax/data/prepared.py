@@ -70,7 +70,7 @@ def find_prepared(data_config: ConfigDict) -> str:
 
 def _default_tokenizer(data_config: ConfigDict):
   """CLIP's BPE tokenizer, with the vocabulary at ``data.vocab_path`` if set."""
-  from ncl_jax.models.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
+  from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
   return ClipTokenizer(data_config.get("vocab_path") or None)
 
 

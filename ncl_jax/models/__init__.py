@@ -1,4 +1,4 @@
-"""Flax CLIP encoders, CLIP4Clip video heads, OpenAI weight import and the CLIP tokenizer."""
+"""Flax CLIP encoders, CLIP4Clip video heads and OpenAI weight import (the tokenizer is ``ncl_jax.tokenizer``)."""
 
 from ncl_jax.models.clip import CLIP
 from ncl_jax.models.convert import config_from_clip, load_clip, read_config
