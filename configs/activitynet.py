@@ -1,6 +1,6 @@
 """ActivityNet Captions paragraph-to-video retrieval with CLIP4Clip's recipe and NCL.
 
-Prepare the data and convert CLIP's weights first (README, "Training"), then::
+Prepare the data and convert CLIP's weights first (docs/training.md), then::
 
   python -m ncl_jax.main --config=configs/activitynet.py --workdir=runs/anet_ncl
 

@@ -3,7 +3,7 @@
 NCL's paper names retrieval beyond video as future work; this config tries it. An image is a
 one-frame video (``ncl_jax.data.image_text``), so the model is CLIP ViT-B/32 with CLIP4Clip's
 meanP head over that single frame, i.e. plain CLIP image embeddings. Prepare the data and
-convert CLIP's weights first (README, "Image-text retrieval"), then::
+convert CLIP's weights first (docs/data.md, "Image-text retrieval"), then::
 
   python -m ncl_jax.main --config=configs/coco.py --workdir=runs/coco_ncl
   python -m ncl_jax.main --config=configs/coco.py --config.loss=infonce --workdir=runs/coco_nce

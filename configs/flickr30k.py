@@ -2,7 +2,7 @@
 
 An image is a one-frame video (``ncl_jax.data.image_text``): CLIP ViT-B/32 with CLIP4Clip's
 meanP head over that single frame, i.e. plain CLIP image embeddings. Prepare the data and
-convert CLIP's weights first (README, "Image-text retrieval"), then::
+convert CLIP's weights first (docs/data.md, "Image-text retrieval"), then::
 
   python -m ncl_jax.main --config=configs/flickr30k.py --workdir=runs/f30k_ncl
 

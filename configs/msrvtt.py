@@ -1,6 +1,6 @@
 """MSR-VTT with CLIP4Clip's recipe and NCL (train on 9k, test on 1k-A).
 
-Prepare the data and convert CLIP's weights first (README, "Training"), then::
+Prepare the data and convert CLIP's weights first (docs/training.md), then::
 
   python -m ncl_jax.main --config=configs/msrvtt.py --workdir=runs/msrvtt_ncl
   python -m ncl_jax.main --config=configs/msrvtt.py:seqTransf --workdir=runs/msrvtt_ncl_seq

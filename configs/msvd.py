@@ -1,6 +1,6 @@
 """MSVD with CLIP4Clip's recipe and NCL (about 40 captions per video).
 
-Prepare the data and convert CLIP's weights first (README, "Training"), then::
+Prepare the data and convert CLIP's weights first (docs/training.md), then::
 
   python -m ncl_jax.main --config=configs/msvd.py --workdir=runs/msvd_ncl
   python -m ncl_jax.main --config=configs/msvd.py:seqTransf --workdir=runs/msvd_ncl_seq

@@ -49,7 +49,7 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.2     # not applied to biases, norms, embeddings, logit scale
   config.optimizer.grad_clip_norm = 1.0   # global-norm clipping; 0 turns it off
 
-  # NCL's knobs (the paper does not publish them; these are reconstructions, see the README).
+  # NCL's knobs (the paper does not publish them; these are reconstructions, see docs/reproduction.md).
   config.ncl = ml_collections.ConfigDict()
   # Slots of each query queue (text and video), split evenly over the devices: every device
   # writes its local batch into its own slice. Must divide by the device count. Every loss keeps
@@ -104,7 +104,7 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 # Where the real-data configs look for prepared data sets and converted CLIP weights (see the
-# README, "Training"); override with --config.data.data_dir / --config.clip_dir.
+# docs/training.md); override with --config.data.data_dir / --config.clip_dir.
 DATA_ROOT = "~/ncl_jax_data"
 CLIP_DIR = "~/ncl_jax_data/clip/ViT-B-32"
 HEADS = ("meanP", "seqTransf")

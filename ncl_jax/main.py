@@ -102,12 +102,29 @@ def main(argv: list[str]) -> None:
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def _asks_for_help(args: list[str]) -> bool:
+  return any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in args)
+
+
+def _usage() -> str:
+  """The module docstring and this command's own flags (absl's help would list every library's)."""
+  own_flags = flags.FLAGS.get_flags_for_module(sys.modules[__name__])
+  lines = [__doc__.strip(), "", "flags:"]
+  for flag in sorted(own_flags, key=lambda f: f.name):
+    default = "" if flag.default is None else f" (default: {flag.default})"
+    lines.append(f"  --{flag.name}: {flag.help}{default}")
+  return "\n".join(lines)
+
+
 def run(argv: list[str] | None = None) -> None:
   """Parses flags and runs :func:`main`; user mistakes become one error line and exit code 2."""
   argv = list(sys.argv if argv is None else argv)
   sys.argv = argv  # config_flags reads --config.* overrides from sys.argv
 
   def body() -> int:
+    if _asks_for_help(argv[1:]):
+      print(_usage())
+      return 0
     config_file = _config_file_arg(argv[1:])
     try:
       flags.FLAGS(argv)

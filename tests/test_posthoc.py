@@ -33,7 +33,7 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   sims = np.load(shared_data_dir / TITLES)
   expected_t2v = metrics.t2v_metrics(nz.normalize(sims, "ncl", temperature=0.01))
   assert result["t2v"] == pytest.approx(expected_t2v)
-  assert result["t2v"]["R@1"] > 29.7 + 2  # raw R@1 (README table) plus a clear gain
+  assert result["t2v"]["R@1"] > 29.7 + 2  # raw R@1 (the data README's table) plus a clear gain
   errors = result["normalization_error"]
   assert errors["before"] > 0.4 and errors["after"] < 1e-3
   assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ Entry points:
 * :func:`default_data_config` (``name``) returns the ``config.data`` defaults of a data set.
 * :func:`get_dataset` (``data_config``, ``tokenizer``) returns a :class:`RetrievalDataset`
   with ``train_iterator``, ``eval_data``, ``eval_splits`` and ``validation_split``.
-* ``python -m ncl_jax.data.prepare DATASET ...`` builds the real sets (see README,
+* ``python -m ncl_jax.data.prepare DATASET ...`` builds the real sets (see docs/data.md,
   "Preparing datasets").
 
 Importing this package does not import tensorflow_datasets; the real sets import it on use.

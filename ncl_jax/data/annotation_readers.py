@@ -17,7 +17,7 @@ import pickle
 
 from ncl_jax.errors import UserError
 
-INSTRUCTIONS_HINT = ("see `python -m ncl_jax.data.prepare --help` or the README section "
+INSTRUCTIONS_HINT = ("see `python -m ncl_jax.data.prepare --help` or docs/data.md, section "
                      "'Preparing datasets' for the files each data set needs")
 
 

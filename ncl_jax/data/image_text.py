@@ -40,7 +40,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # What configs/coco.py trains on: Karpathy's train plus restval (113,287 images).
 DEFAULT_TRAIN_SPLIT = {"coco": "train+restval", "flickr30k": "train"}
 
-_HINT = ("see `python -m ncl_jax.data.prepare --help` or the README section 'Image-text "
+_HINT = ("see `python -m ncl_jax.data.prepare --help` or docs/data.md, section 'Image-text "
          "retrieval' for the files it needs")
 
 

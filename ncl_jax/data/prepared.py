@@ -24,7 +24,7 @@ from ncl_jax.errors import UserError
 
 def _prepare_hint(name: str) -> str:
   return (f"prepare it with `python -m ncl_jax.data.prepare {name} --manual_dir DIR "
-          f"--data_dir OUT` and set data.data_dir=OUT (see README, 'Preparing datasets'); "
+          f"--data_dir OUT` and set data.data_dir=OUT (see docs/data.md); "
           "configs/synthetic.py needs no data")
 
 
