@@ -21,10 +21,14 @@ Video-to-text (v2t) needs a bank of *video* queries x the test captions: ``--v2t
 ``--bank`` is a file); ``--v2t-bank VBANK.npy`` ([n_bank_videos, n_texts], e.g. training videos
 x test captions) is inductive. ``dsl`` is always transductive and accepts no bank file.
 
-Output: a table on stdout (on stderr when ``--json -`` writes JSON to stdout) and, with
-``--json``, ``{"method", "t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...},
-"normalization_error": {"before", "after"}}`` with R@K in percent; ``before``/``after`` are the
-t2v mean absolute error of each video's summed retrieval probability against its expected share.
+Output: a table on stdout (on stderr when ``--json -`` writes JSON to stdout) with, per
+direction, the plain row, the method's row and their difference, and, with ``--json``,
+``{"method", "t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...}, "plain": {"t2v", "v2t"},
+"delta": {"t2v", "v2t"}, "normalization_error": {"before", "after"}}``: ``t2v``/``v2t`` are the
+method's metrics, ``plain`` the unnormalized ones, ``delta`` method minus plain (R@K in percent,
+differences in points). ``--method none`` writes its (plain) metrics once, as ``t2v``/``v2t``,
+with no ``plain`` or ``delta`` block. ``before``/``after`` are the t2v mean absolute error of each
+video's summed retrieval probability against its expected share.
 Existing output files are never overwritten.
 """
 
@@ -158,48 +162,87 @@ def _bank_label(bank_arg: str, direction: str) -> str:
   return f"{bank_arg}"
 
 
-def _evaluate(args, sims, mapping, bank, v2t_bank) -> dict:
-  """Normalizes both directions and computes metrics and normalization errors."""
-  n_texts, n_videos = sims.shape
-  options = {}
+def _direction_metrics(args, direction: str, scores, mapping) -> dict:
+  """R@1/5/10, MdR, MnR of one direction's [n_queries, n_candidates] scores."""
+  if direction == "t2v":
+    return metrics.t2v_metrics(scores, mapping, tie=args.tie)
+  return metrics.v2t_metrics(scores, mapping, protocol=args.v2t_protocol, tie=args.tie)
+
+
+def _difference(method: dict, plain: dict) -> dict:
+  """Method minus plain for every metric (R@K in points; negative MdR/MnR is better)."""
+  return {name: method[name] - plain[name] for name in metrics.METRIC_NAMES}
+
+
+def _method_options(args) -> dict:
   if args.method == "ncl":
-    options = {"tol": args.tol, "max_iterations": args.max_iterations}
-  elif args.method == "qbnorm":
-    options = {"beta": args.qb_beta, "k": args.qb_k}
-  elif args.method == "dsl":
-    options = {"dsl_temperature": args.dsl_temperature}
-  t2v_expected = norm_lib.expected_mass(n_texts, n_videos, mapping, direction="t2v")
-  v2t_expected = norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t")
-  try:
-    t2v_scores = norm_lib.normalize(sims, args.method, bank, temperature=args.temperature,
-                                    col_marginals=t2v_expected, **options)
-    v2t_scores = norm_lib.normalize(sims.T, args.method, v2t_bank,
-                                    temperature=args.temperature,
-                                    col_marginals=v2t_expected, **options)
-  except ValueError as err:  # invalid option values (k out of range, ...)
-    raise UserError(str(err)) from None
+    return {"tol": args.tol, "max_iterations": args.max_iterations}
+  if args.method == "qbnorm":
+    return {"beta": args.qb_beta, "k": args.qb_k}
+  if args.method == "dsl":
+    return {"dsl_temperature": args.dsl_temperature}
+  return {}
+
+
+def _evaluate(args, sims, mapping, bank, v2t_bank) -> tuple[dict, dict]:
+  """Plain and normalized metrics of both directions, and the normalization errors.
+
+  The plain metrics and the plain candidate mass are computed once per matrix; ``none``
+  reuses them as its own result instead of a second pass.
+
+  Returns:
+    ``(result, errors)``: ``result`` is the JSON payload (``method``, the method's ``t2v`` and
+    ``v2t``, ``plain`` and ``delta`` unless the method is ``none``, ``normalization_error``);
+    ``errors[direction]`` holds ``before``/``after`` error dicts and ``mass``.
+  """
+  n_texts, n_videos = sims.shape
+  options = _method_options(args)
   scale = 1.0 / args.temperature
-  result = {"method": args.method}
-  errors = {}
-  for direction, raw, scores, expected in (("t2v", sims, t2v_scores, t2v_expected),
-                                            ("v2t", sims.T, v2t_scores, v2t_expected)):
-    if direction == "t2v":
-      result[direction] = metrics.t2v_metrics(scores, mapping, tie=args.tie)
-    else:
-      result[direction] = metrics.v2t_metrics(scores, mapping, protocol=args.v2t_protocol,
-                                              tie=args.tie)
+  directions = (
+      ("t2v", sims, bank, norm_lib.expected_mass(n_texts, n_videos, mapping, direction="t2v")),
+      ("v2t", sims.T, v2t_bank,
+       norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t")))
+  plain, method, errors = {}, {}, {}
+  for direction, raw, direction_bank, expected in directions:
+    plain[direction] = _direction_metrics(args, direction, raw, mapping)
     before = norm_lib.candidate_mass(raw, scale=scale)
-    after = norm_lib.candidate_mass(scores)
+    if args.method == "none":
+      method[direction], after = plain[direction], before
+    else:
+      try:
+        scores = norm_lib.normalize(raw, args.method, direction_bank,
+                                    temperature=args.temperature, col_marginals=expected,
+                                    **options)
+      except ValueError as err:  # invalid option values (k out of range, ...)
+        raise UserError(str(err)) from None
+      method[direction] = _direction_metrics(args, direction, scores, mapping)
+      after = norm_lib.candidate_mass(scores)
+      del scores
     errors[direction] = {
         "before": norm_lib.normalization_error(before, expected),
         "after": norm_lib.normalization_error(after, expected),
         "mass": (before, after, expected)}
+  result = {"method": args.method, "t2v": method["t2v"], "v2t": method["v2t"]}
+  if args.method != "none":
+    result["plain"] = plain
+    result["delta"] = {d: _difference(method[d], plain[d]) for d in plain}
   result["normalization_error"] = {"before": errors["t2v"]["before"]["mae"],
                                    "after": errors["t2v"]["after"]["mae"]}
   return result, errors
 
 
+def _metric_cells(values: dict, signed: bool = False) -> str:
+  sign = "+" if signed else ""
+  return (f"{values['R@1']:{sign}6.1f} {values['R@5']:{sign}6.1f} {values['R@10']:{sign}6.1f} "
+          f"{values['MdR']:{sign}6.1f} {values['MnR']:{sign}8.2f}")
+
+
+def _error_cell(error: dict) -> str:
+  return f"{error['mae']:.4f} / {error['max']:.3f}"
+
+
 def _table(args, result, errors, sims_shape, bank_shapes) -> str:
+  """Per direction: the plain row, the method's row and their difference."""
   n_texts, n_videos = sims_shape
   lines = [f"method: {args.method}   temperature: {args.temperature:g}   tie policy: {args.tie}   "
            f"v2t protocol: {args.v2t_protocol}"]
@@ -211,15 +254,19 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
                  f", bank: {_bank_label(bank_arg, direction)} {shape[0]} x {shape[1]}")
     lines.append(f"{direction}: {n_q} queries x {n_c} candidates, {setting}{bank_text}")
   lines.append("")
-  lines.append(f"{'':5s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'MdR':>6s} {'MnR':>8s}"
-               f"   {'norm. error MAE / max (before -> after)'}")
+  lines.append(f"{'':5s} {'':8s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'MdR':>6s} {'MnR':>8s}"
+               f"   norm. error MAE / max")
   for direction in ("t2v", "v2t"):
-    m = result[direction]
     e = errors[direction]
-    lines.append(
-        f"{direction:5s} {m['R@1']:6.1f} {m['R@5']:6.1f} {m['R@10']:6.1f} {m['MdR']:6.1f} "
-        f"{m['MnR']:8.2f}   {e['before']['mae']:.4f} / {e['before']['max']:.3f} -> "
-        f"{e['after']['mae']:.4f} / {e['after']['max']:.3f}")
+    if args.method == "none":
+      lines.append(f"{direction:5s} {'plain':8s} {_metric_cells(result[direction])}   "
+                   f"{_error_cell(e['before'])}")
+      continue
+    lines.append(f"{direction:5s} {'plain':8s} {_metric_cells(result['plain'][direction])}   "
+                 f"{_error_cell(e['before'])}")
+    lines.append(f"{'':5s} {args.method:8s} {_metric_cells(result[direction])}   "
+                 f"{_error_cell(e['after'])}")
+    lines.append(f"{'':5s} {'delta':8s} {_metric_cells(result['delta'][direction], True)}")
   return "\n".join(lines)
 
 

@@ -25,10 +25,24 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   proc = _run(shared_data_dir / TITLES, "--method", "ncl", "--json", out_json, "--plot", out_png)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out_json.read_text())
-  assert set(result) == {"method", "t2v", "v2t", "normalization_error"}
+  assert set(result) == {"method", "t2v", "v2t", "plain", "delta", "normalization_error"}
   assert result["method"] == "ncl"
   for direction in ("t2v", "v2t"):
     assert tuple(result[direction]) == metrics.METRIC_NAMES
+  # Plain and normalized side by side: the plain block is exactly what --method none writes,
+  # and the delta is the method's row minus it.
+  plain_json = tmp_path / "plain.json"
+  assert posthoc.main([str(shared_data_dir / TITLES), "--json", str(plain_json)]) == 0
+  plain = json.loads(plain_json.read_text())
+  assert set(plain) == {"method", "t2v", "v2t", "normalization_error"}  # written once, no delta
+  assert result["plain"] == {"t2v": plain["t2v"], "v2t": plain["v2t"]}
+  assert plain["t2v"]["R@1"] == pytest.approx(29.7)  # the data README's raw t2v row
+  for direction in ("t2v", "v2t"):
+    for name in metrics.METRIC_NAMES:
+      assert result["delta"][direction][name] == pytest.approx(
+          result[direction][name] - plain[direction][name], abs=1e-12)
+  assert result["delta"]["t2v"]["R@1"] > 2
+  assert plain["normalization_error"]["before"] == result["normalization_error"]["before"]
   # The same numbers as the library gives (transductive NCL, pessimistic ties).
   sims = np.load(shared_data_dir / TITLES)
   expected_t2v = metrics.t2v_metrics(nz.normalize(sims, "ncl", temperature=0.01))
@@ -38,7 +52,12 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   assert errors["before"] > 0.4 and errors["after"] < 1e-3
   assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "t2v: 1000 queries x 1000 candidates, transductive" in proc.stdout
-  assert "R@1" in proc.stdout
+  # Table: per direction the plain row, the method's row and the difference.
+  rows = [line.split() for line in proc.stdout.splitlines()]
+  start = rows.index(next(r for r in rows if r[:2] == ["t2v", "plain"]))
+  assert [rows[start][1], rows[start + 1][0], rows[start + 2][0]] == ["plain", "ncl", "delta"]
+  assert float(rows[start + 2][1]) == pytest.approx(result["delta"]["t2v"]["R@1"], abs=0.051)
+  assert rows[start + 3][:2] == ["v2t", "plain"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
@@ -150,6 +169,8 @@ def test_multi_caption_ncl_meets_caption_count_marginals(tmp_path, rng, capsys):
                        "ncl", "--tol", "1e-6", "--json", str(out)]) == 0
   errors = json.loads(out.read_text())["normalization_error"]
   assert errors["before"] > 0.1 and errors["after"] < 1e-4
-  v2t_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("v2t ")]
-  v2t_after = float(v2t_line[0].split("->")[1].split("/")[0])
+  lines = capsys.readouterr().out.splitlines()
+  v2t_ncl_row = lines[lines.index(next(l for l in lines if l.startswith("v2t   plain"))) + 1]
+  assert v2t_ncl_row.split()[0] == "ncl"
+  v2t_after = float(v2t_ncl_row.split()[-3])  # "... MAE / max" of the NCL row
   assert v2t_after < 1e-4
