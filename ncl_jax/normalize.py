@@ -22,6 +22,15 @@ Methods (``METHODS``):
   ``sims / temperature - gate_i * lse_b(beta * bank_bj) / (beta * temperature)``, which ranks
   every row exactly as QB-Norm's ``beta * s_ij - lse_b(beta * bank_bj)`` does. **Inductive**
   with a training bank, transductive with the test queries as bank.
+* ``is`` (inverted softmax, Smith et al. 2017): every query gets QB-Norm's inverted-softmax
+  scores, ungated: ``sims / temperature - lse_b(beta * bank_bj) / (beta * temperature)``.
+* ``csls`` (cross-domain similarity local scaling, Conneau et al. 2018):
+  ``sims / temperature - r_j / (2 * temperature)`` with ``r_j`` the mean similarity of candidate
+  ``j``'s ``k`` nearest bank queries; this is ``CSLS / (2 * temperature)`` up to a per-query
+  constant. Both are inductive with a training bank, transductive with the test queries.
+
+``ncl``, ``is`` and ``csls`` reduce to one bias per candidate (:class:`Biases`) added to
+``sims / temperature``; QB-Norm's bias is gated per query and DSL has none.
 
 Banks of any size are streamed through jitted functions in fixed-size row chunks (pass a
 ``np.load(..., mmap_mode="r")`` memmap for banks larger than memory); only [n_candidates]
@@ -39,7 +48,7 @@ import numpy as np
 
 from ncl_jax import sinkhorn as sinkhorn_lib
 
-METHODS = ("none", "ncl", "dsl", "qbnorm")
+METHODS = ("none", "ncl", "dsl", "qbnorm", "is", "csls")
 TRANSDUCTIVE_ONLY = ("dsl",)
 
 # Rows per streamed chunk hold about this many entries (4 MiB of float32): small enough to stay
@@ -447,9 +456,124 @@ def qbnorm(sims, bank=None, *, temperature: float, beta: float = 20.0, k: int = 
   return _rowwise(sims, rescale, chunk_rows)
 
 
+def _biased(sims, bias: np.ndarray, temperature: float) -> np.ndarray:
+  """``sims / temperature + bias`` [n_queries, n_candidates] float32, in row chunks."""
+  inv_t = np.float32(1.0 / temperature)
+  return _rowwise(sims, lambda _, block: block * inv_t + bias[None, :])
+
+
+def inverted_softmax_biases(bank, *, temperature: float, beta: float | None = None,
+                            chunk_rows: int | None = None) -> Biases:
+  """Inverted-softmax candidate biases from a query bank, in one streamed pass.
+
+  Smith, Turban, Hamblin & Hammerla, "Offline bilingual word vectors, orthogonal
+  transformations and the inverted softmax" (ICLR 2017), eq. 5: the probability of translating
+  target ``y`` from source ``x`` is normalised over the *sources*,
+  ``P(y -> x) = exp(beta * S_yx) / sum_x' exp(beta * S_yx')``. Here the sources are the bank
+  queries and the targets the candidates, so ``log P = beta * s_qj - lse_b(beta * bank_bj)``;
+  divided by ``beta * temperature`` it becomes a bias on the model's logit scale with the same
+  ranking in every row.
+
+  Args:
+    bank: [n_bank, n_candidates] similarities.
+    temperature: the model's logit temperature (output scale).
+    beta: inverse temperature of the inverted softmax on the similarities; default
+      ``1 / temperature`` (then the bias is NCL's Sinkhorn potential after zero iterations).
+    chunk_rows: rows per streamed chunk.
+
+  Returns:
+    :class:`Biases` with ``bias = -lse_b(beta * bank_bj) / (beta * temperature)`` [n_candidates].
+  """
+  beta = 1.0 / temperature if beta is None else float(beta)
+  if not beta > 0:
+    raise ValueError(f"beta must be positive, got {beta}")
+  n_bank, n_cols = bank.shape
+  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  lse = np.full(n_cols, -np.inf, np.float64)
+  for block, valid in _chunks(bank, rows):
+    lse = np.logaddexp(lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(beta)),
+                                       np.float64))
+  return Biases((-lse / (beta * temperature)).astype(np.float32), 0, 0.0)
+
+
+def inverted_softmax(sims, bank=None, *, temperature: float, beta: float | None = None,
+                     chunk_rows: int | None = None) -> np.ndarray:
+  """Inverted-softmax normalized logits [n_queries, n_candidates] (Smith et al. 2017).
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
+    temperature, beta, chunk_rows: see :func:`inverted_softmax_biases`.
+
+  Returns:
+    ``sims / temperature + bias``; each row ranks as ``beta * s - lse_b(beta * bank_b)``.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  biases = inverted_softmax_biases(bank, temperature=temperature, beta=beta,
+                                   chunk_rows=chunk_rows)
+  return _biased(sims, biases.bias, temperature)
+
+
+def csls_biases(bank, *, temperature: float, k: int = 10,
+                chunk_rows: int | None = None) -> Biases:
+  """CSLS candidate biases from a query bank, in one streamed pass.
+
+  Conneau, Lample, Ranzato, Denoyer & Jégou, "Word translation without parallel data" (ICLR
+  2018), eq. 6: ``CSLS(x, y) = 2 cos(x, y) - r_T(x) - r_S(y)``, where ``r_S(y)`` is the mean
+  cosine of target ``y`` with its ``k`` nearest source neighbours (``k = 10`` in the paper) and
+  ``r_T(x)`` the same for the query ``x`` over the targets. Here ``r_S`` is taken over the bank
+  queries: ``r_j = mean of the k largest bank_bj``. ``r_T(x)`` is constant within a query's
+  row, so it changes neither the ranking nor the row softmax and is dropped; halving the rest
+  keeps the similarities on the model's logit scale: ``sims / temperature - r_j / (2T)``.
+
+  Args:
+    bank: [n_bank, n_candidates] similarities.
+    temperature: the model's logit temperature (output scale).
+    k: bank neighbours per candidate, ``1 <= k <= n_bank``.
+    chunk_rows: rows per streamed chunk.
+
+  Returns:
+    :class:`Biases` with ``bias = -r_j / (2 * temperature)`` [n_candidates].
+  """
+  n_bank, n_cols = bank.shape
+  if not 1 <= k <= n_bank:
+    raise ValueError(f"k must lie in [1, {n_bank}] (the bank's rows), got {k}")
+  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  top = np.empty((0, n_cols), np.float32)  # each column's k largest bank scores so far
+  for block, valid in _chunks(bank, rows):
+    top = np.concatenate([top, np.asarray(block)[valid]])
+    if top.shape[0] > k:
+      top = -np.partition(-top, k - 1, axis=0)[:k]
+  r = top.astype(np.float64).mean(axis=0)
+  return Biases((-r / (2.0 * temperature)).astype(np.float32), 0, 0.0)
+
+
+def csls(sims, bank=None, *, temperature: float, k: int = 10,
+         chunk_rows: int | None = None) -> np.ndarray:
+  """CSLS normalized logits [n_queries, n_candidates] (Conneau et al. 2018).
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
+    temperature, k, chunk_rows: see :func:`csls_biases`.
+
+  Returns:
+    ``sims / temperature - r_j / (2 * temperature)``: ``CSLS / (2 * temperature)`` plus
+    ``r_T(x) / (2 * temperature)``, a per-query constant.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  biases = csls_biases(bank, temperature=temperature, k=k, chunk_rows=chunk_rows)
+  return _biased(sims, biases.bias, temperature)
+
+
 def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals=None,
               **options) -> np.ndarray:
-  """Dispatches to :func:`ncl`, :func:`dsl`, :func:`qbnorm` or the identity.
+  """Dispatches to :func:`ncl`, :func:`dsl`, :func:`qbnorm`, :func:`inverted_softmax`,
+  :func:`csls` or the identity.
 
   Args:
     sims: [n_queries, n_candidates] similarities.
@@ -459,7 +583,7 @@ def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals
     temperature: logit temperature.
     col_marginals: NCL's expected candidate shares (e.g. caption counts); ignored otherwise.
     **options: method options (``tol``, ``max_iterations``, ``anderson``, ``beta``, ``k``,
-      ``dsl_temperature``, ``chunk_rows``, ``stream``).
+      ``dsl_temperature``, ``chunk_rows``, ``stream``); see each method's function.
 
   Returns:
     [n_queries, n_candidates] float32 normalized logits.
@@ -477,4 +601,8 @@ def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals
     if bank is not None:
       raise ValueError("dsl is transductive: it normalizes over the test queries, not a bank")
     return dsl(sims, temperature=temperature, **options)
-  return qbnorm(sims, bank, temperature=temperature, **options)
+  if method == "qbnorm":
+    return qbnorm(sims, bank, temperature=temperature, **options)
+  if method == "is":
+    return inverted_softmax(sims, bank, temperature=temperature, **options)
+  return csls(sims, bank, temperature=temperature, **options)

@@ -2,7 +2,7 @@
 
 Usage::
 
-  python -m ncl_jax.posthoc SIMS.npy --method {none,ncl,dsl,qbnorm} [--bank test|BANK.npy]
+  python -m ncl_jax.posthoc SIMS.npy --method {none,ncl,dsl,qbnorm,is,csls} [--bank test|BANK.npy]
       [--v2t-bank test|VBANK.npy] [--temperature 0.01] [--gt MAP.npy] [--plot OUT.png]
       [--json PATH|-]
   python -m ncl_jax.posthoc --demo --method ncl      # a generated matrix, no files needed
@@ -58,15 +58,17 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="python -m ncl_jax.posthoc",
-      description="Post-hoc normalization (none, ncl, dsl, qbnorm) and t2v/v2t retrieval metrics "
-                  "of a [n_texts, n_videos] similarity matrix.")
+      description="Post-hoc normalization (none, ncl, dsl, qbnorm, is, csls) of a "
+                  "[n_texts, n_videos] similarity matrix: t2v/v2t retrieval metrics, plain and "
+                  "normalized side by side.")
   parser.add_argument("sims", nargs="?", help="SIMS.npy, [n_texts, n_videos] similarities")
   parser.add_argument("--demo", action="store_true",
                       help="use a generated 400 x 400 matrix with miscalibrated videos "
                            "instead of SIMS.npy")
   parser.add_argument("--method", choices=norm_lib.METHODS, default="none",
                       help="none; ncl (Sinkhorn biases); dsl (dual softmax, transductive); "
-                           "qbnorm (dynamic inverted softmax). Default: none")
+                           "qbnorm (dynamic inverted softmax); is (inverted softmax); csls "
+                           "(cross-domain similarity local scaling). Default: none")
   parser.add_argument("--bank", default="test", metavar="test|BANK.npy",
                       help="t2v query bank: 'test' (transductive) or BANK.npy [n_bank, n_videos]")
   parser.add_argument("--v2t-bank", default="test", metavar="test|VBANK.npy",
@@ -86,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--max-iterations", type=int, default=1000, help="ncl: iteration cap")
   parser.add_argument("--qb-beta", type=float, default=20.0, help="qbnorm: inverse temperature")
   parser.add_argument("--qb-k", type=int, default=1, help="qbnorm: activation top-k")
+  parser.add_argument("--is-beta", type=float, default=None,
+                      help="is: inverse temperature of the inverted softmax on the similarities "
+                           "(default 1/--temperature)")
+  parser.add_argument("--csls-k", type=int, default=10,
+                      help="csls: bank neighbours per candidate (default 10, as in the paper)")
   parser.add_argument("--dsl-temperature", type=float, default=1.0,
                       help="dsl: temperature of the softmax over queries (on the logits)")
   parser.add_argument("--plot", metavar="OUT.png", help="OUT.png: t2v histograms before/after (not overwritten)")
@@ -181,6 +188,10 @@ def _method_options(args) -> dict:
     return {"beta": args.qb_beta, "k": args.qb_k}
   if args.method == "dsl":
     return {"dsl_temperature": args.dsl_temperature}
+  if args.method == "is":
+    return {"beta": args.is_beta}
+  if args.method == "csls":
+    return {"k": args.csls_k}
   return {}
 
 
@@ -284,7 +295,8 @@ def main(argv=None) -> int:
   if args.demo == bool(args.sims):
     raise UserError("give exactly one of SIMS.npy or --demo")
   for flag, value in (("--temperature", args.temperature), ("--qb-beta", args.qb_beta),
-                      ("--dsl-temperature", args.dsl_temperature)):
+                      ("--dsl-temperature", args.dsl_temperature),
+                      ("--is-beta", 1.0 if args.is_beta is None else args.is_beta)):
     if not (np.isfinite(value) and value > 0):
       raise UserError(f"{flag} must be a positive number, got {value}")
   if not (np.isfinite(args.tol) and args.tol >= 0) or args.max_iterations < 1:

@@ -184,3 +184,57 @@ def test_real_dsl_raises_recall(shared_data_dir):
   sims = np.load(shared_data_dir / VIDEO)
   plain = metrics.t2v_metrics(sims)["R@1"]
   assert metrics.t2v_metrics(nz.dsl(sims, temperature=0.01))["R@1"] > plain + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Inverted softmax and CSLS against numpy transcriptions of their papers' formulas.
+
+def test_inverted_softmax_matches_smith_et_al(rng):
+  bank = _hub_sims(rng, 30, 20)
+  sims = _hub_sims(rng, 12, 20)
+  beta, temperature = 30.0, 0.02
+  got = nz.inverted_softmax(sims, bank, temperature=temperature, beta=beta, chunk_rows=16)
+  # Smith et al. 2017, eq. 5: P(y -> x) = exp(beta S_yx) / sum_x' exp(beta S_yx'), normalised
+  # over the sources (the bank queries) for each target (candidate).
+  s64, b64 = sims.astype(np.float64), bank.astype(np.float64)
+  probability = np.exp(beta * s64) / np.exp(beta * b64).sum(axis=0, keepdims=True)
+  np.testing.assert_allclose(got * beta * temperature, np.log(probability), rtol=1e-5, atol=1e-4)
+  # Default beta = 1/T: the bias is NCL's Sinkhorn column potential after zero iterations
+  # (UCoFiA's b <- 1/colsum(K) step), so the bank is balanced to first order.
+  default = nz.inverted_softmax_biases(bank, temperature=temperature)
+  np.testing.assert_allclose(default.bias, -np.log(np.exp(b64 / temperature).sum(0)),
+                             rtol=1e-5)
+  # Transductive: the queries are their own bank.
+  np.testing.assert_allclose(nz.normalize(sims, "is", temperature=temperature, beta=beta),
+                             nz.inverted_softmax(sims, sims, temperature=temperature, beta=beta))
+
+
+def test_csls_matches_conneau_et_al(rng):
+  bank = _hub_sims(rng, 40, 25)
+  sims = _hub_sims(rng, 15, 25)
+  k, temperature = 4, 0.01
+  got = nz.csls(sims, bank, temperature=temperature, k=k, chunk_rows=16)  # 3 chunks
+  # Conneau et al. 2018, eq. 6: CSLS(x, y) = 2 cos(x, y) - r_T(x) - r_S(y), r = mean cosine of
+  # the k nearest neighbours in the other domain (here: the candidate's k nearest bank queries).
+  s64, b64 = sims.astype(np.float64), bank.astype(np.float64)
+  r_candidate = np.sort(b64, axis=0)[-k:].mean(axis=0)
+  r_query = np.sort(s64, axis=1)[:, -k:].mean(axis=1)
+  reference = 2 * s64 - r_query[:, None] - r_candidate[None, :]
+  # The per-query term shifts each row by a constant: same ranking, same row softmax.
+  np.testing.assert_allclose(got - reference / (2 * temperature),
+                             np.repeat(r_query[:, None] / (2 * temperature), 25, axis=1),
+                             rtol=1e-5, atol=2e-3)
+  np.testing.assert_array_equal(np.argsort(-got, axis=1, kind="stable")[:, 0],
+                                np.argmax(reference, axis=1))
+  with pytest.raises(ValueError, match="k must lie"):
+    nz.csls(sims, bank, temperature=temperature, k=41)
+
+
+@pytest.mark.parametrize("method", ["is", "csls"])
+def test_real_inductive_is_and_csls_raise_recall(shared_data_dir, method):
+  """Half split of the video matrix: bank = first 500 captions, queries = the other 500."""
+  sims = np.load(shared_data_dir / VIDEO)
+  bank, queries, gt = sims[:500], sims[500:], np.arange(500, 1000)
+  options = {"beta": 100.0} if method == "is" else {"k": 3}
+  normalized = nz.normalize(queries, method, bank, temperature=0.01, **options)
+  assert metrics.t2v_metrics(normalized, gt)["R@1"] > metrics.t2v_metrics(queries, gt)["R@1"] + 1

@@ -112,6 +112,8 @@ def files(tmp_path, rng):
     (["{sims}", "--method", "ncl", "--max-iterations", "0"], "--max-iterations >= 1"),
     (["{sims}", "--method", "sinkhorn"], "invalid choice"),
     (["{sims}", "--method", "qbnorm", "--qb-k", "9"], "k must lie in"),
+    (["{sims}", "--method", "csls", "--csls-k", "7"], "k must lie in \\[1, 6\\]"),
+    (["{sims}", "--method", "is", "--is-beta", "-1"], "--is-beta must be a positive number"),
     (["{sims}", "--demo"], "exactly one of"),
     (["{sims}", "--json", "{sims}"], "already exists"),
 ])
