@@ -3,7 +3,6 @@ real formats with small real videos written by PyAV."""
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import numpy as np
@@ -48,8 +47,11 @@ EXPECTED = {   # split: (videos, captions) from the dummy annotation files.
     "msrvtt": {"train": (7, 22), "val": (1, 3), "test": (2, 2)},
     "msvd": {"train": (3, 9), "val": (1, 2), "test": (2, 5)},
     "activitynet": {"train": (3, 3), "val": (1, 1), "test": (2, 2)},
-    "didemo": {"train": (3, 3), "val": (1, 1), "test": (2, 2)},
+    "didemo": {"train": (6, 6), "val": (1, 1), "test": (4, 4)},
 }
+# Listed ids their caption files lack (ActivityNet: one per id list, as in the public files;
+# DiDeMo: one listed video without descriptions).
+WITHOUT_CAPTIONS = {"msrvtt": 0, "msvd": 0, "activitynet": 2, "didemo": 1}
 
 
 @pytest.mark.parametrize("dataset", sorted(EXPECTED))
@@ -57,7 +59,8 @@ def test_frames_mode_counts_maps_and_decoded_frames(dataset, videos, tmp_path, c
   videos_dir, colour_of = videos[dataset]
   summary = _prepare(capsys, dataset, tmp_path, "--videos_dir", videos_dir)
   assert summary == {"dataset": dataset, "skipped_videos": 0, "splits": {
-      s: {"videos": v, "captions": c} for s, (v, c) in EXPECTED[dataset].items()}}
+      s: {"videos": v, "captions": c} for s, (v, c) in EXPECTED[dataset].items()},
+                     "ids_without_captions": WITHOUT_CAPTIONS[dataset]}
   ds = get_dataset(_config(dataset, tmp_path), WordTokenizer())
   assert ds.eval_splits == ("val", "test") and ds.validation_split == "val"
   assert ds.num_train_examples == EXPECTED[dataset]["train"][1]
@@ -77,12 +80,10 @@ def test_frames_mode_counts_maps_and_decoded_frames(dataset, videos, tmp_path, c
       assert batch["video"].dtype == np.uint8
       for row in np.flatnonzero(batch["mask"]):
         video_id = data.video_ids[start + row]
-        stem = next(s for s in colour_of if s in (video_id, video_id[2:],
-                                                  os.path.splitext(video_id)[0]))
         frames = batch["video"][row][batch["frame_mask"][row]]
-        assert len(frames) == 3   # 3-second videos at 1 fps.
+        assert len(frames) == 3, video_id   # 3-second videos at 1 fps.
         for second, frame in enumerate(frames):
-          expected = dummy.frame_colour(colour_of[stem], second).astype(int)
+          expected = dummy.frame_colour(colour_of[video_id], second).astype(int)
           assert np.abs(frame.astype(int) - expected).max() <= TOLERANCE, (video_id, second)
       start += 3
 
@@ -211,3 +212,48 @@ def test_builders_publish_manual_download_instructions():
     from ncl_jax.data import annotation_readers
     for required in annotation_readers.REQUIRED_FILES[name]:
       assert required in cls.MANUAL_DOWNLOAD_INSTRUCTIONS, (name, required)
+
+
+def _prepare_fails(capsys, argv):
+  """Runs prepare as the CLI does; returns its stderr after checking for one error line."""
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(lambda: prepare.main(argv))
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  # Above it stderr holds only progress bars.
+  assert err.count("error: ") == 1 and "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ")
+  return last
+
+
+def test_summary_names_ids_without_captions(videos, tmp_path, capsys):
+  argv = ["activitynet", "--manual_dir", str(DUMMY / "activitynet"), "--data_dir",
+          str(tmp_path), "--image_size", str(SIZE), "--videos_dir", videos["activitynet"][0]]
+  assert prepare.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "1 ids of the train list have no captions and were left out: v_D_XMD02v690" in out
+  assert "1 ids of the test list have no captions and were left out: v_UBQfURrVB_Y" in out
+  assert json.loads(out.strip().splitlines()[-1])["ids_without_captions"] == 2
+
+
+def test_empty_splits_stop_with_one_error_line(tmp_path, capsys):
+  empty = tmp_path / "empty_videos"
+  empty.mkdir()
+  base = ["msvd", "--manual_dir", str(DUMMY / "msvd"), "--image_size", str(SIZE),
+          "--max_bad_fraction", "1"]
+  err = _prepare_fails(capsys, base + ["--data_dir", str(tmp_path / "a"), "--videos_dir",
+                                       str(empty)])
+  assert f"the msvd train split is empty: none of its 3 videos (e.g. vidA_1_5) is in {empty}" \
+      in err
+  # Every video of the val split (one) undecodable: the split would be written empty.
+  broken = tmp_path / "broken_videos"
+  dummy.write_videos("msvd", str(broken), seconds=1.0)
+  (broken / "vidD_4_8.avi").write_bytes(b"not a video" * 20)
+  err = _prepare_fails(capsys, base + ["--data_dir", str(tmp_path / "b"), "--videos_dir",
+                                       str(broken)])
+  assert "the msvd val split is empty: all 1 videos are missing or undecodable (e.g. " \
+      "vidD_4_8" in err
+  for out in ("a", "b"):
+    with pytest.raises(UserError, match="no prepared msvd data"):
+      get_dataset(_config("msvd", tmp_path / out), WordTokenizer())

@@ -67,8 +67,8 @@ def test_frames_mode_counts_maps_and_pixels(dataset, tmp_path, capsys):
   colours = _write_images(dataset, str(tmp_path / "images"))
   summary = _prepare(capsys, dataset, tmp_path / "out", "--videos_dir", str(tmp_path / "images"))
   expected = _expected(dataset)
-  assert summary == {"dataset": dataset, "skipped_videos": 0, "splits": {
-      s: {"videos": v, "captions": c} for s, (v, c) in expected.items()}}
+  assert summary == {"dataset": dataset, "skipped_videos": 0, "ids_without_captions": 0,
+                     "splits": {s: {"videos": v, "captions": c} for s, (v, c) in expected.items()}}
   config = default_data_config(dataset)
   config.update(dict(data_dir=str(tmp_path / "out"), image_size=SIZE, max_words=8, prefetch=0))
   if dataset == "coco":

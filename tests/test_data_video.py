@@ -24,7 +24,8 @@ def _seconds_of(frames, video_index):
   return seconds.tolist()
 
 
-@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi", ".mkv"])
+# .mts (MPEG-TS) streams start at a non-zero timestamp: seconds count from the first frame.
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi", ".mkv", ".mts", ".wmv"])
 def test_one_frame_per_second_in_every_container(tmp_path, suffix):
   path = str(tmp_path / f"clip{suffix}")
   dummy.write_video(path, 3, seconds=4.5, fps=5, width=40, height=30)
@@ -78,10 +79,43 @@ def test_jpeg_round_trip_is_close():
   assert np.abs(back.astype(int) - frame).mean() < 4
 
 
-def test_index_video_files_finds_nested_files_by_stem(tmp_path):
-  (tmp_path / "a").mkdir()
-  (tmp_path / "a" / "x.mp4").write_bytes(b"")
-  (tmp_path / "y.WEBM").write_bytes(b"")
-  (tmp_path / "notes.txt").write_bytes(b"")
-  found = video.index_video_files(str(tmp_path))
-  assert sorted(found) == ["x", "y"]
+def _touch(root, *names):
+  for name in names:
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def test_file_index_finds_every_naming_route_of_didemo_and_activitynet(tmp_path):
+  _touch(tmp_path, "a/X1.mov", "X2.", "X3.wmv.mp4", "X4.MOV", "X5.mp4", "b/abc.webm",
+         "X6.null", "notes.txt", "X7.npy")
+  index = video.FileIndex(str(tmp_path))
+  def found(names=(), stems=()):
+    path, _ = index.find(names, stems)
+    return path and str(pathlib.Path(path).relative_to(tmp_path))
+  assert found(("X1.mov",), ("X1",)) == "a/X1.mov"          # original name, nested folder
+  assert found(("X2.",), ("X2",)) == "X2."                  # bare trailing dot
+  assert found(("X3.wmv",), ("X3",)) == "X3.wmv.mp4"        # AWS copy "<name>.mp4"
+  assert found(("x4.mov",), ("x4",)) == "X4.MOV"            # other letter case
+  assert found(("X5.avi",), ("X5",)) == "X5.mp4"            # transcoded "<stem>.mp4"
+  assert found((), ("abc", "v_abc")) == "b/abc.webm"        # ActivityNet id without "v_"
+  assert found(("X6.null",), ("X6",)) == "X6.null"          # listed name, unknown extension
+  assert found((), ("notes", "X6", "X7")) is None           # stems need a video extension
+  assert found(("X8.mp4",), ("X8",)) is None
+  npy = video.FileIndex(str(tmp_path), (".npy",))
+  assert npy.find((), ("X7",))[0] == str(tmp_path / "X7.npy")
+
+
+def test_file_index_rule_when_several_files_match(tmp_path):
+  # One video stored five ways: the exact listed name wins, then other case, then
+  # "<name>.<ext>", then "<stem>.<ext>" with .mp4 before .webm; sorted path order breaks ties.
+  _touch(tmp_path, "V.mov", "z/V.MOV", "V.mov.mp4", "V.webm", "V.mp4", "a/V.mp4")
+  index = video.FileIndex(str(tmp_path))
+  order = ["V.mov", "z/V.MOV", "V.mov.mp4", "V.mp4", "a/V.mp4", "V.webm"]
+  for first in range(len(order)):
+    path, count = index.find(("V.mov",), ("V",))
+    assert (pathlib.Path(path).relative_to(tmp_path).as_posix(), count) == (
+        order[first], len(order) - first)
+    (tmp_path / order[first]).unlink()
+    index = video.FileIndex(str(tmp_path))
+  assert index.find(("V.mov",), ("V",)) == (None, 0)

@@ -135,6 +135,14 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
           f"--max_bad_fraction={self._max_bad_fraction}; check the {self.ITEM_NOUN} folder or "
           "raise --max_bad_fraction")
 
+  def _check_missing(self, split: str, missing: list[str], total: int, folder: str):
+    """Stops when every item of a split is missing (an empty split) or too many are."""
+    if total and len(missing) == total:
+      raise UserError(f"the {self.DATASET} {split} split is empty: none of its {total} "
+                      f"{self.ITEM_NOUN} (e.g. {missing[0]}) is in {folder}; check "
+                      "--videos_dir / --features_dir")
+    self._check_bad(split, len(missing), total, "missing", missing)
+
   @staticmethod
   def _item_id(entry) -> str:
     return entry.video_id
@@ -183,6 +191,10 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                              **loaded}
     self._check_bad(split, len(skipped), len(items), "missing or undecodable",
                     [s[0] for s in skipped])
+    if not video_ids:
+      raise UserError(f"the {self.DATASET} {split} split is empty: all {len(items)} "
+                      f"{self.ITEM_NOUN} are missing or undecodable (e.g. {skipped[0][0]}: "
+                      f"{skipped[0][1]})")
 
 
 class _RetrievalBuilder(StoredItemsBuilder, skip_registration=True):
@@ -214,15 +226,14 @@ class _RetrievalBuilder(StoredItemsBuilder, skip_registration=True):
       raise UserError(f"video folder {folder} does not exist; pass it with {flag}")
     return folder
 
-  def _index_files(self, folder: str) -> dict[str, str]:
+  def _file_finder(self, folder: str):
+    """entry -> (path or None, number of matching files): videos in frames mode by the rules of
+    :class:`ncl_jax.data.video.FileIndex`, ``<name or stem>.npy`` in features mode."""
     if self.builder_config.input_mode == "frames":
-      return video_lib.index_video_files(folder)
-    found = {}
-    for root, _, files in os.walk(folder):
-      for name in sorted(files):
-        if name.endswith(".npy"):
-          found.setdefault(name[:-4], os.path.join(root, name))
-    return found
+      index = video_lib.FileIndex(folder)
+      return lambda e: index.find(e.file_names, e.stems)
+    index = video_lib.FileIndex(folder, (".npy",))
+    return lambda e: index.find((), (*e.file_names, *e.stems))
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
@@ -233,19 +244,24 @@ class _RetrievalBuilder(StoredItemsBuilder, skip_registration=True):
         raise UserError("frames mode decodes videos with PyAV: pip install 'ncl_jax[video]' "
                         "(or pass --features_dir for features mode)") from err
     annotations = annotations_lib.READERS[self.DATASET](manual_dir)
-    files = self._index_files(self._source_dir(manual_dir))
+    folder = self._source_dir(manual_dir)
+    find = self._file_finder(folder)
     meta = self.info.metadata
     meta["settings"] = {"dataset": self.DATASET, **dataclasses.asdict(self.builder_config)}
     meta["settings"] = {k: v for k, v in meta["settings"].items()
                         if isinstance(v, (str, int, float, bool))}
     meta["subsets"] = annotations.subsets
     meta["splits"], meta["skipped"] = {}, {}
+    meta["without_captions"] = annotations.without_captions
+    meta["several_files"] = {}
     generators = {}
     for split, entries in annotations.splits.items():
-      paths = [next((files[s] for s in e.stems if s in files), None) for e in entries]
-      missing = sum(p is None for p in paths)
-      self._check_bad(split, missing, len(entries), "missing",
-                      [e.video_id for e, p in zip(entries, paths) if p is None])
+      found = [find(e) for e in entries]
+      paths = [path for path, _ in found]
+      missing = [e.video_id for e, p in zip(entries, paths) if p is None]
+      self._check_missing(split, missing, len(entries), folder)
+      meta["several_files"][split] = [[e.video_id, p] for e, (p, n) in zip(entries, found)
+                                      if n > 1]
       generators[split] = self._generate_examples(split, list(zip(entries, paths)))
     return generators
 

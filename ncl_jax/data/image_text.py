@@ -189,23 +189,23 @@ class _ImageTextBuilder(builders.StoredItemsBuilder, skip_registration=True):
   def _item_id(entry) -> str:
     return entry.image_id
 
-  def _source(self, manual_dir: str) -> tuple[dict[str, str], str]:
-    """(file index, what it holds): image files by name, or .npy files by image stem."""
+  def _source(self, manual_dir: str) -> tuple[dict[str, str], str, str]:
+    """(file index, what it holds, folder): image files by name, or .npy files by image stem."""
     if self.builder_config.input_mode == "frames":
       folder = self._videos_dir or os.path.join(manual_dir, "images")
       if not os.path.isdir(folder):
         raise UserError(f"image folder {folder} does not exist; pass it with --videos_dir")
-      return index_image_files(folder), "frames"
+      return index_image_files(folder), "frames", folder
     if not self._features_dir or not os.path.isdir(self._features_dir):
       raise UserError("features mode needs --features_dir, an existing folder of "
                       "<image stem>.npy files")
     found = index_image_files(self._features_dir, (".npy",))
-    return {name[:-4]: path for name, path in found.items()}, "features"
+    return {name[:-4]: path for name, path in found.items()}, "features", self._features_dir
 
   def _split_generators(self, dl_manager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     splits = read_karpathy(manual_dir, self.DATASET)
-    files, kind = self._source(manual_dir)
+    files, kind, folder = self._source(manual_dir)
     cfg = self.builder_config
     meta = self.info.metadata
     meta["settings"] = {"dataset": self.DATASET, "name": cfg.name, "input_mode": cfg.input_mode,
@@ -218,7 +218,7 @@ class _ImageTextBuilder(builders.StoredItemsBuilder, skip_registration=True):
       keys = [e.filename if kind == "frames" else e.image_id for e in entries]
       paths = [files.get(k) for k in keys]
       missing = [e.image_id for e, p in zip(entries, paths) if p is None]
-      self._check_bad(split, len(missing), len(entries), "missing", missing)
+      self._check_missing(split, missing, len(entries), folder)
       generators[split] = self._generate_examples(split, list(zip(entries, paths)))
     return generators
 

@@ -8,7 +8,9 @@ DATASET is one of msrvtt, msvd, activitynet, didemo, or the image-text sets coco
 (``ncl_jax.data.image_text``: --videos_dir is then the image folder). Frames mode (the default) decodes the
 videos; passing --features_dir (or --mode features) stores per-frame features instead. The
 command shows progress while it decodes, prints a readable summary, and ends with one JSON line
-``{"dataset": ..., "splits": {"train": {"videos": n, "captions": m}, ...}, "skipped_videos": k}``.
+``{"dataset": ..., "splits": {"train": {"videos": n, "captions": m}, ...}, "skipped_videos": k,
+"ids_without_captions": j}`` (j: ids a split list names but its caption file lacks; they are
+left out, never a failure).
 Training then reads it with ``--config.data.data_dir=OUT``. An existing prepared copy in OUT is
 reused, never overwritten.
 """
@@ -83,16 +85,21 @@ def prepare(args: argparse.Namespace) -> dict:
 
 
 def summarize(dataset: str, builder) -> dict:
-  """{"dataset", "splits": {split: {"videos", "captions"}}, "skipped_videos", ...}."""
+  """{"dataset", "splits": {split: {"videos", "captions"}}, "skipped_videos",
+  "ids_without_captions", ...} from the prepared copy's metadata."""
   meta = builder.info.metadata
   splits = {name: {"videos": len(info["video_ids"]),
                    "captions": sum(len(c) for c in info["captions"])}
             for name, info in meta["splits"].items()}
   skipped = {name: items for name, items in meta["skipped"].items()}
+  # Copies prepared before these were recorded lack the keys.
+  without = dict(meta.get("without_captions", {}))
+  several = dict(meta.get("several_files", {}))
   return {"dataset": dataset, "splits": splits,
           "skipped_videos": sum(len(v) for v in skipped.values()),
+          "ids_without_captions": sum(len(v) for v in without.values()),
           "config": builder.builder_config.name, "path": os.fspath(builder.data_dir),
-          "skipped": skipped}
+          "skipped": skipped, "without_captions": without, "several_files": several}
 
 
 def _print_summary(summary: dict) -> None:
@@ -100,12 +107,22 @@ def _print_summary(summary: dict) -> None:
   for name, counts in summary["splits"].items():
     print(f"  {name:>6}: {counts['videos']:6d} videos, {counts['captions']:7d} captions, "
           f"{len(summary['skipped'][name])} skipped")
+  for name, ids in summary["without_captions"].items():
+    if ids:
+      more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+      print(f"  {len(ids)} ids of the {name} list have no captions and were left out: "
+            f"{', '.join(ids[:5])}{more}")
+  for name, items in summary["several_files"].items():
+    if items:
+      video_id, path = items[0]
+      print(f"  {len(items)} {name} videos match several files; the first by the matching "
+            f"rules (docs/data.md) was used, e.g. {video_id} -> {path}")
   for name, items in summary["skipped"].items():
     for video_id, reason in items[:5]:
       print(f"  skipped ({name}) {video_id}: {reason}")
     if len(items) > 5:
       print(f"  ... and {len(items) - 5} more skipped in {name}")
-  line = {k: summary[k] for k in ("dataset", "splits", "skipped_videos")}
+  line = {k: summary[k] for k in ("dataset", "splits", "skipped_videos", "ids_without_captions")}
   print(json.dumps(line), flush=True)
 
 

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import numpy as np
 from PIL import Image
 
 from ncl_jax.data.pipeline import sample_frame_indices
 
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
+# Containers FFmpeg opens, in the order a file is preferred when several copies of one video
+# exist under different extensions (see FileIndex.find). The tail covers the camera and phone
+# formats of DiDeMo's Flickr originals (.3gp .3g2 .wmv .mts .m2ts .qt .asf .divx ...).
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp",
+                    ".3g2", ".3gpp", ".wmv", ".asf", ".mts", ".m2ts", ".ts", ".qt", ".divx",
+                    ".flv", ".ogv", ".vob", ".dv", ".mxf")
 
 
 class VideoDecodeError(Exception):
@@ -66,16 +72,21 @@ def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int
         raise VideoDecodeError(f"{path}: no video stream")
       stream = container.streams.video[0]
       stream.thread_type = "AUTO"
+      # Times count from the stream's first frame, as CLIP4Clip's frame positions do: MPEG-TS
+      # files (.mts/.m2ts camera videos) start at a non-zero timestamp.
+      origin = (float(stream.start_time * stream.time_base)
+                if stream.start_time is not None else 0.0)
       next_time = start
       for frame in container.decode(stream):
         if frame.time is None:
           continue
-        if end is not None and frame.time > end + 1e-6:
+        time = frame.time - origin
+        if end is not None and time > end + 1e-6:
           break
-        if frame.time + 1e-6 >= next_time:
+        if time + 1e-6 >= next_time:
           picked.append(frame.to_ndarray(format="rgb24"))
           # The next sample is the first frame at or after the next whole step.
-          steps = math.floor((frame.time - start) * fps + 1e-6) + 1
+          steps = math.floor((time - start) * fps + 1e-6) + 1
           next_time = start + steps / fps
   except av.error.FFmpegError as err:
     raise VideoDecodeError(f"{path}: {err}") from err
@@ -99,13 +110,51 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def index_video_files(videos_dir: str) -> dict[str, str]:
-  """Maps every video file's stem under ``videos_dir`` (searched recursively) to its path."""
-  import os  # pylint: disable=g-import-not-at-top
-  found = {}
-  for root, _, files in os.walk(videos_dir):
-    for name in sorted(files):
-      stem, ext = os.path.splitext(name)
-      if ext.lower() in VIDEO_EXTENSIONS:
-        found.setdefault(stem, os.path.join(root, name))
-  return found
+class FileIndex:
+  """The files under a folder (searched recursively), found by the names a data set's own tools
+  give them.
+
+  :meth:`find` tries, in this order, and takes the first rule that matches:
+
+  1. a file named exactly as the annotations list it (DiDeMo's original Flickr names such as
+     ``X.mov``, ``X.3gp`` or ``X.`` with a bare trailing dot);
+  2. the same name ignoring case (``X.MOV``);
+  3. a file ``<name or stem>.<ext>`` with ``ext`` one of ``extensions``, ignoring case: the
+     ``<name>.mp4`` copies of DiDeMo's AWS download script (``X.mov.mp4``) and transcoded
+     copies under the bare id (``X.mp4``, ``video0.mp4``, ``abc.webm`` for ``v_abc``). Names
+     are tried before stems, then stems in the order given; for one name, extensions earlier in
+     ``extensions`` win (``.mp4`` before ``.webm`` before ``.avi`` ...).
+
+  Within a rule, several files (the same name in two sub-folders) resolve to the first path in
+  sorted order. :meth:`find` also returns how many files matched any rule, so callers can
+  report videos stored more than once.
+
+  Args:
+    folder: the root folder.
+    extensions: lower-case extensions (with the dot) that rule 3 accepts, in order of preference.
+  """
+
+  def __init__(self, folder: str, extensions=VIDEO_EXTENSIONS):
+    self._rank = {ext: i for i, ext in enumerate(extensions)}
+    self._exact: dict[str, list[str]] = {}
+    self._folded: dict[str, list[str]] = {}
+    self._by_stem: dict[str, list[tuple[int, str]]] = {}
+    for root, _, files in os.walk(folder):
+      for name in files:
+        path = os.path.join(root, name)
+        self._exact.setdefault(name, []).append(path)
+        self._folded.setdefault(name.casefold(), []).append(path)
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in self._rank:
+          self._by_stem.setdefault(stem.casefold(), []).append((self._rank[ext.lower()], path))
+
+  def find(self, names=(), stems=()) -> tuple[str | None, int]:
+    """(path, number of matching files) of the file for a video listed under ``names`` (file
+    names with their extension) or ``stems`` (ids without one); path None when none matches."""
+    exact = [p for n in names for p in sorted(self._exact.get(n, []))]
+    folded = [p for n in names for p in sorted(self._folded.get(n.casefold(), []))]
+    by_stem = [p for s in (*names, *stems)
+               for _, p in sorted(self._by_stem.get(s.casefold(), []))]
+    ordered = list(dict.fromkeys(exact + folded + by_stem))
+    return (ordered[0] if ordered else None), len(ordered)
+

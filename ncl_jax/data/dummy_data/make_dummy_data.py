@@ -23,9 +23,25 @@ MSRVTT_TEST = ["video8", "video9"]
 MSVD = {"train": ["vidA_1_5", "vidB_2_6", "vidC_3_7"], "val": ["vidD_4_8"],
         "test": ["vidE_5_9", "vidF_6_10"]}
 ACTIVITYNET = {"train": ["v_aaa", "v_bbb", "v_ccc", "v_ddd"], "val_1": ["v_eee", "v_fff"]}
-DIDEMO = {"train": ["11@N01_1_aa.mov", "12@N01_2_bb.mp4", "13@N01_3_cc.mp4"],
-          "val": ["14@N01_4_dd.mp4"], "test": ["15@N01_5_ee.mp4", "16@N01_6_ff.mp4"]}
-
+# Listed in train_ids.json / val_ids.json but absent from train.json / val_1.json, as 15 and 9
+# ids of the public files are.
+ACTIVITYNET_WITHOUT_CAPTIONS = {"train": ["v_D_XMD02v690"], "val_1": ["v_UBQfURrVB_Y"]}
+# DiDeMo's lists name the original Flickr files: many containers, a bare trailing dot.
+DIDEMO = {"train": ["11@N01_1_aa.mov", "12@N01_2_bb.3gp", "13@N01_3_cc.", "17@N01_7_gg.wmv",
+                    "18@N01_8_hh.m2ts", "21@N01_1_kk."],
+          "val": ["14@N01_4_dd.m4v"],
+          "test": ["15@N01_5_ee.mts", "16@N01_6_ff.3g2", "19@N01_9_ii.avi", "20@N01_0_jj.MP4"]}
+DIDEMO_WITHOUT_DESCRIPTIONS = {"train": ["99@N01_9_zz.mp4"]}
+# The file each DiDeMo video is stored under, one per way real copies are named: the original
+# name (download_videos.py), "<name>.mp4" (download_videos_AWS.py), other letter case, and a
+# transcoded "<stem>.mp4".
+DIDEMO_FILES = {"11@N01_1_aa.mov": "11@N01_1_aa.mov", "12@N01_2_bb.3gp": "12@N01_2_bb.3gp",
+                "13@N01_3_cc.": "13@N01_3_cc..mp4", "17@N01_7_gg.wmv": "17@N01_7_gg.wmv",
+                "18@N01_8_hh.m2ts": "18@N01_8_hh.M2TS", "21@N01_1_kk.": "21@N01_1_kk.",
+                "14@N01_4_dd.m4v": "14@N01_4_dd.m4v", "15@N01_5_ee.mts": "15@N01_5_ee.mts",
+                "16@N01_6_ff.3g2": "16@N01_6_ff.3g2", "19@N01_9_ii.avi": "19@N01_9_ii.mp4",
+                "20@N01_0_jj.MP4": "20@N01_0_jj.mp4"}
+BOM = "\ufeff"   # Some editors save UTF-8 with a byte-order mark; two fixture files have one.
 
 def _msrvtt(root: str) -> None:
   sentences = []
@@ -41,12 +57,13 @@ def _msrvtt(root: str) -> None:
       writer = csv.writer(f)
       writer.writerow(["video_id"])
       writer.writerows([v] for v in ids)
-  with open(os.path.join(root, "MSRVTT_JSFUSION_test.csv"), "w", newline="") as f:
+  with open(os.path.join(root, "MSRVTT_JSFUSION_test.csv"), "w", newline="",
+            encoding="utf-8") as f:
+    f.write(BOM)
     writer = csv.writer(f)
     writer.writerow(["key", "vid_key", "video_id", "sentence"])
     writer.writerow(["ret0", "msr8", "video8", "video8 caption 1"])
     writer.writerow(["ret1", "msr9", "video9", LONG_CAPTION])
-
 
 def _msvd(root: str) -> None:
   captions = {}
@@ -67,8 +84,10 @@ def _activitynet(root: str) -> None:
     with open(os.path.join(root, f"{split}.json"), "w") as f:
       json.dump(data, f)
     ids_name = "train_ids.json" if split == "train" else "val_ids.json"
-    with open(os.path.join(root, ids_name), "w") as f:
-      json.dump(ids, f)
+    listed = ids[:1] + ACTIVITYNET_WITHOUT_CAPTIONS[split] + ids[1:]
+    with open(os.path.join(root, ids_name), "w", encoding="utf-8") as f:
+      f.write(BOM if split == "val_1" else "")
+      json.dump(listed, f)
 
 
 def _didemo(root: str) -> None:
@@ -78,9 +97,8 @@ def _didemo(root: str) -> None:
     with open(os.path.join(root, f"{split}_data.json"), "w") as f:
       json.dump(items, f)
     with open(os.path.join(root, f"{split}_list.txt"), "w") as f:
-      # One listed video without descriptions: CLIP4Clip drops it, so must we.
-      f.write("\n".join(videos + ([f"99@N01_9_zz.mp4"] if split == "train" else [])) + "\n")
-
+      # Listed videos without descriptions: CLIP4Clip drops them, so must we.
+      f.write("\n".join(videos + DIDEMO_WITHOUT_DESCRIPTIONS.get(split, [])) + "\n")
 
 def write_annotations(root: str = HERE) -> None:
   for name, writer in (("msrvtt", _msrvtt), ("msvd", _msvd), ("activitynet", _activitynet),
@@ -94,12 +112,21 @@ def frame_colour(video_index: int, second: int) -> np.ndarray:
   return np.array([10 + 40 * second, 20 + 20 * (video_index % 10), 200], np.uint8)
 
 
+# (container format, codec) by lower-case extension; PyAV guesses the rest from the name. A
+# bare trailing dot names no format: such DiDeMo originals are mostly MP4/QuickTime.
+CONTAINERS = {".webm": (None, "libvpx"), ".mkv": (None, "libx264"), ".m4v": ("ipod", "mpeg4"),
+              ".3gp": ("3gp", "mpeg4"), ".3g2": ("3g2", "mpeg4"), ".wmv": ("asf", "wmv2"),
+              ".mts": ("mpegts", "libx264"), ".m2ts": ("mpegts", "libx264"),
+              ".": ("mp4", "mpeg4")}
+
+
 def write_video(path: str, video_index: int, seconds: float = 3.0, fps: int = 4,
                 width: int = 32, height: int = 24) -> None:
   """A small real video whose frames are solid :func:`frame_colour` colours."""
   import av  # pylint: disable=g-import-not-at-top
-  codec = {".webm": "libvpx", ".mkv": "libx264"}.get(os.path.splitext(path)[1], "mpeg4")
-  with av.open(path, "w") as container:
+  ext = os.path.splitext(path)[1].lower() or ("." if path.endswith(".") else "")
+  container_format, codec = CONTAINERS.get(ext, (None, "mpeg4"))
+  with av.open(path, "w", format=container_format) as container:
     stream = container.add_stream(codec, rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     for i in range(int(seconds * fps)):
@@ -111,29 +138,29 @@ def write_video(path: str, video_index: int, seconds: float = 3.0, fps: int = 4,
       container.mux(packet)
 
 
-def video_files(dataset: str) -> list[str]:
-  """The file names under which the dummy videos of ``dataset`` are written."""
+def video_files(dataset: str) -> list[tuple[str, str]]:
+  """(video id, file name) of every dummy video of ``dataset`` that tests write."""
   if dataset == "msrvtt":
-    return [f"{v}.mp4" for v in MSRVTT_TRAIN + MSRVTT_TEST]
+    return [(v, f"{v}.mp4") for v in MSRVTT_TRAIN + MSRVTT_TEST]
   if dataset == "msvd":
-    return [f"{v}.avi" for ids in MSVD.values() for v in ids]
+    return [(v, f"{v}.avi") for ids in MSVD.values() for v in ids]
   if dataset == "activitynet":
     ids = [v for ids in ACTIVITYNET.values() for v in ids]
     # Both naming conventions occur in the wild: with and without the "v_" prefix.
-    return [f"{v}.webm" if i % 2 else f"{v[2:]}.mp4" for i, v in enumerate(ids)]
+    return [(v, f"{v}.webm" if i % 2 else f"{v[2:]}.mp4") for i, v in enumerate(ids)]
   if dataset == "didemo":
-    return [os.path.splitext(v)[0] + ".mp4" for ids in DIDEMO.values() for v in ids]
+    return [(v, DIDEMO_FILES[v]) for ids in DIDEMO.values() for v in ids]
   raise ValueError(dataset)
 
 
 def write_videos(dataset: str, videos_dir: str, seconds: float = 3.0) -> dict[str, int]:
-  """Writes every dummy video of ``dataset``; returns file stem -> colour index."""
+  """Writes every dummy video of ``dataset``; returns video id -> colour index."""
   os.makedirs(videos_dir, exist_ok=True)
-  stems = {}
-  for index, name in enumerate(video_files(dataset)):
+  colours = {}
+  for index, (video_id, name) in enumerate(video_files(dataset)):
     write_video(os.path.join(videos_dir, name), index, seconds)
-    stems[os.path.splitext(name)[0]] = index
-  return stems
+    colours[video_id] = index
+  return colours
 
 
 if __name__ == "__main__":
