@@ -201,6 +201,10 @@ def test_missing_annotation_file_names_it(tmp_path, capsys):
 
 
 def test_unprepared_dataset_says_how_to_prepare(tmp_path):
+  # A build killed mid-way leaves TFDS's "incomplete.<hex>.<version>" folder: never read.
+  left_over = tmp_path / "msvd" / "frames_12f_16px" / f"incomplete.{'ab' * 16}.1.0.0"
+  left_over.mkdir(parents=True)
+  (left_over / "dataset_info.json").write_text("{}")
   for data_dir in ("", str(tmp_path)):
     with pytest.raises(UserError, match=r"python -m ncl_jax.data.prepare msvd.*synthetic.py"):
       get_dataset(_config("msvd", data_dir), WordTokenizer())

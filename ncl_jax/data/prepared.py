@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -31,9 +32,12 @@ def _prepare_hint(name: str) -> str:
 def _find_version_dir(config_dir: str) -> str | None:
   if not os.path.isdir(config_dir):
     return None
+  # Only finished copies: TFDS builds into "incomplete.<hex>.<version>" and renames it at the
+  # end, so a killed build leaves nothing named like a version.
   versions = sorted((v for v in os.listdir(config_dir)
-                     if os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))),
-                    key=lambda v: tuple(int(p) for p in v.split(".") if p.isdigit()))
+                     if re.fullmatch(r"\d+\.\d+\.\d+", v)
+                     and os.path.isfile(os.path.join(config_dir, v, "dataset_info.json"))),
+                    key=lambda v: tuple(int(p) for p in v.split(".")))
   return os.path.join(config_dir, versions[-1]) if versions else None
 
 
