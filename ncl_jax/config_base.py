@@ -84,7 +84,10 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # is evaluated once, at the end, with the selected checkpoint.
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 256            # texts or videos per encoder call (padded, masked)
-  config.eval.select_metric = "plain/t2v/R@1"  # key under the validation results to maximise
+  # The validation result that picks the checkpoint: "<plain|ncl>/<t2v|v2t>/<R@1|...|MnR>"
+  # (R@K maximised, MdR/MnR minimised) or "normalization_error/<plain|ncl>" (the mean relative
+  # normalization error of both directions, minimised).
+  config.eval.select_metric = "plain/t2v/R@1"
   # Inference-time NCL normalization: Sinkhorn biases from the training queue (the bank).
   config.eval.sinkhorn_tol = 1e-4
   config.eval.sinkhorn_max_iterations = 1000

@@ -12,9 +12,11 @@ Steps (all queries and videos of the split, nothing dropped):
    expected share of the bank's retrieval probability (one share per caption of a video); the
    test scores become ``S / temperature + bias`` (:func:`ncl_jax.normalize.ncl`).
 5. Normalization error: each candidate's retrieval probability summed over the *test* queries,
-   against its expected share (:mod:`ncl_jax.normalize`); reported per direction, and as the
-   mean of both directions' mean absolute deviation (the headline number), for plain and NCL
-   scores, plus a histogram PNG of the summed probabilities.
+   against its expected share (:mod:`ncl_jax.normalize`); reported per direction, absolute
+   (``|mass - expected|``) and relative (``|mass / expected - 1|``), mean and max. The headline
+   number is the mean of both directions' mean *relative* error, which weighs the directions
+   alike even where their shares differ by orders of magnitude (multi-caption data), for plain
+   and NCL scores, plus histogram PNGs of ``mass / expected``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,34 @@ from ncl_jax import normalize
 from ncl_jax import plots
 from ncl_jax import sharding
 from ncl_jax.data import normalize_frames
+from ncl_jax.errors import UserError
 from ncl_jax.models.dual_encoder import DualEncoder
+
+
+# Result modes of :func:`retrieval_results`: plain scores and NCL-normalized scores.
+EVAL_MODES = ("plain", "ncl")
+
+
+def select_metric_mode(select_metric: str) -> str:
+  """``"max"`` or ``"min"``: whether a larger value of ``config.eval.select_metric`` is better.
+
+  Valid keys: ``"<mode>/<t2v|v2t>/<R@1|R@5|R@10|MdR|MnR>"`` (ranks: smaller is better) and
+  ``"normalization_error/<mode>"`` (the mean relative normalization error of both directions:
+  smaller is better), with ``<mode>`` one of :data:`EVAL_MODES`.
+
+  Raises:
+    UserError: any other key.
+  """
+  parts = str(select_metric).split("/")
+  if len(parts) == 3 and parts[0] in EVAL_MODES and parts[1] in ("t2v", "v2t") and (
+      parts[2] in metrics_lib.METRIC_NAMES):
+    return "min" if parts[2] in ("MdR", "MnR") else "max"
+  if len(parts) == 2 and parts[0] == "normalization_error" and parts[1] in EVAL_MODES:
+    return "min"
+  examples = ", ".join([f"{m}/t2v/R@1" for m in EVAL_MODES] + ["normalization_error/ncl"])
+  raise UserError(f"config.eval.select_metric {select_metric!r} is not a validation result; "
+                  f"use <mode>/<t2v|v2t>/<R@1|R@5|R@10|MdR|MnR> or normalization_error/<mode> "
+                  f"with mode in {EVAL_MODES} (e.g. {examples})")
 
 
 class Encoders(NamedTuple):
@@ -141,8 +170,8 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
   shares = {"t2v": share_t2v, "v2t": share_v2t}
   detail = {mode: {d: normalize.normalization_error(masses[mode][d], shares[d])
                    for d in ("t2v", "v2t")} for mode in masses}
-  headline = {mode: 0.5 * (detail[mode]["t2v"]["mae"] + detail[mode]["v2t"]["mae"])
-              for mode in detail}
+  headline = {mode: 0.5 * (detail[mode]["t2v"]["relative_mae"] +
+                           detail[mode]["v2t"]["relative_mae"]) for mode in detail}
   if plot_prefix is not None and jax.process_index() == 0:
     for d, candidates in (("t2v", "videos"), ("v2t", "captions")):
       path = f"{plot_prefix}_{d}.png"

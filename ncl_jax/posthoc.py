@@ -24,11 +24,14 @@ x test captions) is inductive. ``dsl`` is always transductive and accepts no ban
 Output: a table on stdout (on stderr when ``--json -`` writes JSON to stdout) with, per
 direction, the plain row, the method's row and their difference, and, with ``--json``,
 ``{"method", "t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...}, "plain": {"t2v", "v2t"},
-"delta": {"t2v", "v2t"}, "normalization_error": {"before", "after"}}``: ``t2v``/``v2t`` are the
-method's metrics, ``plain`` the unnormalized ones, ``delta`` method minus plain (R@K in percent,
-differences in points). ``--method none`` writes its (plain) metrics once, as ``t2v``/``v2t``,
-with no ``plain`` or ``delta`` block. ``before``/``after`` are the t2v mean absolute error of each
-video's summed retrieval probability against its expected share.
+"delta": {"t2v", "v2t"}, "normalization_error": {"before", "after"},
+"normalization_error_detail": {"t2v": {"before": {...}, "after": {...}}, "v2t": {...}}}``:
+``t2v``/``v2t`` are the method's metrics, ``plain`` the unnormalized ones, ``delta`` method minus
+plain (R@K in percent, differences in points). ``--method none`` writes its (plain) metrics
+once, as ``t2v``/``v2t``, with no ``plain`` or ``delta`` block. ``before``/``after`` are the t2v
+mean absolute error of each video's summed retrieval probability against its expected share;
+the detail gives, per direction, the absolute (``mae``, ``max``) and relative
+(``relative_mae``, ``relative_max``: ``|mass / expected - 1|``) errors.
 Existing output files are never overwritten.
 """
 
@@ -239,6 +242,9 @@ def _evaluate(args, sims, mapping, bank, v2t_bank) -> tuple[dict, dict]:
     result["delta"] = {d: _difference(method[d], plain[d]) for d in plain}
   result["normalization_error"] = {"before": errors["t2v"]["before"]["mae"],
                                    "after": errors["t2v"]["after"]["mae"]}
+  result["normalization_error_detail"] = {
+      d: {when: {k: v for k, v in errors[d][when].items() if k != "histogram"}
+          for when in ("before", "after")} for d in errors}
   return result, errors
 
 
@@ -249,7 +255,8 @@ def _metric_cells(values: dict, signed: bool = False) -> str:
 
 
 def _error_cell(error: dict) -> str:
-  return f"{error['mae']:.4f} / {error['max']:.3f}"
+  return (f"{error['mae']:7.4f} / {error['max']:6.3f}   "
+          f"{error['relative_mae']:7.4f} / {error['relative_max']:6.3f}")
 
 
 def _table(args, result, errors, sims_shape, bank_shapes) -> str:
@@ -266,7 +273,8 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
     lines.append(f"{direction}: {n_q} queries x {n_c} candidates, {setting}{bank_text}")
   lines.append("")
   lines.append(f"{'':5s} {'':8s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'MdR':>6s} {'MnR':>8s}"
-               f"   norm. error MAE / max")
+               f"   {'abs. norm. error':>16s}   {'rel. norm. error':>16s}")
+  lines.append(f"{'':5s} {'':8s} {'':34s}   {'mean / max':>16s}   {'mean / max':>16s}")
   for direction in ("t2v", "v2t"):
     e = errors[direction]
     if args.method == "none":

@@ -376,6 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     UserError: bad config, missing data, a workdir holding another run, or a non-finite loss.
   """
   run = _Run(config, mesh)
+  best_mode = evaluate_lib.select_metric_mode(config.eval.select_metric)  # checks the key early
   os.makedirs(workdir, exist_ok=True)
   log(f"ncl_jax: loss {config.loss}, {run.dataset.name} ({run.dataset.num_train_examples} "
       f"training examples), global batch {config.global_batch_size} on "
@@ -385,6 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   ckpt = checkpointing.Checkpointer(
       workdir, config=config.to_dict(), max_to_keep=int(config.max_to_keep),
       best_metric=f"val/{config.eval.select_metric}" if val_split else None,
+      best_mode=best_mode,
       overwrite=bool(config.overwrite_workdir))
   writer = None
   try:

@@ -12,6 +12,7 @@ from ncl_jax import evaluate
 from ncl_jax import metrics as metrics_lib
 from ncl_jax import sharding
 from ncl_jax import train
+from ncl_jax.errors import UserError
 
 import train_testutils as tu
 
@@ -117,7 +118,27 @@ def test_multi_caption_shares_follow_caption_counts():
   probs = _softmax(50.0 * text @ video.T, axis=1).sum(axis=0)
   expected = np.bincount(caption_to_video)
   assert detail["mae"] == pytest.approx(np.abs(probs - expected).mean(), rel=1e-5)
+  assert detail["relative_mae"] == pytest.approx(np.abs(probs / expected - 1).mean(), rel=1e-5)
+  assert detail["relative_max"] == pytest.approx(np.abs(probs / expected - 1).max(), rel=1e-5)
+  # The headline is the relative error averaged over both directions: v2t shares are
+  # 1/#captions per caption, t2v shares the caption counts.
+  v2t_probs = _softmax(50.0 * video @ text.T, axis=1).sum(axis=0)
+  v2t_expected = 1.0 / expected[caption_to_video]
+  headline = 0.5 * (np.abs(probs / expected - 1).mean() +
+                    np.abs(v2t_probs / v2t_expected - 1).mean())
+  assert out["normalization_error"]["plain"] == pytest.approx(headline, rel=1e-5)
   assert out["num_texts"] == 8 and out["num_videos"] == 5
+
+
+@pytest.mark.parametrize("key, mode", [("plain/t2v/R@1", "max"), ("ncl/v2t/MnR", "min"),
+                                       ("normalization_error/ncl", "min")])
+def test_select_metric_direction(key, mode):
+  assert evaluate.select_metric_mode(key) == mode
+
+
+def test_select_metric_rejects_unknown_keys():
+  with pytest.raises(UserError, match="normalization_error/<mode>"):
+    evaluate.select_metric_mode("ncl/t2v/R@2")
 
 
 def test_empty_bank_leaves_scores_plain():

@@ -109,6 +109,15 @@ def test_normalization_error_and_expected_mass():
   assert err["mae"] == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3, abs=1e-6)
   assert err["max"] == pytest.approx(2 / 3, abs=1e-6)
   assert sum(err["histogram"]["counts"]) == 3 and len(err["histogram"]["edges"]) == 5
+  # Relative: |mass / expected - 1| with expected 2/3 each: |1.5 - 1|, |1.5 - 1|, |0 - 1|.
+  assert err["relative_mae"] == pytest.approx((0.5 + 0.5 + 1) / 3, abs=1e-6)
+  assert err["relative_max"] == pytest.approx(1.0, abs=1e-6)
+  # Multi-caption: the same relative miss weighs the same whatever the share's size, while the
+  # absolute error is dominated by the direction with large shares (MSVD: ~41 vs ~0.024).
+  big = nz.normalization_error(np.array([41.0 * 1.5, 41.0 * 0.5]), np.array([41.0, 41.0]))
+  small = nz.normalization_error(np.array([0.024 * 1.5, 0.024 * 0.5]), np.array([0.024, 0.024]))
+  assert big["relative_mae"] == pytest.approx(small["relative_mae"]) == pytest.approx(0.5)
+  assert big["mae"] / small["mae"] == pytest.approx(41 / 0.024)
   mapping = np.array([0, 0, 0, 1])
   np.testing.assert_array_equal(nz.expected_mass(4, 2, mapping, direction="t2v"), [3, 1])
   np.testing.assert_allclose(nz.expected_mass(2, 4, mapping, direction="v2t"),

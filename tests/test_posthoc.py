@@ -25,7 +25,8 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   proc = _run(shared_data_dir / TITLES, "--method", "ncl", "--json", out_json, "--plot", out_png)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out_json.read_text())
-  assert set(result) == {"method", "t2v", "v2t", "plain", "delta", "normalization_error"}
+  assert set(result) == {"method", "t2v", "v2t", "plain", "delta", "normalization_error",
+                         "normalization_error_detail"}
   assert result["method"] == "ncl"
   for direction in ("t2v", "v2t"):
     assert tuple(result[direction]) == metrics.METRIC_NAMES
@@ -34,7 +35,8 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   plain_json = tmp_path / "plain.json"
   assert posthoc.main([str(shared_data_dir / TITLES), "--json", str(plain_json)]) == 0
   plain = json.loads(plain_json.read_text())
-  assert set(plain) == {"method", "t2v", "v2t", "normalization_error"}  # written once, no delta
+  # Written once, no delta.
+  assert set(plain) == {"method", "t2v", "v2t", "normalization_error", "normalization_error_detail"}
   assert result["plain"] == {"t2v": plain["t2v"], "v2t": plain["v2t"]}
   assert plain["t2v"]["R@1"] == pytest.approx(29.7)  # the data README's raw t2v row
   for direction in ("t2v", "v2t"):
@@ -50,6 +52,12 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   assert result["t2v"]["R@1"] > 29.7 + 2  # raw R@1 (the data README's table) plus a clear gain
   errors = result["normalization_error"]
   assert errors["before"] > 0.4 and errors["after"] < 1e-3
+  # One caption per video: every expected share is 1, so relative and absolute errors agree.
+  for direction in ("t2v", "v2t"):
+    for when in ("before", "after"):
+      detail = result["normalization_error_detail"][direction][when]
+      assert detail["relative_mae"] == pytest.approx(detail["mae"], rel=1e-9)
+  assert result["normalization_error_detail"]["t2v"]["before"]["mae"] == errors["before"]
   assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "t2v: 1000 queries x 1000 candidates, transductive" in proc.stdout
   # Table: per direction the plain row, the method's row and the difference.
@@ -174,5 +182,5 @@ def test_multi_caption_ncl_meets_caption_count_marginals(tmp_path, rng, capsys):
   lines = capsys.readouterr().out.splitlines()
   v2t_ncl_row = lines[lines.index(next(l for l in lines if l.startswith("v2t   plain"))) + 1]
   assert v2t_ncl_row.split()[0] == "ncl"
-  v2t_after = float(v2t_ncl_row.split()[-3])  # "... MAE / max" of the NCL row
+  v2t_after = float(v2t_ncl_row.split()[-3])  # relative mean error of the NCL row
   assert v2t_after < 1e-4
