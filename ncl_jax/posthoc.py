@@ -46,6 +46,7 @@ import numpy as np
 
 from ncl_jax import metrics
 from ncl_jax import normalize as norm_lib
+from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
 
 _FINITE_CHECK_ROWS = 8192
@@ -98,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="csls: bank neighbours per candidate (default 10, as in the paper)")
   parser.add_argument("--dsl-temperature", type=float, default=1.0,
                       help="dsl: temperature of the softmax over queries (on the logits)")
+  parser.add_argument("--select", choices=("given", "bank"), default="given",
+                      help="given: use the option values above (default); bank: choose the "
+                           "method's options (qbnorm beta/k, is beta, csls k, dsl temperature) "
+                           "on each direction's bank alone, never on the test queries' labels "
+                           "(see docs/normalization.md)")
+  parser.add_argument("--bank-gt", metavar="BANK_MAP.npy",
+                      help="--select bank with a --bank file: [n_bank] int, each bank row's "
+                           "correct video; selects by the bank's R@1 instead of its balance")
+  parser.add_argument("--v2t-bank-gt", metavar="VBANK_MAP.npy",
+                      help="the same for the --v2t-bank file: each bank video's correct caption")
   parser.add_argument("--plot", metavar="OUT.png", help="OUT.png: t2v histograms before/after (not overwritten)")
   parser.add_argument("--json", metavar="PATH|-", help="PATH (not overwritten) or '-' for stdout")
   return parser
@@ -150,6 +161,23 @@ def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
   return mapping.astype(np.int64)
 
 
+def _load_bank_map(path: str, bank: np.ndarray, flag: str) -> np.ndarray:
+  """Loads a bank's row -> correct candidate map ([n_bank] int in [0, n_candidates))."""
+  if not os.path.isfile(path):
+    raise UserError(f"{flag} file {path!r} not found; give a .npy array of candidate indices")
+  try:
+    mapping = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as err:
+    raise UserError(f"{flag} file {path!r} is not a readable .npy array ({err})") from None
+  n_rows, n_cols = bank.shape
+  if mapping.shape != (n_rows,) or not np.issubdtype(mapping.dtype, np.integer):
+    raise UserError(f"{flag} must be {n_rows} integers (one per bank row), got "
+                    f"{mapping.dtype} {mapping.shape}")
+  if mapping.min() < 0 or mapping.max() >= n_cols:
+    raise UserError(f"{flag} entries must lie in [0, {n_cols - 1}] (the bank's columns)")
+  return mapping.astype(np.int64)
+
+
 def demo_matrix(n: int = 400, dim: int = 32, seed: int = 0) -> np.ndarray:
   """A [n, n] similarity matrix with miscalibrated videos (ground truth on the diagonal).
 
@@ -198,7 +226,15 @@ def _method_options(args) -> dict:
   return {}
 
 
-def _evaluate(args, sims, mapping, bank, v2t_bank) -> tuple[dict, dict]:
+def _knob_values(args, options: dict) -> dict:
+  """The values of the method's selectable options that this run uses."""
+  values = {name: options[name] for name in selection_lib.GRIDS[args.method]}
+  if args.method == "is" and values["beta"] is None:
+    values["beta"] = 1.0 / args.temperature
+  return values
+
+
+def _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts) -> tuple[dict, dict]:
   """Plain and normalized metrics of both directions, and the normalization errors.
 
   The plain metrics and the plain candidate mass are computed once per matrix; ``none``
@@ -206,25 +242,36 @@ def _evaluate(args, sims, mapping, bank, v2t_bank) -> tuple[dict, dict]:
 
   Returns:
     ``(result, errors)``: ``result`` is the JSON payload (``method``, the method's ``t2v`` and
-    ``v2t``, ``plain`` and ``delta`` unless the method is ``none``, ``normalization_error``);
+    ``v2t``, ``plain``, ``delta`` and ``hyperparameters`` unless the method is ``none``,
+    ``selection`` with ``--select bank``, ``normalization_error`` and its detail);
     ``errors[direction]`` holds ``before``/``after`` error dicts and ``mass``.
   """
   n_texts, n_videos = sims.shape
-  options = _method_options(args)
   scale = 1.0 / args.temperature
   directions = (
       ("t2v", sims, bank, norm_lib.expected_mass(n_texts, n_videos, mapping, direction="t2v")),
       ("v2t", sims.T, v2t_bank,
        norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t")))
-  plain, method, errors = {}, {}, {}
+  plain, method, errors, knobs, selections = {}, {}, {}, {}, {}
   for direction, raw, direction_bank, expected in directions:
     plain[direction] = _direction_metrics(args, direction, raw, mapping)
     before = norm_lib.candidate_mass(raw, scale=scale)
     if args.method == "none":
       method[direction], after = plain[direction], before
     else:
+      options = _method_options(args)
       try:
-        scores = norm_lib.normalize(raw, args.method, direction_bank,
+        if args.select == "bank":
+          chosen = selection_lib.select_on_bank(
+              args.method, raw if direction_bank is None else direction_bank,
+              temperature=args.temperature, bank_gt=bank_gts[direction],
+              col_marginals=expected)
+          options.update(chosen.values)
+          selections[direction] = chosen
+        knobs[direction] = _knob_values(args, options)
+        # DSL's bank (if any) only served the selection: DSL normalizes over the test queries.
+        scores = norm_lib.normalize(raw, args.method,
+                                    None if args.method == "dsl" else direction_bank,
                                     temperature=args.temperature, col_marginals=expected,
                                     **options)
       except ValueError as err:  # invalid option values (k out of range, ...)
@@ -240,6 +287,9 @@ def _evaluate(args, sims, mapping, bank, v2t_bank) -> tuple[dict, dict]:
   if args.method != "none":
     result["plain"] = plain
     result["delta"] = {d: _difference(method[d], plain[d]) for d in plain}
+    result["hyperparameters"] = knobs
+  if selections:
+    result["selection"] = {"rule": "bank", **{d: sel.as_json() for d, sel in selections.items()}}
   result["normalization_error"] = {"before": errors["t2v"]["before"]["mae"],
                                    "after": errors["t2v"]["after"]["mae"]}
   result["normalization_error_detail"] = {
@@ -268,9 +318,17 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
       ("t2v", n_texts, n_videos, args.bank, bank_shapes[0]),
       ("v2t", n_videos, n_texts, args.v2t_bank, bank_shapes[1])):
     setting = norm_lib.setting(args.method, bank_arg == "test")
-    bank_text = ("" if args.method == "none" else
-                 f", bank: {_bank_label(bank_arg, direction)} {shape[0]} x {shape[1]}")
+    role = "selection bank" if args.method == "dsl" else "bank"
+    bank_text = ("" if args.method == "none" or (args.method == "dsl" and bank_arg == "test")
+                 else f", {role}: {_bank_label(bank_arg, direction)} {shape[0]} x {shape[1]}")
     lines.append(f"{direction}: {n_q} queries x {n_c} candidates, {setting}{bank_text}")
+    knobs = result.get("hyperparameters", {}).get(direction)
+    if knobs:
+      how = "given"
+      if "selection" in result:
+        how = f"selected on the bank by {result['selection'][direction]['criterion']}"
+      values = ", ".join(f"{name} {value:g}" for name, value in knobs.items())
+      lines.append(f"     {args.method} options: {values} ({how})")
   lines.append("")
   lines.append(f"{'':5s} {'':8s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} {'MdR':>6s} {'MnR':>8s}"
                f"   {'abs. norm. error':>16s}   {'rel. norm. error':>16s}")
@@ -310,9 +368,21 @@ def main(argv=None) -> int:
   if not (np.isfinite(args.tol) and args.tol >= 0) or args.max_iterations < 1:
     raise UserError(f"--tol must be >= 0 and --max-iterations >= 1, got {args.tol} and "
                     f"{args.max_iterations}")
-  if args.method == "dsl" and (args.bank != "test" or args.v2t_bank != "test"):
+  if args.method == "dsl" and args.select != "bank" and (
+      args.bank != "test" or args.v2t_bank != "test"):
     raise UserError("dsl is transductive (it normalizes over the test queries); drop --bank "
-                    "and --v2t-bank")
+                    "and --v2t-bank (a labelled bank serves dsl only with --select bank)")
+  if args.method == "dsl" and args.select == "bank" and not (args.bank_gt and args.v2t_bank_gt):
+    raise UserError("dsl rescales logits rather than balancing them, so --select bank chooses "
+                    "its temperature by R@1 on labelled banks: give --bank BANK.npy --bank-gt "
+                    "BANK_MAP.npy and --v2t-bank VBANK.npy --v2t-bank-gt VBANK_MAP.npy (dsl "
+                    "itself still normalizes over the test queries)")
+  for flag, value, bank_flag, bank_value in (("--bank-gt", args.bank_gt, "--bank", args.bank),
+                                             ("--v2t-bank-gt", args.v2t_bank_gt, "--v2t-bank",
+                                              args.v2t_bank)):
+    if value and (args.select != "bank" or bank_value == "test"):
+      raise UserError(f"{flag} labels a {bank_flag} file for --select bank; use it with both "
+                      f"(the test queries' labels are never used for selection)")
   if args.plot and args.plot.lower().endswith(".png") is False:
     raise UserError(f"--plot must name a .png file, got {args.plot!r}")
   _check_output(args.plot, "--plot")
@@ -342,7 +412,11 @@ def main(argv=None) -> int:
                       f"it must score video queries against the same test captions")
     v2t_shape = v2t_bank.shape
 
-  result, errors = _evaluate(args, sims, mapping, bank, v2t_bank)
+  bank_gts = {
+      "t2v": _load_bank_map(args.bank_gt, bank, "--bank-gt") if args.bank_gt else None,
+      "v2t": _load_bank_map(args.v2t_bank_gt, v2t_bank, "--v2t-bank-gt")
+             if args.v2t_bank_gt else None}
+  result, errors = _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts)
   table = _table(args, result, errors, sims.shape, (t2v_shape, v2t_shape))
   print(table, file=sys.stderr if args.json == "-" else sys.stdout)
   if args.plot:

@@ -25,8 +25,9 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   proc = _run(shared_data_dir / TITLES, "--method", "ncl", "--json", out_json, "--plot", out_png)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out_json.read_text())
-  assert set(result) == {"method", "t2v", "v2t", "plain", "delta", "normalization_error",
-                         "normalization_error_detail"}
+  assert set(result) == {"method", "t2v", "v2t", "plain", "delta", "hyperparameters",
+                         "normalization_error", "normalization_error_detail"}
+  assert result["hyperparameters"] == {"t2v": {}, "v2t": {}}  # NCL has no knob to choose
   assert result["method"] == "ncl"
   for direction in ("t2v", "v2t"):
     assert tuple(result[direction]) == metrics.METRIC_NAMES

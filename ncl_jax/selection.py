@@ -1,0 +1,161 @@
+"""Hyper-parameter selection for the inference-time normalizers, without the test queries.
+
+A normalizer's knob (QB-Norm's ``beta`` and ``k``, the inverted softmax's ``beta``, CSLS's ``k``,
+DSL's temperature) tuned on the test queries' labels makes any comparison unfair. The rule here
+reads only the bank, the same matrix the normalizer is given anyway:
+
+1. The bank's rows are split, by a seeded permutation, into two halves (at most ``max_rows``
+   rows are used in all, drawn by the same permutation).
+2. Two folds: one half are pseudo-queries, the other half their pseudo-bank, then the reverse.
+   Every grid value normalizes the pseudo-queries with the pseudo-bank (DSL, which has no bank,
+   normalizes the pseudo-queries over themselves).
+3. Each grid value gets the mean over the folds of a criterion:
+
+   * ``"balance"`` (label-free, the default): the mean relative normalization error
+     ``|mass / expected - 1|`` of the pseudo-queries' summed retrieval probability per
+     candidate, lower is better. It asks what every normalizer here is for: that unseen
+     queries from the bank's distribution spread their probability over the candidates in
+     proportion to the expected shares. It needs no labels, so it works for a bank of training
+     captions scored against *test* videos (which has no ground truth) and for the test
+     queries themselves in the transductive setting (their labels are never read).
+   * ``"recall"``: when each bank row's correct candidate is known (``bank_gt``), the
+     pseudo-queries' R@1 (ties broken by the lower mean rank), higher is better.
+
+   DSL rescales logits instead of balancing a distribution, so its balance score does not
+   measure what it does: DSL needs ``"recall"`` (a labelled bank).
+4. The best value wins; equal scores keep the first in grid order.
+
+Methods without a knob (``none``, ``ncl``: NCL uses the model's temperature) select nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ncl_jax import metrics as metrics_lib
+from ncl_jax import normalize as norm_lib
+
+# Grids per method: option name -> candidate values (cosine-scale inverse temperatures for
+# ``beta``, logit-scale temperatures for ``dsl_temperature``, neighbour counts for ``k``).
+GRIDS: dict[str, dict[str, tuple]] = {
+    "none": {},
+    "ncl": {},
+    "qbnorm": {"beta": (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0), "k": (1, 2, 5)},
+    "is": {"beta": (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)},
+    "csls": {"k": (1, 2, 5, 10, 20, 50, 100)},
+    "dsl": {"dsl_temperature": (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)},
+}
+CRITERIA = ("balance", "recall")
+# Rows of the bank the selection reads at most (two halves of this many / 2).
+MAX_ROWS = 20000
+
+
+class Selection(NamedTuple):
+  """The chosen options and the scores behind them.
+
+  Attributes:
+    values: the chosen ``{option: value}`` (empty for methods without a knob).
+    criterion: ``"balance"``, ``"recall"`` or ``"none"`` (nothing to select).
+    grid: one ``{option: value, ..., "score": float}`` per grid point, in grid order; the score
+      is the fold mean (relative error for balance, R@1 in percent for recall).
+    rows: bank rows used (pseudo-queries + pseudo-bank).
+  """
+
+  values: dict[str, Any]
+  criterion: str
+  grid: list[dict[str, Any]]
+  rows: int
+
+  def as_json(self) -> dict[str, Any]:
+    return {"values": self.values, "criterion": self.criterion, "rows": self.rows,
+            "grid": self.grid}
+
+
+def grid_points(method: str, n_pseudo_bank: int, n_candidates: int) -> list[dict[str, Any]]:
+  """Every combination of ``method``'s grid values that is valid at these sizes."""
+  if method not in GRIDS:
+    raise ValueError(f"method must be one of {tuple(GRIDS)}, got {method!r}")
+  grid = GRIDS[method]
+  points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+  limit = {"csls": n_pseudo_bank, "qbnorm": n_candidates}.get(method)
+  if limit is not None:
+    points = [p for p in points if p["k"] <= limit]
+  return points
+
+
+def _folds(n_rows: int, seed: int, max_rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """Two disjoint sorted row sets (sorted: memmapped banks read forward)."""
+  order = np.random.default_rng(seed).permutation(n_rows)[:max_rows]
+  half = len(order) // 2
+  return np.sort(order[:half]), np.sort(order[half:])
+
+
+def _score(method: str, options: dict, queries: np.ndarray, bank: np.ndarray, *,
+           temperature: float, criterion: str, gt, shares) -> tuple[float, float]:
+  """(primary, tie-break) score of one grid point on one fold; larger is better for both."""
+  fold_bank = None if method == "dsl" else bank
+  logits = norm_lib.normalize(queries, method, fold_bank, temperature=temperature, **options)
+  if criterion == "recall":
+    ranks = metrics_lib.t2v_ranks(logits, gt)
+    return 100.0 * float(np.mean(ranks <= 1)), -float(np.mean(ranks))
+  mass = norm_lib.candidate_mass(logits)
+  return -norm_lib.normalization_error(mass, shares * len(queries))["relative_mae"], 0.0
+
+
+def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_marginals=None,
+                   seed: int = 0, max_rows: int = MAX_ROWS) -> Selection:
+  """Chooses ``method``'s options from the bank alone (see the module docstring).
+
+  Args:
+    method: one of :data:`ncl_jax.normalize.METHODS`.
+    bank: [n_bank, n_candidates] bank similarities (numpy array or memmap).
+    temperature: the model's logit temperature.
+    bank_gt: optional [n_bank] int, each bank row's correct candidate: selects by ``"recall"``
+      instead of ``"balance"``.
+    col_marginals: [n_candidates] expected shares (e.g. caption counts); default uniform.
+    seed: seed of the row split.
+    max_rows: bank rows read at most.
+
+  Returns:
+    A :class:`Selection`.
+
+  Raises:
+    ValueError: unknown method, a bank too small to split, a bad ``bank_gt``, or DSL without
+      ``bank_gt``.
+  """
+  n_bank, n_cols = bank.shape
+  criterion = "recall" if bank_gt is not None else "balance"
+  if method not in GRIDS:
+    raise ValueError(f"method must be one of {tuple(GRIDS)}, got {method!r}")
+  if not GRIDS[method]:
+    return Selection({}, "none", [], 0)
+  if method == "dsl" and criterion == "balance":
+    raise ValueError("dsl rescales logits rather than balancing a distribution, so its "
+                     "temperature can only be selected by recall on a labelled bank: give each "
+                     "bank row's correct candidate (bank_gt)")
+  if n_bank < 4:
+    raise ValueError(f"the bank needs at least 4 rows to split into pseudo-queries and a "
+                     f"pseudo-bank, got {n_bank}")
+  if bank_gt is not None:
+    bank_gt = np.asarray(bank_gt)
+    if bank_gt.shape != (n_bank,) or not np.issubdtype(bank_gt.dtype, np.integer) or (
+        bank_gt.min() < 0 or bank_gt.max() >= n_cols):
+      raise ValueError(f"bank_gt must be {n_bank} integers in [0, {n_cols}), one per bank row")
+  shares = np.full(n_cols, 1.0 / n_cols) if col_marginals is None else (
+      np.asarray(col_marginals, np.float64) / np.sum(col_marginals))
+  first, second = _folds(n_bank, seed, max_rows)
+  halves = [np.asarray(bank[rows], np.float32) for rows in (first, second)]
+  labels = [None, None] if bank_gt is None else [bank_gt[first], bank_gt[second]]
+  points = grid_points(method, min(len(first), len(second)), n_cols)
+  grid, best, best_key = [], None, None
+  for options in points:
+    scores = [_score(method, options, halves[q], halves[1 - q], temperature=temperature,
+                     criterion=criterion, gt=labels[q], shares=shares) for q in (0, 1)]
+    key = tuple(float(np.mean(parts)) for parts in zip(*scores))
+    grid.append({**options, "score": abs(key[0])})
+    if best_key is None or key > best_key:
+      best, best_key = options, key
+  return Selection(dict(best), criterion, grid, len(first) + len(second))

@@ -1,0 +1,116 @@
+"""Hyper-parameter selection on the bank alone (ncl_jax.selection and posthoc --select bank)."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp, softmax
+
+from ncl_jax import metrics
+from ncl_jax import normalize as nz
+from ncl_jax import posthoc
+from ncl_jax import selection
+from ncl_jax.errors import UserError
+
+TITLES = "msrvtt_cap4video/msrvtt_titles_matrix.npy"
+VIDEO = "msrvtt_cap4video/msrvtt_video_matrix.npy"
+
+
+def _hub_bank(rng, n_rows=60, n_cols=12, dim=8):
+  hubness = 2 * rng.random((n_cols, 1))
+  cands = rng.standard_normal((n_cols, dim)) + hubness * rng.standard_normal(dim)
+  cands /= np.linalg.norm(cands, axis=1, keepdims=True)
+  queries = rng.standard_normal((n_rows, dim))
+  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+  return (queries @ cands.T).astype(np.float32)
+
+
+def test_balance_scores_match_a_numpy_reference(rng):
+  """Each grid score is the two-fold mean relative error of held-out bank rows' summed mass."""
+  bank = _hub_bank(rng)
+  temperature = 0.05
+  chosen = selection.select_on_bank("is", bank, temperature=temperature, seed=3)
+  # The documented split: a seeded permutation, halves as pseudo-queries / pseudo-bank.
+  order = np.random.default_rng(3).permutation(len(bank))
+  halves = [bank[np.sort(order[:30])].astype(np.float64), bank[np.sort(order[30:])]]
+  for point in chosen.grid:
+    beta = point["beta"]
+    errors = []
+    for q in (0, 1):
+      queries, pseudo_bank = halves[q], halves[1 - q].astype(np.float64)
+      # Inverted softmax (Smith et al. 2017) on the model's logit scale, then the row softmax.
+      logits = queries / temperature - logsumexp(beta * pseudo_bank, axis=0) / (beta * temperature)
+      mass = softmax(logits, axis=1).sum(axis=0)
+      errors.append(np.mean(np.abs(mass / (len(queries) / bank.shape[1]) - 1)))
+    assert point["score"] == pytest.approx(np.mean(errors), rel=1e-4)
+  best = min(chosen.grid, key=lambda p: p["score"])
+  assert chosen.values == {"beta": best["beta"]} and chosen.criterion == "balance"
+  assert chosen.rows == 60
+
+
+def test_recall_criterion_uses_the_bank_labels(rng):
+  bank = _hub_bank(rng, n_rows=80)
+  labels = np.argmax(bank + 0.05 * rng.standard_normal(bank.shape), axis=1)
+  chosen = selection.select_on_bank("csls", bank, temperature=0.05, bank_gt=labels)
+  assert chosen.criterion == "recall"
+  assert [p["k"] for p in chosen.grid] == [1, 2, 5, 10, 20]  # k <= the 40-row pseudo-bank
+  best_recall = max(p["score"] for p in chosen.grid)
+  assert next(p for p in chosen.grid if p["k"] == chosen.values["k"])["score"] == best_recall
+
+
+def test_methods_without_knobs_and_dsl_without_labels(rng):
+  bank = _hub_bank(rng)
+  assert selection.select_on_bank("ncl", bank, temperature=0.05).values == {}
+  with pytest.raises(ValueError, match="labelled bank"):
+    selection.select_on_bank("dsl", bank, temperature=0.05)
+  with pytest.raises(ValueError, match="at least 4 rows"):
+    selection.select_on_bank("is", bank[:3], temperature=0.05)
+
+
+def test_choice_ignores_the_test_queries(shared_data_dir, tmp_path):
+  """Inductive --select bank: other test queries, same banks -> the same hyper-parameters."""
+  video = np.load(shared_data_dir / VIDEO)
+  titles = np.load(shared_data_dir / TITLES)
+  paths = {name: tmp_path / f"{name}.npy" for name in ("bank", "vbank", "a", "b")}
+  np.save(paths["bank"], titles[:400])    # 400 text queries x the 1000 videos
+  np.save(paths["vbank"], titles.T[:400])  # 400 video queries x the 1000 captions
+  np.save(paths["a"], video)
+  np.save(paths["b"], titles)             # every test row replaced by another one
+  chosen = []
+  for name in ("a", "b"):
+    out = tmp_path / f"{name}.json"
+    assert posthoc.main([str(paths[name]), "--method", "csls", "--select", "bank", "--bank",
+                         str(paths["bank"]), "--v2t-bank", str(paths["vbank"]),
+                         "--json", str(out)]) == 0
+    chosen.append(json.loads(out.read_text()))
+  assert chosen[0]["hyperparameters"] == chosen[1]["hyperparameters"]
+  assert chosen[0]["selection"] == chosen[1]["selection"]
+  assert chosen[0]["t2v"] != chosen[1]["t2v"]  # the test rows did change
+  assert chosen[0]["selection"]["t2v"]["criterion"] == "balance"
+  assert set(chosen[0]["hyperparameters"]["t2v"]) == {"k"}
+
+
+def test_cli_dsl_selects_on_labelled_banks_only(shared_data_dir, tmp_path, capsys):
+  video = np.load(shared_data_dir / VIDEO)
+  paths = {name: tmp_path / f"{name}.npy" for name in ("sims", "bank", "vbank", "gt")}
+  np.save(paths["sims"], video[500:, 500:])  # test: the last 500 captions and videos
+  np.save(paths["bank"], video[:500, 500:])  # other captions x the test videos
+  np.save(paths["vbank"], video.T[:500, 500:])
+  np.save(paths["gt"], np.arange(500))  # a stand-in labelling, for the interface only
+  base = [str(paths["sims"]), "--method", "dsl", "--select", "bank"]
+  with pytest.raises(UserError, match="--bank-gt"):
+    posthoc.main(base)
+  with pytest.raises(UserError, match="never used for selection"):
+    posthoc.main([str(paths["sims"]), "--method", "is", "--bank-gt", str(paths["gt"])])
+  out = tmp_path / "dsl.json"
+  assert posthoc.main(base + ["--bank", str(paths["bank"]), "--bank-gt", str(paths["gt"]),
+                              "--v2t-bank", str(paths["vbank"]), "--v2t-bank-gt",
+                              str(paths["gt"]), "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["selection"]["t2v"]["criterion"] == "recall"
+  temperature = result["hyperparameters"]["t2v"]["dsl_temperature"]
+  assert temperature in selection.GRIDS["dsl"]["dsl_temperature"]
+  # DSL still normalizes over the test queries: the bank served the selection only.
+  expected = nz.dsl(np.load(paths["sims"]), temperature=0.01, dsl_temperature=temperature)
+  assert result["t2v"] == metrics.t2v_metrics(expected)
+  assert "selection bank:" in capsys.readouterr().out
