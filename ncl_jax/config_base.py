@@ -88,6 +88,10 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # (R@K maximised, MdR/MnR minimised) or "normalization_error/<plain|ncl>" (the mean relative
   # normalization error of both directions, minimised).
   config.eval.select_metric = "plain/t2v/R@1"
+  # Other normalizers reported beside plain and NCL on the test split, comma-separated (any of
+  # "qbnorm,is,csls,dsl"), each at hyper-parameters chosen on the validation split's R@1 with the
+  # same bank (ncl_jax.evaluate.select_hyperparameters); needs a validation split.
+  config.eval.methods = ""
   # Inference-time NCL normalization: Sinkhorn biases from the training queue (the bank).
   config.eval.sinkhorn_tol = 1e-4
   config.eval.sinkhorn_max_iterations = 1000

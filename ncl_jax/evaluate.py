@@ -22,7 +22,7 @@ Steps (all queries and videos of the split, nothing dropped):
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ import numpy as np
 from ncl_jax import metrics as metrics_lib
 from ncl_jax import normalize
 from ncl_jax import plots
+from ncl_jax import selection as selection_lib
 from ncl_jax import sharding
 from ncl_jax.data import normalize_frames
 from ncl_jax.errors import UserError
@@ -113,7 +114,9 @@ def logit_scale_of(params) -> float:
 
 def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_video: np.ndarray,
                       *, logit_scale: float, text_bank: np.ndarray, video_bank: np.ndarray,
-                      eval_config, plot_prefix: str | None = None) -> dict[str, Any]:
+                      eval_config, plot_prefix: str | None = None,
+                      methods: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None
+                      ) -> dict[str, Any]:
   """Plain and NCL-normalized metrics and normalization errors from embeddings.
 
   Args:
@@ -128,11 +131,14 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
     plot_prefix: the histograms of summed retrieval probabilities (plain vs NCL) go to
       ``<plot_prefix>_t2v.png`` and ``<plot_prefix>_v2t.png``; None draws nothing. Existing
       files are kept.
+    methods: other normalizers to report beside NCL, ``{method: {"t2v": options, "v2t":
+      options}}`` (e.g. from :func:`select_hyperparameters`), with the same banks.
 
   Returns:
     ``{"plain": {"t2v": {...}, "v2t": {...}}, "ncl": {...}, "normalization_error": {"plain": x,
     "ncl": y}, "normalization_error_detail": {...}, "num_texts", "num_videos", "bank_size",
-    "sinkhorn": {...}, "temperature"}``.
+    "sinkhorn": {...}, "temperature"}``, plus ``"methods": {method: {"t2v", "v2t",
+    "hyperparameters"}}`` when ``methods`` is given.
   """
   n_texts, n_videos = text_emb.shape[0], video_emb.shape[0]
   temperature = 1.0 / logit_scale
@@ -184,7 +190,7 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
   for mode in detail:  # keep the JSON small: histograms live in the PNG
     for d in detail[mode]:
       detail[mode][d] = {k: v for k, v in detail[mode][d].items() if k != "histogram"}
-  return {
+  results = {
       "plain": plain,
       "ncl": ncl,
       "normalization_error": headline,
@@ -195,14 +201,119 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
       "sinkhorn": sinkhorn,
       "temperature": float(temperature),
   }
+  if methods:
+    banks = _direction_problems(sims, text_emb, video_emb, text_bank, video_bank)
+    results["methods"] = {
+        method: {**{d: _method_metrics(method, banks[d], options[d], caption_to_video,
+                                       temperature, d, protocol, tie) for d in banks},
+                 "hyperparameters": {d: dict(options[d]) for d in banks}}
+        for method, options in methods.items()}
+  return results
+
+
+def _direction_problems(sims, text_emb, video_emb, text_bank, video_bank) -> dict:
+  """Per direction: (query x candidate similarities, bank x candidate similarities)."""
+  return {"t2v": (sims, text_bank @ video_emb.T), "v2t": (sims.T, video_bank @ text_emb.T)}
+
+
+def _direction_score(direction: str, caption_to_video, protocol: str, tie: str) -> Callable:
+  """Scores -> metrics of one direction under the evaluation's protocol and tie policy."""
+  if direction == "t2v":
+    return lambda scores: metrics_lib.t2v_metrics(scores, caption_to_video, tie=tie)
+  return lambda scores: metrics_lib.v2t_metrics(scores, caption_to_video, protocol=protocol,
+                                                tie=tie)
+
+
+def _method_metrics(method: str, problem, options, caption_to_video, temperature: float,
+                    direction: str, protocol: str, tie: str) -> dict:
+  queries, bank = problem
+  if len(bank) == 0 and method != "dsl":  # no training step yet: nothing to normalize with
+    return _direction_score(direction, caption_to_video, protocol, tie)(queries)
+  scores = normalize.normalize(queries, method, None if method == "dsl" else bank,
+                               temperature=temperature, **options)
+  return _direction_score(direction, caption_to_video, protocol, tie)(scores)
+
+
+def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
+                           caption_to_video: np.ndarray, *, logit_scale: float,
+                           text_bank: np.ndarray, video_bank: np.ndarray, methods,
+                           eval_config) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Each method's options chosen on a *validation* split's labels, per direction.
+
+  The grid of :data:`ncl_jax.selection.GRIDS` is scored by validation R@1 (ties: lower mean
+  rank) with the training bank, as :func:`retrieval_results` will use it on the test split
+  (:func:`ncl_jax.selection.select_on_queries`). With an empty bank (no training step yet)
+  the bank methods have nothing to normalize with and report plain scores, so their choice is
+  empty.
+
+  Args:
+    text_emb, video_emb, caption_to_video: the validation split's embeddings and labels.
+    logit_scale: the model's inverse temperature.
+    text_bank, video_bank: [n_bank, E] training text / video embeddings (the banks).
+    methods: normalizer names (``ncl_jax.normalize.METHODS``).
+    eval_config: ``config.eval`` (``v2t_protocol``, ``tie``).
+
+  Returns:
+    ``(values, report)``: ``values[method] = {"t2v": options, "v2t": options}`` (the
+    ``methods`` argument of :func:`retrieval_results`); ``report[method][direction]`` is the
+    selection's JSON (:meth:`ncl_jax.selection.Selection.as_json`) or None.
+  """
+  protocol, tie = str(eval_config.v2t_protocol), str(eval_config.tie)
+  problems = _direction_problems(text_emb @ video_emb.T, text_emb, video_emb, text_bank,
+                                 video_bank)
+  chosen, report = {}, {}
+  for method in methods:
+    chosen[method], report[method] = {}, {}
+    for direction, (queries, bank) in problems.items():
+      if len(bank) == 0 and method != "dsl":
+        chosen[method][direction], report[method][direction] = {}, None
+        continue
+      metrics_of = _direction_score(direction, caption_to_video, protocol, tie)
+
+      def score(scores, metrics_of=metrics_of):
+        values = metrics_of(scores)
+        return values["R@1"], -values["MnR"]
+
+      picked = selection_lib.select_on_queries(method, queries, bank,
+                                               temperature=1.0 / logit_scale, score=score)
+      chosen[method][direction] = picked.values
+      report[method][direction] = picked.as_json()
+  return chosen, report
 
 
 def evaluate_split(encoders: Encoders, params, eval_data, mesh, *, text_bank: np.ndarray,
-                   video_bank: np.ndarray, eval_config, plot_prefix: str | None = None
-                   ) -> dict[str, Any]:
+                   video_bank: np.ndarray, eval_config, plot_prefix: str | None = None,
+                   methods=None) -> dict[str, Any]:
   """Encodes ``eval_data`` with ``params`` and returns :func:`retrieval_results`."""
   text_emb, video_emb = encode_split(encoders, params, eval_data, mesh,
                                      int(eval_config.batch_size))
   return retrieval_results(
       text_emb, video_emb, eval_data.caption_to_video, logit_scale=logit_scale_of(params),
-      text_bank=text_bank, video_bank=video_bank, eval_config=eval_config, plot_prefix=plot_prefix)
+      text_bank=text_bank, video_bank=video_bank, eval_config=eval_config, plot_prefix=plot_prefix,
+      methods=methods)
+
+
+def select_on_split(encoders: Encoders, params, eval_data, mesh, *, text_bank: np.ndarray,
+                    video_bank: np.ndarray, eval_config, methods
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Encodes a validation split and returns :func:`select_hyperparameters` on it."""
+  text_emb, video_emb = encode_split(encoders, params, eval_data, mesh,
+                                     int(eval_config.batch_size))
+  return select_hyperparameters(
+      text_emb, video_emb, eval_data.caption_to_video, logit_scale=logit_scale_of(params),
+      text_bank=text_bank, video_bank=video_bank, methods=methods, eval_config=eval_config)
+
+
+def extra_methods(eval_config) -> tuple[str, ...]:
+  """The normalizers of ``config.eval.methods`` ("qbnorm,is,csls,dsl"; "" for none).
+
+  Raises:
+    UserError: an unknown name, or ``none``/``ncl`` (always reported).
+  """
+  names = tuple(n.strip() for n in str(eval_config.get("methods", "")).split(",") if n.strip())
+  allowed = tuple(m for m in normalize.METHODS if m not in ("none", "ncl"))
+  for name in names:
+    if name not in allowed:
+      raise UserError(f"config.eval.methods: unknown normalizer {name!r}; use a comma-separated "
+                      f"subset of {', '.join(allowed)} (plain and ncl are always reported)")
+  return names

@@ -26,12 +26,15 @@ reads only the bank, the same matrix the normalizer is given anyway:
 4. The best value wins; equal scores keep the first in grid order.
 
 Methods without a knob (``none``, ``ncl``: NCL uses the model's temperature) select nothing.
+
+:func:`select_on_queries` is the labelled counterpart for a training run: the grid scored by
+R@1 on the validation split (never the test split), with the training bank as the bank.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -159,3 +162,38 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
     if best_key is None or key > best_key:
       best, best_key = options, key
   return Selection(dict(best), criterion, grid, len(first) + len(second))
+
+
+def select_on_queries(method: str, queries, bank, *, temperature: float,
+                      score: Callable[[np.ndarray], tuple[float, float]]) -> Selection:
+  """Chooses ``method``'s options by a score on labelled queries that are not the test queries.
+
+  The validation split of a training run is the use: its captions (or videos) are the queries,
+  the training bank is the bank, and ``score`` reads the validation labels. Every grid point of
+  :data:`GRIDS` normalizes ``queries`` with ``bank`` (DSL over ``queries`` themselves); the
+  highest ``score`` wins (ties keep the first in grid order).
+
+  Args:
+    method: one of :data:`ncl_jax.normalize.METHODS`.
+    queries: [n_queries, n_candidates] similarities of the labelled queries.
+    bank: [n_bank, n_candidates] bank similarities (ignored by ``dsl``).
+    temperature: the model's logit temperature.
+    score: normalized logits [n_queries, n_candidates] -> (primary, tie-break), larger better.
+
+  Returns:
+    A :class:`Selection` with criterion ``"validation"``; each grid point's ``score`` is the
+    primary score.
+  """
+  if method not in GRIDS:
+    raise ValueError(f"method must be one of {tuple(GRIDS)}, got {method!r}")
+  if not GRIDS[method]:
+    return Selection({}, "none", [], 0)
+  grid, best, best_key = [], None, None
+  for options in grid_points(method, bank.shape[0], queries.shape[1]):
+    logits = norm_lib.normalize(queries, method, None if method == "dsl" else bank,
+                                temperature=temperature, **options)
+    key = tuple(float(v) for v in score(logits))
+    grid.append({**options, "score": key[0]})
+    if best_key is None or key > best_key:
+      best, best_key = options, key
+  return Selection(dict(best), "validation", grid, int(queries.shape[0]))

@@ -307,13 +307,25 @@ class _Run:
     make = lambda: self._state_from_params(init_params(self.model, int(self.config.seed)))
     return jax.jit(make, out_shardings=self.shardings)()
 
-  def evaluate(self, state: TrainState, split: str, plot_prefix: str | None = None
-               ) -> dict[str, Any]:
-    """Plain and NCL-normalized retrieval on ``split``; bank = the state's training queues."""
+  def evaluate(self, state: TrainState, split: str, plot_prefix: str | None = None,
+               methods=None) -> dict[str, Any]:
+    """Plain and NCL-normalized retrieval on ``split``; bank = the state's training queues.
+
+    ``methods``: other normalizers with their options per direction (see
+    :meth:`select_hyperparameters`), reported under ``"methods"``.
+    """
     return evaluate_lib.evaluate_split(
         self.encoders, state.params, self.dataset.eval_data(split), self.mesh,
         text_bank=_queue_to_host(state.text_queue), video_bank=_queue_to_host(state.video_queue),
-        eval_config=self.config.eval, plot_prefix=plot_prefix)
+        eval_config=self.config.eval, plot_prefix=plot_prefix, methods=methods)
+
+  def select_hyperparameters(self, state: TrainState, methods: tuple[str, ...]):
+    """``config.eval.methods``' options chosen on the validation split, same bank as evaluate."""
+    return evaluate_lib.select_on_split(
+        self.encoders, state.params, self.dataset.eval_data(self.dataset.validation_split),
+        self.mesh, text_bank=_queue_to_host(state.text_queue),
+        video_bank=_queue_to_host(state.video_queue), eval_config=self.config.eval,
+        methods=methods)
 
 
 def _queue_to_host(queue: Queue) -> np.ndarray:
@@ -377,6 +389,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   """
   run = _Run(config, mesh)
   best_mode = evaluate_lib.select_metric_mode(config.eval.select_metric)  # checks the key early
+  if evaluate_lib.extra_methods(config.eval) and run.dataset.validation_split is None:
+    errors.fail(f"config.eval.methods chooses each normalizer's hyper-parameters on the "
+                f"validation split, and {run.dataset.name} has none; drop config.eval.methods or "
+                f"compare normalizers post hoc (python -m ncl_jax.posthoc --select bank)")
   os.makedirs(workdir, exist_ok=True)
   log(f"ncl_jax: loss {config.loss}, {run.dataset.name} ({run.dataset.num_train_examples} "
       f"training examples), global batch {config.global_batch_size} on "
@@ -488,10 +504,13 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
   test_splits = [s for s in run.dataset.eval_splits if s != run.dataset.validation_split]
   if not test_splits:
     test_splits = [run.dataset.validation_split]
+  methods, chosen, report = evaluate_lib.extra_methods(run.config.eval), None, None
+  if methods:
+    chosen, report = run.select_hyperparameters(state, methods)
   per_split = {}
   for split in test_splits:
     plot = os.path.join(workdir, f"normalization_{split}_step{selected_step}")
-    results = run.evaluate(state, split, plot_prefix=plot)
+    results = run.evaluate(state, split, plot_prefix=plot, methods=chosen)
     per_split[split] = results
     writer.write(final_step, _flatten(
         {k: results[k] for k in ("plain", "ncl", "normalization_error")}, split))
@@ -500,7 +519,8 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
   payload = {
       "step": final_step,
       "loss": last_loss,
-      "eval": {"plain": main["plain"], "ncl": main["ncl"]},
+      "eval": {"plain": main["plain"], "ncl": main["ncl"], **(
+          {"methods": main["methods"]} if methods else {})},
       "normalization_error": main["normalization_error"],
       "normalization_error_detail": main["normalization_error_detail"],
       "sinkhorn": main["sinkhorn"],
@@ -508,6 +528,8 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
       "split": test_splits[0],
       "selected_step": selected_step,
       "selected_on": run.dataset.validation_split,
+      **({"hyperparameter_selection": {"split": run.dataset.validation_split,
+                                       "report": report}} if methods else {}),
       "loss_name": run.config.loss,
       "num_texts": main["num_texts"],
       "num_videos": main["num_videos"],

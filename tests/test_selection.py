@@ -6,11 +6,15 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp, softmax
 
+from ncl_jax import evaluate
 from ncl_jax import metrics
 from ncl_jax import normalize as nz
 from ncl_jax import posthoc
 from ncl_jax import selection
+from ncl_jax import train
 from ncl_jax.errors import UserError
+
+import train_testutils as tu
 
 TITLES = "msrvtt_cap4video/msrvtt_titles_matrix.npy"
 VIDEO = "msrvtt_cap4video/msrvtt_video_matrix.npy"
@@ -114,3 +118,75 @@ def test_cli_dsl_selects_on_labelled_banks_only(shared_data_dir, tmp_path, capsy
   expected = nz.dsl(np.load(paths["sims"]), temperature=0.01, dsl_temperature=temperature)
   assert result["t2v"] == metrics.t2v_metrics(expected)
   assert "selection bank:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs: selection on the validation split (ncl_jax.evaluate).
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _numpy_csls_logits(sims, bank_sims, k, temperature):
+  """CSLS (Conneau et al. 2018) without the per-query term, on the logit scale."""
+  r = np.sort(bank_sims, axis=0)[-k:].mean(axis=0)
+  return (sims - r[None, :] / 2) / temperature
+
+
+def test_validation_selection_then_test_report():
+  rng = np.random.default_rng(5)
+  d, scale = 8, 50.0
+  hub = _unit(rng.normal(size=d))
+
+  def split(n):  # pairs where some videos lie near a shared direction (hubs)
+    video = _unit(rng.normal(size=(n, d)) + 2 * rng.random((n, 1)) * hub)
+    return _unit(video + 0.9 * rng.normal(size=(n, d))), video
+
+  (val_t, val_v), (test_t, test_v), (bank_t, bank_v) = split(40), split(30), split(60)
+  config = tu.load_config("synthetic").eval
+  chosen, report = evaluate.select_hyperparameters(
+      val_t, val_v, np.arange(40), logit_scale=scale, text_bank=bank_t, video_bank=bank_v,
+      methods=("csls",), eval_config=config)
+  # Independent reference: validation R@1 (then -MnR) of each k with numpy CSLS, bank x val videos.
+  sims = val_t @ val_v.T
+  keys = {}
+  for k in selection.GRIDS["csls"]["k"]:
+    m = metrics.t2v_metrics(_numpy_csls_logits(sims, bank_t @ val_v.T, k, 1 / scale))
+    keys[k] = (m["R@1"], -m["MnR"])
+  assert chosen["csls"]["t2v"] == {"k": max(keys, key=lambda k: (keys[k], -k))}
+  assert report["csls"]["t2v"]["criterion"] == "validation"
+  # The test split is then normalized at the chosen k with the same kind of bank.
+  out = evaluate.retrieval_results(test_t, test_v, np.arange(30), logit_scale=scale,
+                                   text_bank=bank_t, video_bank=bank_v, eval_config=config,
+                                   methods=chosen)
+  k = chosen["csls"]["t2v"]["k"]
+  expected = metrics.t2v_metrics(_numpy_csls_logits(test_t @ test_v.T, bank_t @ test_v.T, k,
+                                                    1 / scale))
+  assert out["methods"]["csls"]["t2v"] == pytest.approx(expected)
+  assert out["methods"]["csls"]["hyperparameters"] == chosen["csls"]
+
+
+def test_unknown_extra_method_is_a_user_error():
+  config = tu.load_config("synthetic").eval
+  config.methods = "is, sinkhorn"
+  with pytest.raises(UserError, match="unknown normalizer 'sinkhorn'"):
+    evaluate.extra_methods(config)
+  config.methods = "qbnorm,is,csls,dsl"
+  assert evaluate.extra_methods(config) == ("qbnorm", "is", "csls", "dsl")
+
+
+@pytest.mark.slow
+def test_training_run_reports_methods_selected_on_validation(tmp_path):
+  config = tu.tiny_config("ncl", total_steps=2, eval_every_steps=0)
+  config.eval.methods = "is,dsl"
+  with tu.fast_compile():
+    results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["hyperparameter_selection"]["split"] == "val"
+  for method, knob in (("is", "beta"), ("dsl", "dsl_temperature")):
+    block = results["eval"]["methods"][method]
+    for direction in ("t2v", "v2t"):
+      assert 0 <= block[direction]["R@1"] <= block[direction]["R@5"] <= 100
+      value = block["hyperparameters"][direction][knob]
+      assert value in selection.GRIDS[method][knob]
+      report = results["hyperparameter_selection"]["report"][method][direction]
+      assert report["values"] == {knob: value}
