@@ -3,8 +3,9 @@
 Usage::
 
   python -m ncl_jax.posthoc SIMS.npy --method {none,ncl,dsl,qbnorm,is,csls} [--bank test|BANK.npy]
-      [--v2t-bank test|VBANK.npy] [--temperature 0.01] [--gt MAP.npy] [--plot OUT.png]
-      [--json PATH|-]
+      [--v2t-bank test|VBANK.npy] [--temperature 0.01] [--gt MAP.npy]
+      [--select given|bank] [--bank-gt BANK_MAP.npy] [--v2t-bank-gt VBANK_MAP.npy]
+      [--plot OUT.png] [--json PATH|-]
   python -m ncl_jax.posthoc --demo --method ncl      # a generated matrix, no files needed
 
 ``SIMS.npy`` is [n_texts, n_videos]: rows are text queries, columns videos (raw cosine
@@ -19,13 +20,22 @@ test videos: ``--bank test`` (default) uses the test queries themselves (transdu
 Video-to-text (v2t) needs a bank of *video* queries x the test captions: ``--v2t-bank test``
 (default) uses the test videos, i.e. the test matrix transposed (transductive, also when
 ``--bank`` is a file); ``--v2t-bank VBANK.npy`` ([n_bank_videos, n_texts], e.g. training videos
-x test captions) is inductive. ``dsl`` is always transductive and accepts no bank file.
+x test captions) is inductive. ``dsl`` is always transductive and accepts no bank file (except
+as a labelled selection bank with ``--select bank``).
+
+Hyper-parameters. ``--select given`` (default) uses ``--qb-beta``, ``--qb-k``, ``--is-beta``,
+``--csls-k`` and ``--dsl-temperature`` as given; ``--select bank`` chooses them per direction on
+that direction's bank alone (:mod:`ncl_jax.selection`: pseudo-queries vs pseudo-bank halves,
+scored by the label-free relative normalization error, or by R@1 when ``--bank-gt`` /
+``--v2t-bank-gt`` label the bank files' rows). The values used are in JSON
+``"hyperparameters"``, the selection's rule and grid scores in ``"selection"``.
 
 Output: a table on stdout (on stderr when ``--json -`` writes JSON to stdout) with, per
 direction, the plain row, the method's row and their difference, and, with ``--json``,
 ``{"method", "t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...}, "plain": {"t2v", "v2t"},
 "delta": {"t2v", "v2t"}, "normalization_error": {"before", "after"},
-"normalization_error_detail": {"t2v": {"before": {...}, "after": {...}}, "v2t": {...}}}``:
+"normalization_error_detail": {"t2v": {"before": {...}, "after": {...}}, "v2t": {...}},
+"hyperparameters": {"t2v", "v2t"}}`` (plus ``"selection"`` with ``--select bank``):
 ``t2v``/``v2t`` are the method's metrics, ``plain`` the unnormalized ones, ``delta`` method minus
 plain (R@K in percent, differences in points). ``--method none`` writes its (plain) metrics
 once, as ``t2v``/``v2t``, with no ``plain`` or ``delta`` block. ``before``/``after`` are the t2v
