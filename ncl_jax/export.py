@@ -227,8 +227,10 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
     np.savez(tmp / inference.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
     (tmp / inference.TEXT_FN_FILE).write_bytes(text_exp.serialize())
     (tmp / inference.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
-    if vocab:
-      shutil.copyfile(vocab, tmp / vocab.name)
+    if vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
+      from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
+      for path in tokenizer.vocab_files(vocab):
+        shutil.copyfile(path, tmp / path.name)
     (tmp / inference.CONFIG_FILE).write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
     (tmp / inference.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():

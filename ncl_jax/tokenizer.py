@@ -1,10 +1,15 @@
-"""CLIP's byte-level BPE tokenizer (49,408 ids), fed by the vocabulary file CLIP ships.
+"""CLIP's byte-level BPE tokenizer (49,408 ids), fed by the vocabulary files CLIP ships.
 
 The text is cleaned as CLIP does (ftfy repair, HTML entities unescaped twice, whitespace runs
 collapsed, lower case), split into words by CLIP's pattern, each word's UTF-8 bytes are mapped to
-printable stand-in characters, and the word is merged by the ranked BPE merges of
-``bpe_simple_vocab_16e6.txt.gz``. Ids: 256 byte symbols, the same with an end-of-word marker,
-48,894 merges, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407); 0 pads.
+printable stand-in characters, and the word is merged by the ranked BPE merges. Ids: 256 byte
+symbols, the same with an end-of-word marker, 48,894 merges, then ``<|startoftext|>`` (49406) and
+``<|endoftext|>`` (49407); 0 pads.
+
+Two file layouts hold the same vocabulary: OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` (merges
+only; the ids follow from the order above) and Hugging Face's ``vocab.json`` (token → id) with
+``merges.txt`` beside it, as transformers' CLIP directories and open_clip's Hub snapshots carry
+them. With the latter the ids are read from ``vocab.json``.
 
 Rows longer than the context are truncated as CLIP4Clip does with ``max_words``: the start
 token, the first ``context_length - 2`` BPE tokens, the end token.
@@ -16,6 +21,7 @@ import functools
 import gzip
 import html
 import importlib.util
+import json
 import pathlib
 
 import ftfy
@@ -25,6 +31,7 @@ import regex
 from ncl_jax.errors import UserError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+HF_VOCAB_FILE, HF_MERGES_FILE = "vocab.json", "merges.txt"
 START, END = "<|startoftext|>", "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses from its file (the rest are never read)
 END_OF_WORD = "</w>"
@@ -85,53 +92,99 @@ def merge_word(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
   return symbols
 
 
+def _package_vocab() -> pathlib.Path:
+  spec = importlib.util.find_spec("clip")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserError(f"no CLIP vocabulary given: pass ClipTokenizer(PATH) with {VOCAB_FILE}, "
+                    f"{HF_VOCAB_FILE} (with {HF_MERGES_FILE} beside it) or a directory made by "
+                    "tools/convert_clip.py (which copies the vocabulary there)")
+  return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
 def find_vocab(vocab_path=None) -> pathlib.Path:
-  """Resolves the vocabulary file: a file, a converted CLIP directory, or (None) the installed
-  OpenAI ``clip`` package's copy.
+  """Resolves the vocabulary: OpenAI's ``bpe_simple_vocab_16e6.txt.gz``, Hugging Face's
+  ``vocab.json`` (its ``merges.txt`` must sit beside it), a directory holding either (e.g. a
+  converted CLIP directory; OpenAI's file wins), or (None) the installed OpenAI ``clip``
+  package's copy.
+
+  Returns:
+    The path of the ``.txt.gz`` or ``vocab.json`` file.
 
   Raises:
-    UserError: if no vocabulary file is found.
+    UserError: if no vocabulary is found.
   """
-  if vocab_path is None:
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-      raise UserError(f"no CLIP vocabulary given: pass ClipTokenizer(PATH) with {VOCAB_FILE} or a "
-                      "directory made by tools/convert_clip.py (which copies it there)")
-    vocab_path = pathlib.Path(list(spec.submodule_search_locations)[0])
-  path = pathlib.Path(vocab_path).expanduser()
+  path = pathlib.Path(vocab_path).expanduser() if vocab_path is not None else _package_vocab()
   if path.is_dir():
-    path = path / VOCAB_FILE
+    path = path / VOCAB_FILE if (path / VOCAB_FILE).is_file() else path / HF_VOCAB_FILE
   if not path.is_file():
-    raise UserError(f"CLIP vocabulary {path} not found; pass the {VOCAB_FILE} file or a converted "
-                    "CLIP directory")
+    raise UserError(f"CLIP vocabulary {path} not found; pass {VOCAB_FILE}, {HF_VOCAB_FILE} or "
+                    "a converted CLIP directory")
+  if path.name.endswith(".json") and not (path.parent / HF_MERGES_FILE).is_file():
+    raise UserError(f"{path} needs {HF_MERGES_FILE} beside it (Hugging Face's CLIP tokenizer "
+                    "is the pair of files)")
   return path
 
 
-@functools.lru_cache(maxsize=4)
-def _read_merges(path: str) -> tuple[tuple[str, str], ...]:
-  with gzip.open(path, "rt", encoding="utf-8") as f:
-    lines = f.read().split("\n")
-  # Line 0 is a version header; CLIP uses the next NUM_MERGES lines.
-  merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+def vocab_files(vocab_path=None) -> list[pathlib.Path]:
+  """Every file of the vocabulary :func:`find_vocab` resolves (one, or vocab.json + merges.txt),
+  for copying a tokenizer next to weights or into a bundle."""
+  path = find_vocab(vocab_path)
+  return [path, path.parent / HF_MERGES_FILE] if path.name.endswith(".json") else [path]
+
+
+def _check_merges(path, merges) -> tuple[tuple[str, str], ...]:
   if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
     raise UserError(f"{path} is not CLIP's BPE vocabulary (expected {NUM_MERGES} merge lines of "
                     "two symbols after a header)")
   return tuple(merges)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_merges(path: str) -> tuple[tuple[str, str], ...]:
+  if path.endswith(".json"):  # Hugging Face: merges.txt beside vocab.json, "#version" header
+    lines = (pathlib.Path(path).parent / HF_MERGES_FILE).read_text(encoding="utf-8").split("\n")
+  else:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  # Line 0 is a version header; CLIP uses the next NUM_MERGES lines.
+  return _check_merges(path, [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]])
+
+
+def _openai_vocab(merges) -> list[str]:
+  """OpenAI's id order: byte symbols, the same with the end-of-word marker, merges, specials."""
+  symbols = [char for _, char in byte_symbols()]
+  return symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [START, END]
+
+
+def _json_vocab(path: str, merges) -> list[str]:
+  """The tokens of a Hugging Face vocab.json by id; checks it can encode every byte and merge."""
+  encoder = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  if not isinstance(encoder, dict) or sorted(encoder.values()) != list(range(len(encoder))):
+    raise UserError(f"{path} is not a vocabulary (token → ids 0..n-1)")
+  needed = set(_openai_vocab(merges))
+  absent = [t for t in needed if t not in encoder]
+  if absent:
+    raise UserError(f"{path} lacks {len(absent)} tokens CLIP's BPE produces (e.g. "
+                    f"{sorted(absent)[:5]}); it does not belong to {HF_MERGES_FILE}")
+  vocab = [""] * len(encoder)
+  for token, i in encoder.items():
+    vocab[i] = token
+  return vocab
+
+
 class ClipTokenizer:
   """CLIP's tokenizer.
 
   Args:
-    vocab_path: ``bpe_simple_vocab_16e6.txt.gz``, a directory holding it (e.g. a converted CLIP
-      directory), or None for the copy inside an installed OpenAI ``clip`` package.
+    vocab_path: ``bpe_simple_vocab_16e6.txt.gz``, Hugging Face's ``vocab.json`` (with
+      ``merges.txt`` beside it), a directory holding either (e.g. a converted CLIP directory),
+      or None for the copy inside an installed OpenAI ``clip`` package.
   """
 
   def __init__(self, vocab_path=None):
-    merges = _read_merges(str(find_vocab(vocab_path)))
-    symbols = [char for _, char in byte_symbols()]
-    vocab = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
-    vocab += [START, END]
+    path = str(find_vocab(vocab_path))
+    merges = _read_merges(path)
+    vocab = _json_vocab(path, merges) if path.endswith(".json") else _openai_vocab(merges)
     self.encoder = {token: i for i, token in enumerate(vocab)}
     self.decoder = vocab
     self.byte_to_symbol = dict(byte_symbols())

@@ -279,7 +279,12 @@ class _Run:
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
     if config.clip_dir:  # fail before any work if the weights are missing
       from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
-      convert.read_config(os.path.expanduser(config.clip_dir))
+      clip_config = convert.read_config(os.path.expanduser(config.clip_dir))
+      # Activation, layer-norm epsilon, MLP ratio and eos pooling belong to the weights (an
+      # open_clip LAION model uses GELU, OpenAI's QuickGELU); sizes stay checked, not copied.
+      adopted = convert.adopt_checkpoint_options(config.model, clip_config)
+      if adopted:
+        log(f"model options from the CLIP checkpoint {config.clip_dir}: {', '.join(adopted)}")
     self.model = dual_encoder.DualEncoder(config.model)
     self.loss_fn = make_loss_fn(config)
     abstract_params = jax.eval_shape(functools.partial(init_params, self.model), config.seed)

@@ -1,10 +1,17 @@
 """CLIP's transformers in Flax Linen: the ViT image tower, the causal text tower, the CLIP pair.
 
 The modules follow OpenAI's reference implementation (``clip/model.py``) layer for layer, so
-converted OpenAI weights give the same features: pre-LayerNorm residual blocks with QuickGELU,
-LayerNorm epsilon 1e-5, attention with a fused query/key/value projection, a class token and
-``ln_post`` on the image side, a causal mask and pooling at the end-of-text token (the largest
-token id in each row) on the text side, and bias-free output projections.
+converted OpenAI weights give the same features: pre-LayerNorm residual blocks, attention with a
+fused query/key/value projection, a class token and ``ln_post`` on the image side, a causal mask
+and pooling at the end-of-text token on the text side, and bias-free output projections.
+
+The same layers describe the CLIP models of Hugging Face transformers and open_clip; what differs
+between checkpoints is a per-tower option (the ``vision`` / ``text`` config fields, defaults =
+OpenAI's): ``activation`` ("quick_gelu", OpenAI's x * sigmoid(1.702 x), or "gelu", the exact
+erf GELU most LAION/DataComp models use), ``layer_norm_eps`` (1e-5), ``mlp_ratio`` (MLP width /
+model width, 4.0) and, for the text tower, ``eos_id`` (-1: pool at each row's largest token id,
+as OpenAI; n >= 0: pool at the first token equal to n, as transformers does for configs whose
+``eos_token_id`` is not the legacy 2).
 
 Parameters are always created in float32; ``dtype`` only sets the compute dtype (bfloat16 on
 accelerators). LayerNorm statistics and attention softmax run in float32 either way.
@@ -27,6 +34,7 @@ import ml_collections
 Dtype = Any
 
 LN_EPSILON = 1e-5  # torch.nn.LayerNorm's default, used by every OpenAI CLIP model.
+MLP_RATIO = 4.0
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -34,9 +42,24 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
-def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+def exact_gelu(x: jax.Array) -> jax.Array:
+  """x * Phi(x) with the erf form, as torch.nn.GELU() and transformers' "gelu" compute it."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": exact_gelu}
+
+
+def activation_fn(name: str):
+  """The activation called ``name`` in a tower config."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unknown activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def layer_norm(name: str, dtype: Dtype, epsilon: float = LN_EPSILON) -> nn.LayerNorm:
   # Flax's LayerNorm upcasts to float32 for the statistics even when dtype is bfloat16.
-  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class MultiHeadAttention(nn.Module):
@@ -71,14 +94,22 @@ class MultiHeadAttention(nn.Module):
     return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name="out_proj")(out)
 
 
+def mlp_width(width: int, mlp_ratio: float) -> int:
+  """Hidden width of the MLP; ratios come from integer widths, so rounding recovers them."""
+  return int(round(width * mlp_ratio))
+
+
 class Mlp(nn.Module):
   width: int
   dtype: Dtype = jnp.float32
+  mlp_ratio: float = MLP_RATIO
+  activation: str = "quick_gelu"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Dense(4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_fc")(x)
-    x = quick_gelu(x)
+    hidden = mlp_width(self.width, self.mlp_ratio)
+    x = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32, name="c_fc")(x)
+    x = activation_fn(self.activation)(x)
     return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_proj")(x)
 
 
@@ -89,14 +120,17 @@ class ResidualAttentionBlock(nn.Module):
   heads: int
   causal: bool = False
   dtype: Dtype = jnp.float32
+  mlp_ratio: float = MLP_RATIO
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = LN_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-    y = layer_norm("ln_1", self.dtype)(x)
+    y = layer_norm("ln_1", self.dtype, self.layer_norm_eps)(x)
     x = x + MultiHeadAttention(self.width, self.heads, self.causal, self.dtype, name="attn")(
         y, key_mask)
-    y = layer_norm("ln_2", self.dtype)(x)
-    return x + Mlp(self.width, self.dtype, name="mlp")(y)
+    y = layer_norm("ln_2", self.dtype, self.layer_norm_eps)(x)
+    return x + Mlp(self.width, self.dtype, self.mlp_ratio, self.activation, name="mlp")(y)
 
 
 class Transformer(nn.Module):
@@ -106,6 +140,7 @@ class Transformer(nn.Module):
     width, layers, heads, causal, dtype: as the blocks.
     remat: recompute each block's activations in the backward pass (``nn.remat``).
     frozen_layers: stop gradients after the first ``frozen_layers`` blocks (0 or -1: none).
+    mlp_ratio, activation, layer_norm_eps: the blocks' options (see the module docstring).
   """
 
   width: int
@@ -115,12 +150,16 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   frozen_layers: int = -1
+  mlp_ratio: float = MLP_RATIO
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = LN_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
     block = nn.remat(ResidualAttentionBlock) if self.remat else ResidualAttentionBlock
     for i in range(self.layers):
-      x = block(self.width, self.heads, self.causal, self.dtype, name=f"resblocks_{i}")(x, key_mask)
+      x = block(self.width, self.heads, self.causal, self.dtype, self.mlp_ratio, self.activation,
+                self.layer_norm_eps, name=f"resblocks_{i}")(x, key_mask)
       if i < self.frozen_layers:
         x = jax.lax.stop_gradient(x)
     return x
@@ -143,6 +182,9 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   frozen_layers: int = -1
+  mlp_ratio: float = MLP_RATIO
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = LN_EPSILON
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -168,20 +210,22 @@ class VisionTransformer(nn.Module):
     x = x @ kernel.reshape(p * p * 3, self.width).astype(self.dtype)
     cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (n, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1) + positions.astype(self.dtype)
-    x = layer_norm("ln_pre", self.dtype)(x)
+    x = layer_norm("ln_pre", self.dtype, self.layer_norm_eps)(x)
     if self.frozen_layers >= 0:
       x = jax.lax.stop_gradient(x)
     x = Transformer(self.width, self.layers, self.heads, False, self.dtype, self.remat,
-                    self.frozen_layers, name="transformer")(x)
-    x = layer_norm("ln_post", self.dtype)(x[:, 0])
+                    self.frozen_layers, self.mlp_ratio, self.activation, self.layer_norm_eps,
+                    name="transformer")(x)
+    x = layer_norm("ln_post", self.dtype, self.layer_norm_eps)(x[:, 0])
     return x @ proj.astype(self.dtype)
 
 
 class TextTransformer(nn.Module):
   """CLIP's text tower. Tokens [N, L] int32 (L <= context_length) → [N, output_dim].
 
-  Features are read at each row's largest token id, which is the end-of-text token for CLIP's
-  vocabulary (it has the highest id) and for any vocabulary that puts its end token last.
+  Features are read at the end-of-text token: with ``eos_id = -1`` at each row's largest token
+  id, which is the end-of-text token for CLIP's vocabulary (it has the highest id) and for any
+  vocabulary that puts its end token last; with ``eos_id >= 0`` at the first token equal to it.
   """
 
   width: int
@@ -193,6 +237,10 @@ class TextTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   remat: bool = False
   frozen_layers: int = -1
+  mlp_ratio: float = MLP_RATIO
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = LN_EPSILON
+  eos_id: int = -1
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -209,9 +257,11 @@ class TextTransformer(nn.Module):
     if self.frozen_layers >= 0:
       x = jax.lax.stop_gradient(x)
     x = Transformer(self.width, self.layers, self.heads, True, self.dtype, self.remat,
-                    self.frozen_layers, name="transformer")(x)
-    x = layer_norm("ln_final", self.dtype)(x)
-    end = jnp.argmax(tokens, axis=-1)
+                    self.frozen_layers, self.mlp_ratio, self.activation, self.layer_norm_eps,
+                    name="transformer")(x)
+    x = layer_norm("ln_final", self.dtype, self.layer_norm_eps)(x)
+    # argmax returns the first maximum: the first end token in either mode.
+    end = jnp.argmax(tokens if self.eos_id < 0 else tokens == self.eos_id, axis=-1)
     x = x[jnp.arange(n), end]
     return x @ text_projection.astype(self.dtype)
 
@@ -224,13 +274,21 @@ def compute_dtype(name: str) -> Dtype:
   return dtypes[name]
 
 
+def block_options(tower: ml_collections.ConfigDict) -> dict:
+  """A tower config's block options, with OpenAI's values where a (pre-v2) config lacks them."""
+  return dict(mlp_ratio=float(tower.get("mlp_ratio", MLP_RATIO)),
+              activation=str(tower.get("activation", "quick_gelu")),
+              layer_norm_eps=float(tower.get("layer_norm_eps", LN_EPSILON)))
+
+
 def vision_tower(config: ml_collections.ConfigDict, frozen_layers: int = -1,
                  name: str = "visual") -> VisionTransformer:
   """The image tower described by ``config.vision``, ``config.embed_dim``, dtype and remat."""
   v = config.vision
   return VisionTransformer(v.width, v.layers, v.heads, v.patch_size, v.image_size,
                            config.embed_dim, compute_dtype(config.get("dtype", "float32")),
-                           bool(config.get("remat", False)), frozen_layers, name=name)
+                           bool(config.get("remat", False)), frozen_layers, name=name,
+                           **block_options(v))
 
 
 def text_tower(config: ml_collections.ConfigDict, frozen_layers: int = -1,
@@ -239,7 +297,8 @@ def text_tower(config: ml_collections.ConfigDict, frozen_layers: int = -1,
   t = config.text
   return TextTransformer(t.width, t.layers, t.heads, t.vocab_size, t.context_length,
                          config.embed_dim, compute_dtype(config.get("dtype", "float32")),
-                         bool(config.get("remat", False)), frozen_layers, name=name)
+                         bool(config.get("remat", False)), frozen_layers, name=name,
+                         eos_id=int(t.get("eos_id", -1)), **block_options(t))
 
 
 class CLIP(nn.Module):
@@ -247,7 +306,9 @@ class CLIP(nn.Module):
 
   Attributes:
     config: ``embed_dim``, ``vision`` (width, layers, heads, patch_size, image_size), ``text``
-      (width, layers, heads, vocab_size, context_length) and optionally ``dtype`` and ``remat``.
+      (width, layers, heads, vocab_size, context_length), each tower optionally with
+      ``mlp_ratio``, ``activation``, ``layer_norm_eps`` (and text ``eos_id``), and optionally
+      ``dtype`` and ``remat``.
       :func:`ncl_jax.models.convert.load_clip` builds it from a converted checkpoint.
 
   Parameters: ``visual``, ``text`` and the scalar ``logit_scale`` (the log of the inverse

@@ -1,14 +1,16 @@
-"""OpenAI CLIP checkpoints → Flax parameters, and the converted-checkpoint directory format.
+"""CLIP checkpoints → Flax parameters, and the converted-checkpoint directory format.
 
 A converted directory holds
 
-* ``config.json``: the architecture (``format``, ``embed_dim``, ``vision``, ``text``), inferred
-  from tensor shapes the way OpenAI's ``build_model`` does (heads = width / 64);
+* ``config.json``: ``format``, the architecture (``embed_dim``, ``vision``, ``text``: sizes
+  inferred from tensor shapes, heads = width / 64 unless the source says otherwise, and the block
+  options of :mod:`ncl_jax.models.clip`), and ``source`` (which checkpoint format it came from);
 * ``params/``: an orbax checkpoint of the :class:`ncl_jax.models.clip.CLIP` parameters (float32);
-* ``bpe_simple_vocab_16e6.txt.gz``: the tokenizer vocabulary.
+* the tokenizer vocabulary: ``bpe_simple_vocab_16e6.txt.gz`` or ``vocab.json`` + ``merges.txt``.
 
-This module works on a state dict of numpy arrays keyed by OpenAI's parameter names, so it needs
-no PyTorch; ``tools/convert_clip.py`` reads the ``.pt`` file with torch and calls it.
+This module works on a state dict of numpy arrays keyed by OpenAI's parameter names (open_clip
+uses the same names), so it needs no PyTorch; :mod:`ncl_jax.models.clip_sources` reads the
+checkpoint formats (OpenAI, open_clip, Hugging Face transformers) into that layout.
 """
 
 from __future__ import annotations
@@ -26,45 +28,20 @@ import numpy as np
 from ncl_jax.errors import UserError
 from ncl_jax.models import clip
 
-FORMAT = "ncl_jax-clip-v1"
+FORMAT = "ncl_jax-clip-v2"
+# v1 (OpenAI weights only) lacks the block options and the source; it reads with OpenAI's values.
+LEGACY_FORMATS = ("ncl_jax-clip-v1",)
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-# Scalars some OpenAI archives keep next to the weights; build_model drops them too.
-IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def read_torch_checkpoint(path) -> dict[str, np.ndarray]:
-  """Reads an OpenAI CLIP checkpoint into numpy arrays (needs PyTorch).
-
-  Accepts the TorchScript archives OpenAI publishes (``ViT-B-32.pt``, ...) and plain state dicts
-  saved with ``torch.save(model.state_dict(), path)``. Nothing in the file is executed: plain
-  files are read with ``weights_only=True``.
-
-  Raises:
-    UserError: if the file is missing, is not a PyTorch file, or holds no state dict.
-  """
-  path = pathlib.Path(path).expanduser()
-  if not path.is_file():
-    raise UserError(f"--src {path} does not exist or is not a file")
-  try:
-    import torch
-  except ImportError as err:
-    raise UserError("reading PyTorch checkpoints needs torch: pip install torch") from err
-  try:
-    with warnings.catch_warnings():  # torch 2.13 deprecates jit.load; OpenAI's files need it
-      warnings.simplefilter("ignore", DeprecationWarning)
-      state = torch.jit.load(str(path), map_location="cpu").state_dict()
-  except RuntimeError:  # not TorchScript: a plain torch.save file, or not PyTorch at all
-    try:
-      state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for foreign files
-      raise UserError(f"{path} is neither a TorchScript archive nor a torch.save file "
-                      f"({type(err).__name__}); pass an OpenAI CLIP .pt checkpoint") from err
-  if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-    raise UserError(f"{path} does not hold a state dict (name → tensor); save one with "
-                    "torch.save(model.state_dict(), path)")
-  return {k: v.detach().float().cpu().numpy() for k, v in state.items()}
+# Scalars some OpenAI archives keep next to the weights (build_model drops them too), and the
+# causal-mask buffer older open_clip versions saved.
+IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# Tower options a checkpoint fixes without (mlp_ratio aside) changing parameter shapes.
+BLOCK_OPTIONS = ("mlp_ratio", "activation", "layer_norm_eps")
+TEXT_OPTIONS = BLOCK_OPTIONS + ("eos_id",)
+OPENAI_OPTIONS = dict(mlp_ratio=clip.MLP_RATIO, activation="quick_gelu",
+                      layer_norm_eps=clip.LN_EPSILON)
 
 
 def _count_blocks(keys, prefix: str) -> int:
@@ -84,7 +61,8 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> ml_collections.Config
 
   Returns:
     ConfigDict with embed_dim, vision (width, layers, heads, patch_size, image_size) and text
-    (width, layers, heads, vocab_size, context_length).
+    (width, layers, heads, vocab_size, context_length), each with OpenAI's block options and
+    the MLP ratio of the tensors.
 
   Raises:
     UserError: for a state dict that is not an OpenAI ViT CLIP model.
@@ -105,21 +83,35 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> ml_collections.Config
   if grid * grid + 1 != n_positions:
     raise UserError(f"visual.positional_embedding has {n_positions} rows, not a square grid + 1")
   text_width = shapes["ln_final.weight"][0]
+  vision_layers = _count_blocks(shapes, "visual.transformer.resblocks.")
+  text_layers = _count_blocks(shapes, "transformer.resblocks.")
+  vision_options = dict(OPENAI_OPTIONS, mlp_ratio=_mlp_ratio(
+      shapes, "visual.transformer.resblocks.", vision_layers, vision_width))
+  text_options = dict(OPENAI_OPTIONS, eos_id=-1, mlp_ratio=_mlp_ratio(
+      shapes, "transformer.resblocks.", text_layers, text_width))
   config = ml_collections.ConfigDict()
   config.embed_dim = int(shapes["text_projection"][1])
   config.vision = ml_collections.ConfigDict(dict(
       width=int(vision_width),
-      layers=_count_blocks(shapes, "visual.transformer.resblocks."),
+      layers=vision_layers,
       heads=max(int(vision_width) // 64, 1),
       patch_size=int(patch_size),
-      image_size=int(patch_size * grid)))
+      image_size=int(patch_size * grid),
+      **vision_options))
   config.text = ml_collections.ConfigDict(dict(
       width=int(text_width),
-      layers=_count_blocks(shapes, "transformer.resblocks."),
+      layers=text_layers,
       heads=max(int(text_width) // 64, 1),
       vocab_size=int(shapes["token_embedding.weight"][0]),
-      context_length=int(shapes["positional_embedding"][0])))
+      context_length=int(shapes["positional_embedding"][0]),
+      **text_options))
   return config
+
+
+def _mlp_ratio(shapes, prefix: str, layers: int, width: int) -> float:
+  """MLP width / model width from the first block (4.0 in OpenAI's models, 4.92 in ViT-bigG)."""
+  fc = shapes.get(f"{prefix}0.mlp.c_fc.weight") if layers else None
+  return float(fc[0]) / float(width) if fc else clip.MLP_RATIO
 
 
 def _block_mapping(torch_prefix: str, flax_path: tuple[str, ...]):
@@ -176,14 +168,25 @@ def _listing(names, limit: int = 20) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray]):
-  """OpenAI CLIP state dict (numpy arrays, any float dtype) → (config, Flax params, float32).
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], options: Mapping | None = None):
+  """OpenAI-layout CLIP state dict (numpy arrays, any float dtype) → (config, Flax params).
+
+  Args:
+    state_dict: OpenAI's (= open_clip's) parameter names → arrays.
+    options: per tower (``{"vision": {...}, "text": {...}}``) values that shapes cannot show
+      (heads, activation, layer_norm_eps, eos_id); default OpenAI's.
+
+  Returns:
+    (config, params): the architecture and float32 parameters of :class:`~ncl_jax.models.clip.CLIP`.
 
   Raises:
     UserError: for a non-CLIP state dict, or listing unknown and missing keys.
   """
   state_dict = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
   config = infer_config({k: tuple(np.shape(v)) for k, v in state_dict.items()})
+  for tower, values in (options or {}).items():
+    config[tower].update(values)
+  check_options(config)
   mapping = parameter_mapping(config)
   expected = {name for name, _, _ in mapping}
   missing, unknown = expected - set(state_dict), set(state_dict) - expected
@@ -205,6 +208,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]):
     node[path[-1]] = value
   _check_shapes(config, params)
   return config, params
+
+
+def check_options(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for block options the model cannot run (one line listing all)."""
+  problems = []
+  for tower in ("vision", "text"):
+    sub = config[tower]
+    if sub.activation not in clip.ACTIVATIONS:
+      problems.append(f"{tower} activation {sub.activation!r} is not supported (supported: "
+                      f"{', '.join(clip.ACTIVATIONS)})")
+    if sub.width % sub.heads:
+      problems.append(f"{tower} width {sub.width} is not divisible by {sub.heads} heads")
+  if problems:
+    raise UserError("cannot convert this CLIP checkpoint: " + "; ".join(problems))
 
 
 def _check_shapes(config, params) -> None:
@@ -231,18 +248,42 @@ def abstract_params(config: ml_collections.ConfigDict):
   return jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
 
 
-def config_to_json(config: ml_collections.ConfigDict) -> dict:
-  return {"format": FORMAT, "embed_dim": int(config.embed_dim),
-          "vision": {k: int(v) for k, v in config.vision.items()},
-          "text": {k: int(v) for k, v in config.text.items()}}
+def tower_value(tower: ml_collections.ConfigDict, key: str):
+  """A tower field with its JSON type: strings and floats for the options, ints otherwise."""
+  value = tower[key]
+  if key == "activation":
+    return str(value)
+  if key in ("layer_norm_eps", "mlp_ratio"):
+    return float(value)
+  return int(value)
 
 
-def save_converted(out_dir, config, params, vocab_path=None) -> None:
-  """Writes config.json, the orbax params checkpoint and a copy of the vocabulary to ``out_dir``.
+def config_to_json(config: ml_collections.ConfigDict, source: Mapping | None = None) -> dict:
+  data = {"format": FORMAT, "embed_dim": int(config.embed_dim),
+          "vision": {k: tower_value(config.vision, k) for k in config.vision},
+          "text": {k: tower_value(config.text, k) for k in config.text}}
+  if source is not None:
+    data["source"] = dict(source)
+  return data
+
+
+def save_converted(out_dir, config, params, vocab_files=(), source: Mapping | None = None
+                   ) -> None:
+  """Writes config.json, the orbax params checkpoint and copies of the vocabulary files.
+
+  The directory is assembled under a temporary name beside ``out_dir`` and renamed at the end,
+  so a failure leaves nothing half-written.
+
+  Args:
+    out_dir: new (or empty) directory.
+    config, params: from :func:`convert_state_dict`.
+    vocab_files: tokenizer files to copy (see :func:`ncl_jax.tokenizer.vocab_files`).
+    source: provenance recorded under ``source`` in config.json (format, path, activation).
 
   Raises:
     UserError: if ``out_dir`` exists and is not empty (nothing is overwritten).
   """
+  import os
   import shutil
 
   import orbax.checkpoint as ocp
@@ -250,14 +291,26 @@ def save_converted(out_dir, config, params, vocab_path=None) -> None:
   out = pathlib.Path(out_dir).expanduser().resolve()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"--out {out} already exists and is not an empty directory; choose a new one")
-  out.mkdir(parents=True, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out / PARAMS_DIR, params)
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  if vocab_path is not None:
-    shutil.copyfile(vocab_path, out / VOCAB_FILE)
-  (out / CONFIG_FILE).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+  tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+  if tmp.exists():
+    shutil.rmtree(tmp)  # our own leftover from a crashed conversion with this process id
+  tmp.mkdir(parents=True)
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    for path in vocab_files:
+      shutil.copyfile(path, tmp / pathlib.Path(path).name)
+    (tmp / CONFIG_FILE).write_text(json.dumps(config_to_json(config, source), indent=2) + "\n")
+    if out.exists():
+      if any(out.iterdir()):
+        raise UserError(f"--out {out} was filled while converting; nothing was overwritten")
+      out.rmdir()
+    os.rename(tmp, out)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
 
 
 def read_config(clip_dir) -> ml_collections.ConfigDict:
@@ -267,9 +320,36 @@ def read_config(clip_dir) -> ml_collections.ConfigDict:
     raise UserError(f"{path} not found: {clip_dir} is not a converted CLIP directory (create one "
                     "with tools/convert_clip.py --src CHECKPOINT --out DIR)")
   data = json.loads(path.read_text())
-  if data.get("format") != FORMAT:
-    raise UserError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
-  return ml_collections.ConfigDict({k: v for k, v in data.items() if k != "format"})
+  if data.get("format") not in (FORMAT,) + LEGACY_FORMATS:
+    raise UserError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}; convert "
+                    "the checkpoint again with this version's tools/convert_clip.py")
+  return ml_collections.ConfigDict(dict(
+      embed_dim=data["embed_dim"], vision={**OPENAI_OPTIONS, **data["vision"]},
+      text={**OPENAI_OPTIONS, "eos_id": -1, **data["text"]}))
+
+
+def read_source(clip_dir) -> dict:
+  """The ``source`` record of a converted directory ({} for directories made before v2)."""
+  path = pathlib.Path(clip_dir).expanduser() / CONFIG_FILE
+  return dict(json.loads(path.read_text()).get("source", {})) if path.is_file() else {}
+
+
+def adopt_checkpoint_options(model_config: ml_collections.ConfigDict,
+                             clip_config: ml_collections.ConfigDict) -> list[str]:
+  """Sets a DualEncoder config's block options (activation, layer-norm epsilon, MLP ratio, text
+  eos_id) to the checkpoint's, in place: they belong to the weights, not to the experiment.
+
+  Returns:
+    ``"text.activation=gelu"``-style descriptions of what changed.
+  """
+  changed = []
+  for tower, keys in (("vision", BLOCK_OPTIONS), ("text", TEXT_OPTIONS)):
+    for key in keys:
+      value = tower_value(clip_config[tower], key)
+      if model_config[tower].get(key) != value:
+        model_config[tower][key] = value
+        changed.append(f"{tower}.{key}={value}")
+  return changed
 
 
 def load_clip(clip_dir, dtype: str = "float32", remat: bool = False):
@@ -309,6 +389,6 @@ def config_from_clip(model_config: ml_collections.ConfigDict,
   config.embed_dim = int(clip_config.embed_dim)
   for tower in ("vision", "text"):
     for key in config[tower]:
-      config[tower][key] = int(clip_config[tower][key])
+      config[tower][key] = tower_value(clip_config[tower], key)
   config.head_heads = int(clip_config.text.heads)
   return config

@@ -29,6 +29,10 @@ from ncl_jax.models import clip, heads
 
 INPUT_MODES = ("frames", "features")
 LABELS = ("clip", "new", "frozen")
+# Per-tower options that a CLIP checkpoint fixes (they change no parameter shape except
+# mlp_ratio); OpenAI's values.
+OPENAI_BLOCK_OPTIONS = dict(mlp_ratio=clip.MLP_RATIO, activation="quick_gelu",
+                            layer_norm_eps=clip.LN_EPSILON)
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -38,8 +42,11 @@ def default_model_config() -> ml_collections.ConfigDict:
     input_mode: "frames" (pixels) or "features" (precomputed per-frame features).
     feature_dim: per-frame feature size in features mode.
     embed_dim: joint embedding size E (CLIP's projection size).
-    vision: width, layers, heads, patch_size, image_size of the ViT (frames mode).
-    text: width, layers, heads, vocab_size, context_length of the text transformer.
+    vision: width, layers, heads, patch_size, image_size of the ViT (frames mode), and the
+      block options mlp_ratio, activation ("quick_gelu" or "gelu"), layer_norm_eps.
+    text: width, layers, heads, vocab_size, context_length of the text transformer, the same
+      block options and eos_id (-1: pool at the largest token id; see ncl_jax.models.clip).
+      Training from a CLIP checkpoint (``clip_dir``) takes the block options from it.
     head: "meanP" or "seqTransf".
     head_layers, head_heads: seqTransf's transformer depth and heads (CLIP4Clip: 4 and the text
       tower's heads, as its blocks are copied from the text tower).
@@ -57,9 +64,10 @@ def default_model_config() -> ml_collections.ConfigDict:
   config.feature_dim = 512
   config.embed_dim = 512
   config.vision = ml_collections.ConfigDict(
-      dict(width=768, layers=12, heads=12, patch_size=32, image_size=224))
+      dict(width=768, layers=12, heads=12, patch_size=32, image_size=224, **OPENAI_BLOCK_OPTIONS))
   config.text = ml_collections.ConfigDict(
-      dict(width=512, layers=12, heads=8, vocab_size=49408, context_length=77))
+      dict(width=512, layers=12, heads=8, vocab_size=49408, context_length=77,
+           **OPENAI_BLOCK_OPTIONS, eos_id=-1))
   config.head = "meanP"
   config.head_layers = 4
   config.head_heads = 8
@@ -89,6 +97,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if sub.width % sub.heads:
       raise UserError(f"model.{tower}.width {sub.width} must be divisible by model.{tower}.heads "
                       f"{sub.heads}")
+    activation = sub.get("activation", "quick_gelu")
+    if activation not in clip.ACTIVATIONS:
+      raise UserError(f"model.{tower}.activation must be one of {', '.join(clip.ACTIVATIONS)}, "
+                      f"got {activation!r}")
 
 
 class DualEncoder(nn.Module):
@@ -111,7 +123,8 @@ class DualEncoder(nn.Module):
                                    param_dtype=jnp.float32)
     if c.head == "seqTransf":
       self.head = heads.SeqTransf(c.embed_dim, c.head_layers, c.head_heads, c.max_frames,
-                                  clip.compute_dtype(c.dtype), bool(c.remat))
+                                  clip.compute_dtype(c.dtype), bool(c.remat),
+                                  **clip.block_options(c.text))
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.init_logit_scale), ())
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
@@ -262,7 +275,7 @@ def init_dual_encoder_from_clip(params, clip_params, config: ml_collections.Conf
   if clip_config is not None:
     for tower in ("vision", "text") if config.input_mode == "frames" else ("text",):
       for key, value in clip_config[tower].items():
-        if config[tower][key] != value:
+        if config[tower].get(key) != value:
           problems.append(f"model.{tower}.{key} is {config[tower][key]} but the CLIP checkpoint "
                           f"has {value}")
   towers = ["text"] + (["visual"] if config.input_mode == "frames" else [])

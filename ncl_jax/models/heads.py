@@ -55,6 +55,8 @@ class SeqTransf(nn.Module):
     max_frames: rows of the frame-position table (CLIP4Clip initialises it from CLIP's text
       positional embedding).
     dtype, remat: compute dtype and block rematerialisation.
+    mlp_ratio, activation, layer_norm_eps: block options; the text tower's, whose blocks
+      CLIP4Clip copies into the head.
 
   Parameters: ``frame_position_embeddings/embedding`` [max_frames, E] and ``transformer``.
   """
@@ -65,6 +67,9 @@ class SeqTransf(nn.Module):
   max_frames: int
   dtype: clip.Dtype = jnp.float32
   remat: bool = False
+  mlp_ratio: float = clip.MLP_RATIO
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = clip.LN_EPSILON
 
   @nn.compact
   def __call__(self, frames: jax.Array, frame_mask: jax.Array) -> jax.Array:
@@ -79,5 +84,7 @@ class SeqTransf(nn.Module):
     x = frames + positions[None]
     # Padding frames are ignored as keys; their own outputs are dropped later by the pooling mask.
     x = clip.Transformer(self.width, self.layers, self.heads, False, self.dtype, self.remat,
+                         mlp_ratio=self.mlp_ratio, activation=self.activation,
+                         layer_norm_eps=self.layer_norm_eps,
                          name="transformer")(x, frame_mask.astype(bool))
     return x + frames
