@@ -1,5 +1,6 @@
-"""tools/convert_clip.py: TorchScript and plain state-dict files → load_clip gives the reference's
-features; bad inputs give one-line errors that say what is wrong."""
+"""tools/convert_clip.py on OpenAI's formats: TorchScript and plain state-dict files → load_clip
+gives the reference's features; bad inputs give one-line errors that say what is wrong.
+(open_clip and transformers sources: test_convert_clip_open_clip.py, test_convert_clip_hf.py.)"""
 
 import importlib.util
 import json
@@ -68,10 +69,16 @@ def test_torchscript_archive_converts(tmp_path, small_model, rng):
                             str(ref.vocab_path())]) == 0
   assert sorted(p.name for p in out.iterdir()) == ["bpe_simple_vocab_16e6.txt.gz", "config.json",
                                                    "params"]
-  assert json.loads((out / "config.json").read_text()) == {
-      "format": "ncl_jax-clip-v1", "embed_dim": 32,
-      "vision": {"width": 64, "layers": 2, "heads": 1, "patch_size": 16, "image_size": 32},
-      "text": {"width": 64, "layers": 2, "heads": 1, "vocab_size": 200, "context_length": 10}}
+  options = {"mlp_ratio": 4.0, "activation": "quick_gelu", "layer_norm_eps": 1e-5}
+  stored = json.loads((out / "config.json").read_text())
+  assert stored == {
+      "format": "ncl_jax-clip-v2", "embed_dim": 32,
+      "vision": {"width": 64, "layers": 2, "heads": 1, "patch_size": 16, "image_size": 32,
+                 **options},
+      "text": {"width": 64, "layers": 2, "heads": 1, "vocab_size": 200, "context_length": 10,
+               **options, "eos_id": -1},
+      "source": {"format": "openai_torchscript", "path": str(src.resolve()),
+                 "activation": "quick_gelu", "activation_from": "OpenAI TorchScript archive"}}
   _check_loaded_matches(out, small_model, rng)
   # The copied vocabulary feeds the tokenizer directly from the converted directory.
   assert ClipTokenizer(out).encode_batch(["a dog"], context_length=5).tolist() == [
@@ -81,15 +88,19 @@ def test_torchscript_archive_converts(tmp_path, small_model, rng):
 def test_plain_state_dict_converts_and_float16_is_widened(tmp_path, small_model, rng):
   src = tmp_path / "state.pt"
   torch.save(small_model.state_dict(), src)
+  # A plain state dict does not say its activation (open_clip's LAION models use GELU).
+  with pytest.raises(UserError, match="cannot tell whether state.pt uses QuickGELU or GELU"):
+    _converter().main(["--src", str(src), "--out", str(tmp_path / "a"), "--vocab",
+                       str(ref.vocab_path())])
   _converter().main(["--src", str(src), "--out", str(tmp_path / "a"), "--vocab",
-                     str(ref.vocab_path())])
+                     str(ref.vocab_path()), "--activation", "quick_gelu"])
   _check_loaded_matches(tmp_path / "a", small_model, rng)
 
   half = {k: v.half() for k, v in small_model.state_dict().items()}
   half["input_resolution"] = torch.tensor(32)  # extra scalars of OpenAI archives are skipped
   torch.save(half, tmp_path / "half.pt")
   _converter().main(["--src", str(tmp_path / "half.pt"), "--out", str(tmp_path / "b"),
-                     "--vocab", str(ref.vocab_path())])
+                     "--vocab", str(ref.vocab_path()), "--activation", "quick_gelu"])
   _, params = load_clip(tmp_path / "b")
   kernel = params["visual"]["transformer"]["resblocks_1"]["mlp"]["c_fc"]["kernel"]
   assert kernel.dtype == jnp.float32
@@ -105,7 +116,7 @@ def _save(tmp_path, state, name="bad.pt"):
 
 def _run_main(tmp_path, src, out_name="out"):
   return _converter().main(["--src", str(src), "--out", str(tmp_path / out_name), "--vocab",
-                            str(ref.vocab_path())])
+                            str(ref.vocab_path()), "--activation", "quick_gelu"])
 
 
 def test_unknown_and_missing_keys_are_listed(tmp_path, small_model):

@@ -1,0 +1,202 @@
+"""tools/convert_clip.py on Hugging Face transformers CLIPModel directories: random-weight
+models saved with save_pretrained (no downloads) convert, and load_clip's features equal
+transformers' get_image_features / get_text_features in float32."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ncl_jax.errors import UserError
+from ncl_jax.models import load_clip
+
+transformers = pytest.importorskip("transformers")
+
+torch.set_num_threads(2)
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "convert_clip.py"
+TOLERANCE = 1e-4
+
+# Non-standard sizes: 3 vision heads of 32, an MLP ratio that is not 4, eos = the last id.
+SMALL = dict(
+    text_config=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=2, vocab_size=300, max_position_embeddings=12,
+                     eos_token_id=299, bos_token_id=298, pad_token_id=0, layer_norm_eps=1e-6),
+    vision_config=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                       num_attention_heads=3, image_size=24, patch_size=8),
+    projection_dim=40)
+# ViT-B/32's widths, heads, patch, resolution, context and vocabulary; 2 blocks per tower keep
+# it cheap. eos_token_id 2 is what transformers' configs said before 2023 (argmax pooling).
+VIT_B32 = dict(
+    text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                     num_attention_heads=8, vocab_size=49408, max_position_embeddings=77,
+                     eos_token_id=2, bos_token_id=0, pad_token_id=1),
+    vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
+                       num_attention_heads=12, image_size=224, patch_size=32),
+    projection_dim=512)
+
+
+def converter():
+  spec = importlib.util.spec_from_file_location("convert_clip_tool", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def random_hf_clip(sizes: dict, hidden_act: str, seed: int = 0):
+  """A float32 transformers CLIPModel, random as initialised, with the vectors its initialiser
+  leaves constant (LayerNorm scales and biases, Linear biases) perturbed so that a wrong mapping
+  of any of them shows in the outputs."""
+  config = transformers.CLIPConfig(
+      text_config=dict(sizes["text_config"], hidden_act=hidden_act),
+      vision_config=dict(sizes["vision_config"], hidden_act=hidden_act),
+      projection_dim=sizes["projection_dim"])
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(config).float().eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if param.ndim == 1:
+        param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+  return model
+
+
+def save_hf(model, directory: pathlib.Path, weights: str = "safetensors") -> pathlib.Path:
+  """save_pretrained (safetensors, or sharded), or the pytorch_model.bin older versions wrote."""
+  if weights == "bin":
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+  else:
+    model.save_pretrained(directory, max_shard_size="200KB" if weights == "sharded" else "50GB")
+  return directory
+
+
+def tokens_with_eos(rng, n: int, length: int, vocab: int, eos: int) -> np.ndarray:
+  """Rows like a CLIP tokenizer's: random ids below eos, one eos, then zero padding."""
+  tokens = np.zeros((n, length), np.int64)
+  for i in range(n):
+    used = int(rng.integers(2, length))
+    tokens[i, :used - 1] = rng.integers(1, min(eos, vocab - 1), size=used - 1)
+    tokens[i, used - 1] = eos
+  return tokens
+
+
+def hf_features(model, images_nhwc: np.ndarray, tokens: np.ndarray):
+  with torch.no_grad():
+    image = model.get_image_features(
+        pixel_values=torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy()))
+    text = model.get_text_features(input_ids=torch.from_numpy(tokens))
+  # transformers 5 returns the output object, 4.x the projected tensor.
+  image, text = (getattr(x, "pooler_output", x) for x in (image, text))
+  return image.numpy(), text.numpy()
+
+
+def max_differences(out_dir, model, rng, tokens: np.ndarray):
+  """(image, text) max abs differences between load_clip's and transformers' features on random
+  images and ``tokens`` [N, L]."""
+  flax_model, params = load_clip(out_dir)
+  size = flax_model.config.vision.image_size
+  images = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+  encode = jax.jit(lambda p, x, t: (
+      flax_model.apply({"params": p}, x, method=flax_model.encode_image),
+      flax_model.apply({"params": p}, t, method=flax_model.encode_text)))
+  image, text = encode(params, images, jnp.asarray(tokens, jnp.int32))
+  want_image, want_text = hf_features(model, images, tokens)
+  assert np.abs(want_image).max() > 0.1 and np.abs(want_text).max() > 0.1
+  return (float(np.abs(np.asarray(image) - want_image).max()),
+          float(np.abs(np.asarray(text) - want_text).max()))
+
+
+@pytest.mark.parametrize("hidden_act,weights", [("quick_gelu", "sharded"), ("gelu", "bin")])
+def test_small_transformers_clip_converts(tmp_path, rng, hidden_act, weights):
+  model = random_hf_clip(SMALL, hidden_act, seed=3)
+  src = save_hf(model, tmp_path / "hf", weights)
+  out = tmp_path / "converted"
+  assert converter().main(["--src", str(src), "--out", str(out), "--vocab",
+                           str(_openai_vocab())]) == 0
+  stored = json.loads((out / "config.json").read_text())
+  assert stored["source"]["format"] == "hf_transformers"
+  assert stored["vision"] == dict(width=96, layers=2, heads=3, patch_size=8, image_size=24,
+                                  mlp_ratio=200 / 96, activation=hidden_act,
+                                  layer_norm_eps=1e-5)
+  assert stored["text"] == dict(width=64, layers=2, heads=2, vocab_size=300, context_length=12,
+                                mlp_ratio=2.5, activation=hidden_act, layer_norm_eps=1e-6,
+                                eos_id=299)
+  tokens = tokens_with_eos(rng, 3, 12, 300, eos=299)
+  image_diff, text_diff = max_differences(out, model, rng, tokens)
+  assert image_diff <= TOLERANCE and text_diff <= TOLERANCE, (image_diff, text_diff)
+
+
+def test_vit_b32_sized_transformers_clip_converts_with_its_tokenizer(tmp_path, rng):
+  model = random_hf_clip(VIT_B32, "gelu", seed=5)
+  src = save_hf(model, tmp_path / "hf")
+  write_hf_tokenizer(src)
+  out = tmp_path / "converted"
+  converter().main(["--src", str(src), "--out", str(out)])
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "params",
+                                                   "vocab.json"]
+  assert json.loads((out / "config.json").read_text())["text"]["eos_id"] == -1  # legacy 2
+  # Rows from the converted directory's tokenizer (end token 49407, zero padding): transformers
+  # pools them at the largest id, as the converted model does.
+  from ncl_jax.tokenizer import ClipTokenizer
+  tokens = ClipTokenizer(out).encode_batch(["a dog plays the piano", "two cats"], 77)
+  image_diff, text_diff = max_differences(out, model, rng, tokens.astype(np.int64))
+  assert image_diff <= TOLERANCE and text_diff <= TOLERANCE, (image_diff, text_diff)
+
+
+def _openai_vocab():
+  import clip_reference as ref
+  return ref.vocab_path()
+
+
+def write_hf_tokenizer(directory: pathlib.Path) -> None:
+  """vocab.json + merges.txt as transformers' CLIP repositories hold them, made from OpenAI's
+  vocabulary file (that is how they were made)."""
+  import gzip
+
+  from ncl_jax import tokenizer
+  lines = gzip.open(_openai_vocab(), "rt", encoding="utf-8").read().split("\n")
+  merges = lines[1:tokenizer.NUM_MERGES + 1]
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                        encoding="utf-8")
+  encoder = tokenizer.ClipTokenizer(_openai_vocab()).encoder
+  (directory / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+
+
+def test_bad_transformers_directories_list_what_is_wrong(tmp_path):
+  model = random_hf_clip(SMALL, "quick_gelu")
+  src = save_hf(model, tmp_path / "hf", "bin")
+  state = torch.load(src / "pytorch_model.bin", weights_only=True)
+  del state["text_model.encoder.layers.1.self_attn.k_proj.bias"]
+  state["text_model.encoder.layers.0.adapter.weight"] = torch.zeros(2)
+  torch.save(state, src / "pytorch_model.bin")
+  with pytest.raises(UserError) as err:
+    converter().main(["--src", str(src), "--out", str(tmp_path / "a"), "--vocab",
+                      str(_openai_vocab())])
+  message = str(err.value)
+  assert "\n" not in message
+  assert "missing tensors: text_model.encoder.layers.1.self_attn.k_proj.bias" in message
+  assert "unknown tensors: text_model.encoder.layers.0.adapter.weight" in message
+
+  config = json.loads((src / "config.json").read_text())
+  config["vision_config"]["hidden_act"] = "relu"
+  config["text_config"]["hidden_size"] = 128
+  (src / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="text_config.vocab_size / hidden_size says"):
+    converter().main(["--src", str(src), "--out", str(tmp_path / "b")])
+  config["text_config"]["hidden_size"] = 64
+  (src / "config.json").write_text(json.dumps(config))
+  torch.save(model.state_dict(), src / "pytorch_model.bin")
+  with pytest.raises(UserError, match="vision_config hidden_act 'relu' is not supported"):
+    converter().main(["--src", str(src), "--out", str(tmp_path / "c")])
+  config["vision_config"]["hidden_act"] = "quick_gelu"
+  (src / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="applies to open_clip checkpoints"):
+    converter().main(["--src", str(src), "--out", str(tmp_path / "d"), "--open_clip_model",
+                      "ViT-B-32"])
+  assert not any((tmp_path / name).exists() for name in "abcd")
