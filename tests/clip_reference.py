@@ -38,6 +38,22 @@ def vocab_path() -> pathlib.Path:
   return _package_dir() / "bpe_simple_vocab_16e6.txt.gz"
 
 
+def write_hf_tokenizer(directory) -> None:
+  """vocab.json + merges.txt as transformers' CLIP repositories hold them, made from OpenAI's
+  vocabulary file the way they were made (merges after a version header; ids in OpenAI's order:
+  bytes, bytes with the end-of-word marker, merges, start and end tokens)."""
+  import gzip
+  import json
+
+  directory = pathlib.Path(directory)
+  with gzip.open(vocab_path(), "rt", encoding="utf-8") as f:
+    merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                        encoding="utf-8")
+  encoder = tokenizer_module().SimpleTokenizer(str(vocab_path())).encoder
+  (directory / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
+
+
 def random_clip(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
                 context_length, vocab_size, text_width, text_layers, seed=0):
   """A float32 reference CLIP with random weights; every tensor (LayerNorms and biases too) is

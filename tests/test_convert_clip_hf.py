@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import clip_reference as ref
 from ncl_jax.errors import UserError
 from ncl_jax.models import load_clip
 
@@ -135,7 +136,7 @@ def test_small_transformers_clip_converts(tmp_path, rng, hidden_act, weights):
 def test_vit_b32_sized_transformers_clip_converts_with_its_tokenizer(tmp_path, rng):
   model = random_hf_clip(VIT_B32, "gelu", seed=5)
   src = save_hf(model, tmp_path / "hf")
-  write_hf_tokenizer(src)
+  ref.write_hf_tokenizer(src)
   out = tmp_path / "converted"
   converter().main(["--src", str(src), "--out", str(out)])
   assert sorted(p.name for p in out.iterdir()) == ["config.json", "merges.txt", "params",
@@ -150,22 +151,7 @@ def test_vit_b32_sized_transformers_clip_converts_with_its_tokenizer(tmp_path, r
 
 
 def _openai_vocab():
-  import clip_reference as ref
   return ref.vocab_path()
-
-
-def write_hf_tokenizer(directory: pathlib.Path) -> None:
-  """vocab.json + merges.txt as transformers' CLIP repositories hold them, made from OpenAI's
-  vocabulary file (that is how they were made)."""
-  import gzip
-
-  from ncl_jax import tokenizer
-  lines = gzip.open(_openai_vocab(), "rt", encoding="utf-8").read().split("\n")
-  merges = lines[1:tokenizer.NUM_MERGES + 1]
-  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
-                                        encoding="utf-8")
-  encoder = tokenizer.ClipTokenizer(_openai_vocab()).encoder
-  (directory / "vocab.json").write_text(json.dumps(encoder), encoding="utf-8")
 
 
 def test_bad_transformers_directories_list_what_is_wrong(tmp_path):

@@ -124,8 +124,7 @@ def test_hub_snapshot_directory_says_its_activation_and_carries_its_tokenizer(tm
   save_file(numpy_state(gelu_model), str(snapshot / "open_clip_model.safetensors"))
   (snapshot / "open_clip_config.json").write_text(json.dumps(
       {"model_cfg": {"embed_dim": 32, "vision_cfg": {}, "text_cfg": {}}}))  # no quick_gelu: GELU
-  from test_convert_clip_hf import write_hf_tokenizer
-  write_hf_tokenizer(snapshot)
+  ref.write_hf_tokenizer(snapshot)
   run_converter(snapshot, tmp_path / "out")
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
       "config.json", "merges.txt", "params", "vocab.json"]

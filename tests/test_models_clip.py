@@ -32,12 +32,13 @@ def test_features_match_openai_reference(shape, rng):
   model = ref.random_clip(embed, resolution, v_layers, v_width, patch, context, vocab, t_width,
                           t_layers, seed=len(shape))
   config, params = convert.convert_state_dict(ref.state_dict_numpy(model))
+  openai_options = dict(mlp_ratio=4.0, activation="quick_gelu", layer_norm_eps=1e-5)
   assert config.to_dict() == {
       "embed_dim": embed,
       "vision": dict(width=v_width, layers=v_layers, heads=v_width // 64, patch_size=patch,
-                     image_size=resolution),
+                     image_size=resolution, **openai_options),
       "text": dict(width=t_width, layers=t_layers, heads=t_width // 64, vocab_size=vocab,
-                   context_length=context)}
+                   context_length=context, **openai_options, eos_id=-1)}
   images = rng.standard_normal((2, resolution, resolution, 3)).astype(np.float32)
   tokens = ref.random_tokens(rng, 2, context, vocab)
   want_image, want_text = _reference_features(model, images, tokens)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import clip_reference as ref
 from ncl_jax.errors import UserError
-from ncl_jax.tokenizer import ClipTokenizer
+from ncl_jax.tokenizer import ClipTokenizer, clean_text, vocab_files
 
 TRICKY = [
     "",
@@ -95,4 +95,49 @@ def test_random_unicode_matches_the_reference(tokenizers, text):
 
 def test_missing_vocabulary_is_a_user_error(tmp_path):
   with pytest.raises(UserError, match="not found"):
+    ClipTokenizer(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def hf_vocab_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("hf_tokenizer")
+  ref.write_hf_tokenizer(directory)
+  return directory
+
+
+def test_hugging_face_vocab_and_merges_give_transformers_ids(tokenizers, hf_vocab_dir):
+  """vocab.json + merges.txt load; ids equal transformers' CLIPTokenizer on every test string.
+
+  transformers' tokenizer skips CLIP's ftfy and HTML clean-up (CLIP trained with it), so the
+  comparison feeds it cleaned text; on raw text it may differ only where that clean-up changes
+  more than case and whitespace (HTML entities, mojibake, ligatures, control characters).
+  """
+  transformers = pytest.importorskip("transformers")
+  _, openai_file = tokenizers
+  ours = ClipTokenizer(hf_vocab_dir)
+  assert ours.encoder == openai_file.encoder
+  assert ClipTokenizer(hf_vocab_dir / "vocab.json").encoder == ours.encoder
+  hf = transformers.CLIPTokenizer(str(hf_vocab_dir / "vocab.json"),
+                                  str(hf_vocab_dir / "merges.txt"))
+  raw_differs = []
+  for text in TRICKY:
+    want = hf(clean_text(text), add_special_tokens=False)["input_ids"]
+    assert ours.encode(text) == want, text
+    if hf(text, add_special_tokens=False)["input_ids"] != want:
+      raw_differs.append(text)
+      assert clean_text(text) != " ".join(text.lower().split()), text
+  assert len(raw_differs) <= 4
+  assert ours.encode_batch(["a dog"], context_length=6).tolist() == [
+      [49406, 320, 1929, 49407, 0, 0]]
+
+
+def test_vocab_files_lists_what_to_copy(hf_vocab_dir):
+  """Bundles and converted directories copy these (the export copies every file listed)."""
+  assert vocab_files(hf_vocab_dir) == [hf_vocab_dir / "vocab.json", hf_vocab_dir / "merges.txt"]
+  assert vocab_files(ref.vocab_path()) == [ref.vocab_path()]
+
+
+def test_vocab_json_needs_its_merges(tmp_path, hf_vocab_dir):
+  (tmp_path / "vocab.json").write_bytes((hf_vocab_dir / "vocab.json").read_bytes())
+  with pytest.raises(UserError, match="needs merges.txt beside it"):
     ClipTokenizer(tmp_path)

@@ -138,10 +138,12 @@ def test_initial_state_copies_pretrained_clip_weights(tmp_path):
   from ncl_jax.models import convert
 
   config = tu.tiny_config("ncl")
+  # An open_clip-style checkpoint: GELU and another layer-norm epsilon, which the run adopts.
   clip_config = ml_collections.ConfigDict(dict(
       embed_dim=16,
       vision=dict(width=16, layers=1, heads=2, patch_size=8, image_size=16),
-      text={k: int(v) for k, v in config.model.text.items()}))
+      text=config.model.text.to_dict()))
+  clip_config.text.update(activation="gelu", layer_norm_eps=1e-6)
   model = clip_lib.CLIP(clip_config)
   clip_params = jax.jit(model.init)(jax.random.PRNGKey(7), np.zeros((1, 16, 16, 3), np.float32),
                                     np.zeros((1, 8), np.int32))["params"]
@@ -154,6 +156,9 @@ def test_initial_state_copies_pretrained_clip_weights(tmp_path):
     state = jax.device_get(run.initial_state())
   for a, b in zip(jax.tree.leaves(clip_params["text"]), jax.tree.leaves(state.params["text"])):
     np.testing.assert_array_equal(a, b)
+  assert run.model.config.text.activation == "gelu"
+  assert run.model.config.text.layer_norm_eps == 1e-6
+  assert config.model.vision.activation == "quick_gelu"  # not stored: OpenAI's default
   assert float(state.params["logit_scale"]) == 4.0
   # Pretrained CLIP weights train at lr * clip_lr_coef.
   assert float(run.schedules["clip"](50)) == pytest.approx(

@@ -183,6 +183,8 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], options: Mapping | 
     UserError: for a non-CLIP state dict, or listing unknown and missing keys.
   """
   state_dict = {k: v for k, v in state_dict.items() if k not in IGNORED_KEYS}
+  if np.size(state_dict.get("logit_scale", ())) == 1:  # some exports store it as shape [1]
+    state_dict["logit_scale"] = np.reshape(state_dict["logit_scale"], ())
   config = infer_config({k: tuple(np.shape(v)) for k, v in state_dict.items()})
   for tower, values in (options or {}).items():
     config[tower].update(values)
