@@ -1,4 +1,4 @@
-"""Converts a CLIP checkpoint (OpenAI, open_clip or Hugging Face transformers) into an ncl_jax CLIP directory.
+"""Converts an OpenAI, open_clip or Hugging Face transformers CLIP checkpoint for ncl_jax.
 
     python tools/convert_clip.py --src ~/Downloads/ViT-B-32.pt --out ~/clip/ViT-B-32
     python tools/convert_clip.py --src ~/hf/clip-vit-base-patch16 --out ~/clip/ViT-B-16

@@ -32,7 +32,9 @@ import numpy as np
 from ncl_jax.errors import UserError
 from ncl_jax.models import clip, convert
 
-OPENAI_TORCHSCRIPT, OPEN_CLIP, HF_TRANSFORMERS = "openai_torchscript", "open_clip", "hf_transformers"
+OPENAI_TORCHSCRIPT = "openai_torchscript"
+OPEN_CLIP = "open_clip"
+HF_TRANSFORMERS = "hf_transformers"
 SOURCE_FORMATS = (OPENAI_TORCHSCRIPT, OPEN_CLIP, HF_TRANSFORMERS)
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -126,8 +128,8 @@ def to_numpy_state_dict(content: Any, path) -> dict[str, np.ndarray]:
     else:
       not_tensors.append(str(key))
   if not_tensors:
-    raise UserError(f"{path} does not hold a state dict (name → tensor): {_listing(not_tensors)} "
-                    "are not tensors")
+    raise UserError(f"{path} does not hold a state dict (name → tensor): "
+                    f"{convert.name_listing(not_tensors, 12)} are not tensors")
   if all(k.startswith("module.") for k in arrays):
     arrays = {k[len("module."):]: v for k, v in arrays.items()}
   return arrays
@@ -150,12 +152,6 @@ def _read_sharded(index: pathlib.Path) -> dict[str, np.ndarray]:
   for shard in sorted(set(weight_map.values())):
     state.update(read_weights(index.parent / shard)[0])
   return state
-
-
-def _listing(names, limit: int = 12) -> str:
-  names = sorted(names)
-  more = f" and {len(names) - limit} more" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
 
 
 # -- activation of OpenAI-layout state dicts -------------------------------------------------------
@@ -286,8 +282,8 @@ def hf_to_openai(state: Mapping[str, np.ndarray], vision_layers: int, text_layer
   present = {k for k in state if not k.endswith("position_ids")}  # buffers of older versions
   missing, unknown = expected - present, present - expected
   if missing or unknown:
-    parts = ([f"missing tensors: {_listing(missing)}"] if missing else []) + (
-        [f"unknown tensors: {_listing(unknown)}"] if unknown else [])
+    parts = ([f"missing tensors: {convert.name_listing(missing, 12)}"] if missing else []) + (
+        [f"unknown tensors: {convert.name_listing(unknown, 12)}"] if unknown else [])
     raise UserError(f"{where} does not match transformers' CLIPModel layout for "
                     f"{vision_layers} vision / {text_layers} text layers (" + "; ".join(parts)
                     + ")")

@@ -162,7 +162,8 @@ def parameter_mapping(config: ml_collections.ConfigDict):
   return pairs
 
 
-def _listing(names, limit: int = 20) -> str:
+def name_listing(names, limit: int = 20) -> str:
+  """Sorted names, comma-separated, the first ``limit`` of them (error messages)."""
   names = sorted(names)
   more = f" and {len(names) - limit} more" if len(names) > limit else ""
   return ", ".join(names[:limit]) + more
@@ -195,9 +196,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], options: Mapping | 
   if missing or unknown:
     parts = []
     if missing:
-      parts.append(f"missing keys: {_listing(missing)}")
+      parts.append(f"missing keys: {name_listing(missing)}")
     if unknown:
-      parts.append(f"unknown keys: {_listing(unknown)}")
+      parts.append(f"unknown keys: {name_listing(unknown)}")
     raise UserError("the checkpoint does not match OpenAI's CLIP layout (" + "; ".join(parts) + ")")
   params: dict = {}
   for name, path, transform in mapping:
@@ -238,7 +239,7 @@ def _check_shapes(config, params) -> None:
     if tuple(got.shape) != tuple(leaf.shape):
       bad.append(f"{'/'.join(names)}: {tuple(got.shape)} (expected {tuple(leaf.shape)})")
   if bad:
-    raise UserError("inconsistent tensor shapes in the CLIP checkpoint: " + _listing(bad, 10))
+    raise UserError("inconsistent tensor shapes in the CLIP checkpoint: " + name_listing(bad, 10))
 
 
 def abstract_params(config: ml_collections.ConfigDict):
