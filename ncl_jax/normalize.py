@@ -40,7 +40,7 @@ vectors persist between chunks. A small NCL bank goes through :func:`ncl_jax.sin
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,12 +91,11 @@ def _chunk_rows(n_rows: int, n_cols: int, chunk_rows: int | None) -> int:
   return max(1, min(rows, n_rows))
 
 
-def _chunks(matrix, chunk_rows: int):
-  """Yields (float32 [chunk_rows, m] block, [chunk_rows] bool valid) with zero-padded tails.
+def host_chunks(matrix, chunk_rows: int):
+  """Yields (float32 [chunk_rows, m] numpy block, [chunk_rows] bool valid), zero-padded tails.
 
-  Blocks go to the device with ``jax.device_put(..., may_alias=True)``: on CPU a 64-byte
-  aligned block (every default-sized chunk of a .npy memmap) is aliased instead of copied. The
-  blocks are never written to.
+  Reads one block of rows at a time, so a memory-mapped matrix (any float dtype) is never
+  loaded whole. A multiple of 16 rows keeps float32 memmap blocks 64-byte aligned.
   """
   n_rows = matrix.shape[0]
   for start in range(0, n_rows, chunk_rows):
@@ -106,6 +105,17 @@ def _chunks(matrix, chunk_rows: int):
       valid[block.shape[0]:] = False
       block = np.concatenate(
           [block, np.zeros((chunk_rows - block.shape[0], block.shape[1]), np.float32)])
+    yield block, valid
+
+
+def _chunks(matrix, chunk_rows: int):
+  """:func:`host_chunks` with each block on the default device.
+
+  Blocks go to the device with ``jax.device_put(..., may_alias=True)``: on CPU a 64-byte
+  aligned block (every default-sized chunk of a .npy memmap) is aliased instead of copied. The
+  blocks are never written to.
+  """
+  for block, valid in host_chunks(matrix, chunk_rows):
     yield jax.device_put(block, may_alias=True), valid
 
 
@@ -216,7 +226,7 @@ def normalization_error(mass, expected, *, bins: int = 50) -> dict:
           "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
 
 
-def _balanced_marginals(col_marginals, n_bank: int, n_cols: int) -> np.ndarray:
+def balanced_marginals(col_marginals, n_bank: int, n_cols: int) -> np.ndarray:
   """Column targets that carry the bank's total mass (each bank query distributes 1)."""
   if col_marginals is None:
     return np.full(n_cols, n_bank / n_cols, np.float64)
@@ -276,15 +286,39 @@ def streamed_ncl_biases(bank, *, temperature: float, col_marginals=None, tol: fl
     first (bias updates, including undone extrapolations).
   """
   n_bank, n_cols = bank.shape
-  b = _balanced_marginals(col_marginals, n_bank, n_cols)
-  log_b = np.log(b)
+  b = balanced_marginals(col_marginals, n_bank, n_cols)
   rows = _chunk_rows(n_bank, n_cols, chunk_rows)
   scale = jnp.float32(1.0 / temperature)
-  g = np.zeros(n_cols, np.float64)
+  return column_fixed_point(
+      lambda g: _streamed_mass(bank, rows, scale, jnp.asarray(g, jnp.float32)), b, tol=tol,
+      max_iterations=max_iterations, anderson=anderson)
+
+
+def column_fixed_point(column_mass: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *,
+                       tol: float = 1e-4, max_iterations: int = 1000,
+                       anderson: int = 8) -> Biases:
+  """Anderson-accelerated Sinkhorn column update ``g <- g + log b - log column_mass(g)``.
+
+  The loop of :func:`streamed_ncl_biases`, for any way of computing the column sums (a
+  streamed similarity matrix, tiles of embeddings sharded over devices, a sparse top-k
+  matrix). It is deterministic given ``column_mass``'s values, so processes that all receive
+  the same column sums take the same steps.
+
+  Args:
+    column_mass: maps biases [n_candidates] float64 to the current plan's column sums
+      [n_candidates] (each query's softmax over candidates, summed over the queries).
+    b: [n_candidates] positive targets summing to the number of queries.
+    tol, max_iterations, anderson: see :func:`streamed_ncl_biases`.
+
+  Returns:
+    :class:`Biases`; ``error`` is the relative L1 column error of the last evaluated ``g``.
+  """
+  log_b = np.log(b)
+  g = np.zeros(len(b), np.float64)
   points, residuals = [], []  # recent accepted iterates and their residuals (Anderson history)
   error, previous_error, iteration, extrapolated = np.inf, np.inf, 0, False
   while True:
-    colsum = _streamed_mass(bank, rows, scale, jnp.asarray(g, jnp.float32))
+    colsum = np.asarray(column_mass(g), np.float64)
     error = float(np.abs(colsum - b).sum() / b.sum())
     if error <= tol or iteration >= max_iterations:
       break
@@ -325,7 +359,7 @@ def ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-
     return streamed_ncl_biases(bank, temperature=temperature, col_marginals=col_marginals,
                                tol=tol, max_iterations=max_iterations, anderson=anderson,
                                chunk_rows=chunk_rows)
-  b = _balanced_marginals(col_marginals, n_bank, n_cols)
+  b = balanced_marginals(col_marginals, n_bank, n_cols)
   out = sinkhorn_lib.sinkhorn(
       jnp.asarray(np.asarray(bank, np.float32) / np.float32(temperature)),
       col_marginals=jnp.asarray(b, jnp.float32), tol=tol, max_iterations=max_iterations)

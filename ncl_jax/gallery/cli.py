@@ -1,0 +1,200 @@
+"""``python -m ncl_jax.gallery biases|index|search``: NCL for large galleries from embeddings.
+
+    python -m ncl_jax.gallery biases --bank BANK.npy --gallery GALLERY.npy --temperature 0.01 \\
+        --out BIASES.npy [--top_k K] [--col_marginals M.npy] [--tol 1e-4] [--max_iterations N] \\
+        [--json PATH|-]
+    python -m ncl_jax.gallery index --gallery GALLERY.npy --biases BIASES.npy \\
+        --temperature 0.01 --out INDEX_DIR [--kind flat|ivf|hnsw]
+    python -m ncl_jax.gallery search --index INDEX_DIR --queries Q.npy --k 10 --out TOPK.npz
+
+Embedding files are ``.npy`` [N, D] float32 or float16 with L2-normalised rows, read
+memory-mapped. ``biases`` runs the dense solver on all devices (add ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` to span hosts; process 0 writes the outputs) or, with
+``--top_k``, the sparse one. Outputs are never overwritten; bad input is one ``error:`` line
+and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from ncl_jax.errors import UserError, run_cli
+from ncl_jax.gallery import inputs
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose mistakes become one UserError line instead of usage text."""
+
+  def error(self, message):
+    raise UserError(f"{message} (see --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="python -m ncl_jax.gallery", description=__doc__.split("\n\n")[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+  biases = commands.add_parser("biases", help="NCL biases of a gallery from a query bank")
+  biases.add_argument("--bank", required=True, help="BANK.npy [Nb, D]: bank query embeddings")
+  biases.add_argument("--gallery", required=True, help="GALLERY.npy [Ng, D]: item embeddings")
+  biases.add_argument("--temperature", type=float, required=True,
+                      help="logit temperature (the model's; 0.01 for CLIP-style models)")
+  biases.add_argument("--out", required=True, help="BIASES.npy to write, float32 [Ng]")
+  biases.add_argument("--top_k", type=int, help="sparse mode: keep each bank query's K best items")
+  biases.add_argument("--col_marginals", help="M.npy [Ng]: positive target shares (default "
+                      "uniform), e.g. each video's caption count")
+  biases.add_argument("--tol", type=float, default=1e-4,
+                      help="relative L1 column error to reach (default 1e-4)")
+  biases.add_argument("--max_iterations", type=int, default=1000, help="cap on bias updates")
+  biases.add_argument("--anderson", type=int, default=8, help="Anderson memory (0: plain)")
+  biases.add_argument("--json", metavar="PATH|-", help="report to PATH (new file) or '-' stdout")
+  biases.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+  biases.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
+  biases.add_argument("--num_processes", type=int, help="processes in a multi-process run")
+  biases.add_argument("--process_id", type=int, help="this process's index")
+
+  index = commands.add_parser("index", help="a FAISS index with the biases folded in")
+  index.add_argument("--gallery", required=True, help="GALLERY.npy [Ng, D]")
+  index.add_argument("--biases", required=True, help="BIASES.npy [Ng] from the biases command")
+  index.add_argument("--temperature", type=float, required=True,
+                     help="the temperature the biases were computed at")
+  index.add_argument("--out", required=True, help="new index folder")
+  index.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
+                     help="flat: exact; ivf / hnsw: approximate (default flat)")
+  index.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(Ng))")
+  index.add_argument("--nprobe", type=int, help="ivf: lists searched (default nlist / 8)")
+  index.add_argument("--hnsw_m", type=int, default=32, help="hnsw: links per node")
+  index.add_argument("--ef_search", type=int, default=128, help="hnsw: candidates per search")
+
+  search = commands.add_parser("search", help="top-k NCL-normalized search of query embeddings")
+  search.add_argument("--index", required=True, help="index folder from the index command")
+  search.add_argument("--queries", required=True, help="Q.npy [Nq, D] query embeddings")
+  search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
+  search.add_argument("--out", required=True, help="TOPK.npz to write: indices, scores")
+  search.add_argument("--gallery", help="GALLERY.npy: refuse unless the index was built from it")
+  return parser
+
+
+def _progress(quiet: bool):
+  if quiet:
+    return None
+  return lambda line: print(line, file=sys.stderr, flush=True)
+
+
+def _positive(value: float, flag: str) -> None:
+  if not (np.isfinite(value) and value > 0):
+    raise UserError(f"{flag} must be a positive number, got {value}")
+
+
+def _initialize_distributed(args) -> None:
+  explicit = (args.coordinator_address, args.num_processes, args.process_id)
+  if all(v is None for v in explicit):
+    return
+  if any(v is None for v in explicit):
+    raise UserError("a multi-process run needs all of --coordinator_address, --num_processes "
+                    "and --process_id")
+  if args.num_processes > 1:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
+def _biases(args) -> int:
+  _positive(args.temperature, "--temperature")
+  if not (np.isfinite(args.tol) and args.tol >= 0) or args.max_iterations < 1:
+    raise UserError(f"--tol must be >= 0 and --max_iterations >= 1, got {args.tol} and "
+                    f"{args.max_iterations}")
+  inputs.check_new_output(args.out, "--out")
+  inputs.check_new_output(args.json, "--json")
+  bank = inputs.load_checked(args.bank, "--bank")
+  gallery = inputs.load_checked(args.gallery, "--gallery")
+  inputs.check_same_dimension(bank, "--bank", gallery, "--gallery")
+  n_items = gallery.shape[0]
+  if args.top_k is not None and not 1 <= args.top_k < n_items:
+    raise UserError(f"--top_k must be below the gallery size {n_items} (and >= 1), got "
+                    f"{args.top_k}; drop --top_k for the exact dense mode")
+  marginals = None
+  if args.col_marginals:
+    marginals = inputs.load_vector(args.col_marginals, "--col_marginals", n_items, positive=True)
+  _initialize_distributed(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
+  writer = jax.process_index() == 0
+  progress = _progress(args.quiet or not writer)
+  options = dict(temperature=args.temperature, col_marginals=marginals, tol=args.tol,
+                 max_iterations=args.max_iterations, anderson=args.anderson, progress=progress)
+  if args.top_k is None:
+    solution = solve.dense_biases(bank, gallery, **options)
+  else:
+    solution = solve.sparse_biases(bank, gallery, top_k=args.top_k, **options)
+  report = dict(solution.report(), bank=list(bank.shape), gallery=list(gallery.shape),
+                temperature=args.temperature, out=args.out)
+  if not writer:
+    return 0
+  inputs.save_new(args.out, lambda path: np.save(open(path, "xb"), solution.bias))
+  if not solution.converged:
+    why = (f"the omitted-mass bound allows a column error of {solution.certified_error:.3g}"
+           if solution.mode == "sparse" and solution.error <= args.tol else
+           f"the column error is {solution.error:.3g} after {solution.iterations} updates")
+    hint = (f"rerun with a larger --top_k (e.g. {2 * args.top_k})" if solution.mode == "sparse"
+            else "raise --max_iterations")
+    print(f"warning: not converged to --tol {args.tol:g}: {why}; {hint}", file=sys.stderr)
+  text = json.dumps(report, indent=2)
+  if args.json == "-":
+    print(text)
+  elif args.json:
+    inputs.save_new(args.json, lambda path: path.write_text(text + "\n"))
+  return 0
+
+
+def _index(args) -> int:
+  from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
+  _positive(args.temperature, "--temperature")
+  inputs.check_new_output(args.out, "--out")
+  gallery = inputs.load_checked(args.gallery, "--gallery")
+  bias = inputs.load_vector(args.biases, "--biases", gallery.shape[0])
+  for flag in ("nlist", "nprobe", "hnsw_m", "ef_search"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      raise UserError(f"--{flag} must be positive, got {value}")
+  if args.kind == "ivf" and args.nlist and args.nlist > gallery.shape[0]:
+    raise UserError(f"--nlist {args.nlist} exceeds the gallery size {gallery.shape[0]}")
+  built = index_lib.BiasedIndex.build(
+      gallery, bias, temperature=args.temperature, kind=args.kind, nlist=args.nlist,
+      nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search)
+  built.save(args.out)
+  print(f"indexed {gallery.shape[0]} items ({args.kind}) in {args.out}", file=sys.stderr)
+  return 0
+
+
+def _search(args) -> int:
+  from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
+  inputs.check_new_output(args.out, "--out")
+  if not args.out.endswith(".npz"):
+    raise UserError(f"--out must name a .npz file, got {args.out!r}")
+  index = index_lib.BiasedIndex.load(args.index)
+  queries = inputs.load_checked(args.queries, "--queries")
+  if queries.shape[1] != index.dim:
+    raise UserError(f"--queries have dimension {queries.shape[1]} but the index "
+                    f"{index.dim}; embed the queries with the gallery's model")
+  if not 1 <= args.k <= len(index):
+    raise UserError(f"--k must lie in [1, {len(index)}] (the gallery size), got {args.k}")
+  if args.gallery:
+    index.check_gallery(inputs.open_embeddings(args.gallery, "--gallery"))
+  indices, scores = index.search(queries, args.k)
+  inputs.save_new(args.out, lambda path: np.savez(open(path, "xb"), indices=indices,
+                                                  scores=scores))
+  return 0
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  return {"biases": _biases, "index": _index, "search": _search}[args.command](args)
+
+
+if __name__ == "__main__":
+  run_cli(main)

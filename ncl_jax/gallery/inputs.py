@@ -1,0 +1,133 @@
+"""Embedding files for the gallery tools: open memory-mapped, check, fingerprint, write safely.
+
+Every check streams the file in row blocks, so a bank of 10^9 rows is checked in bounded memory.
+Problems raise :class:`ncl_jax.errors.UserError` with the file, the row and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+import numpy as np
+
+from ncl_jax.errors import UserError
+
+# Rows must have L2 norm within this of 1: float16 storage alone moves norms by ~1e-3.
+UNIT_NORM_TOLERANCE = 1e-2
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+_CHECK_ROWS = 65536
+
+
+def open_embeddings(path: str | os.PathLike, what: str) -> np.ndarray:
+  """Memory-maps a non-empty [N, D] float32/float16 ``.npy`` file (nothing is read yet)."""
+  path = str(path)
+  if not os.path.isfile(path):
+    raise UserError(f"{what} file {path!r} not found; give a .npy file of embeddings [N, D]")
+  try:
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (ValueError, OSError) as err:
+    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err}); save it with "
+                    "numpy.save") from None
+  if array.ndim != 2:
+    raise UserError(f"{what} {path!r} must be 2-D [N, D], got shape {array.shape}")
+  if 0 in array.shape:
+    raise UserError(f"{what} {path!r} is empty (shape {array.shape})")
+  if array.dtype not in FLOAT_DTYPES:
+    raise UserError(f"{what} {path!r} has dtype {array.dtype}; save it as float32 or float16")
+  return array
+
+
+def check_unit_rows(array, what: str) -> None:
+  """Raises unless every row is finite with L2 norm within :data:`UNIT_NORM_TOLERANCE` of 1.
+
+  The message names the first non-finite row, or the row farthest from unit norm and by how
+  much it is off.
+  """
+  worst_row, worst_off = -1, 0.0
+  for start in range(0, array.shape[0], _CHECK_ROWS):
+    block = np.asarray(array[start:start + _CHECK_ROWS], np.float32)
+    finite = np.all(np.isfinite(block), axis=1)
+    if not finite.all():
+      row = start + int(np.flatnonzero(~finite)[0])
+      raise UserError(f"{what} row {row} contains NaN or Inf; remove or re-embed that item")
+    off = np.abs(np.linalg.norm(block, axis=1) - 1.0)
+    if off.max() > worst_off:
+      worst_row, worst_off = start + int(off.argmax()), float(off.max())
+  if worst_off > UNIT_NORM_TOLERANCE:
+    norm = float(np.linalg.norm(np.asarray(array[worst_row], np.float32)))
+    raise UserError(f"{what} rows must be L2-normalised, but row {worst_row} has norm {norm:.4g} "
+                    f"(off by {worst_off:.3g}; at most {UNIT_NORM_TOLERANCE:g} is accepted); "
+                    "divide each row by its norm")
+
+
+def load_checked(path, what: str) -> np.ndarray:
+  """:func:`open_embeddings` and :func:`check_unit_rows`."""
+  array = open_embeddings(path, what)
+  check_unit_rows(array, what)
+  return array
+
+
+def check_same_dimension(a, a_what: str, b, b_what: str) -> None:
+  if a.shape[1] != b.shape[1]:
+    raise UserError(f"{a_what} has dimension {a.shape[1]} but {b_what} {b.shape[1]}; embed both "
+                    "with the same model")
+
+
+def load_vector(path, what: str, length: int, *, positive: bool = False) -> np.ndarray:
+  """Loads a finite float [length] ``.npy`` vector (biases, target shares)."""
+  path = str(path)
+  if not os.path.isfile(path):
+    raise UserError(f"{what} file {path!r} not found")
+  try:
+    vector = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as err:
+    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+  if vector.shape != (length,) or not np.issubdtype(vector.dtype, np.number):
+    raise UserError(f"{what} {path!r} must be {length} numbers (one per gallery item), got "
+                    f"shape {vector.shape} and dtype {vector.dtype}")
+  vector = vector.astype(np.float64)
+  if not np.all(np.isfinite(vector)):
+    raise UserError(f"{what} {path!r} contains NaN or Inf")
+  if positive and np.any(vector <= 0):
+    raise UserError(f"{what} {path!r} must be positive everywhere")
+  return vector
+
+
+def fingerprint(array) -> str:
+  """A BLAKE2b digest of an array's shape, dtype and values (streamed in row blocks)."""
+  digest = hashlib.blake2b(digest_size=16)
+  digest.update(repr((tuple(array.shape), str(array.dtype))).encode())
+  for start in range(0, array.shape[0], _CHECK_ROWS):
+    digest.update(np.ascontiguousarray(array[start:start + _CHECK_ROWS]).tobytes())
+  return digest.hexdigest()
+
+
+def check_new_output(path: str | None, flag: str) -> None:
+  """Raises if ``path`` exists (outputs are never overwritten) or its folder is missing."""
+  if not path or path == "-":
+    return
+  target = pathlib.Path(path)
+  if target.exists():
+    raise UserError(f"{flag} {path!r} already exists; choose a new name (nothing is overwritten)")
+  if not target.parent.resolve().is_dir():
+    raise UserError(f"{flag} folder {str(target.parent)!r} does not exist")
+
+
+def save_new(path: str | os.PathLike, write) -> None:
+  """Calls ``write(temporary_path)`` and moves the result to ``path`` unless ``path`` exists.
+
+  The temporary file sits beside ``path``; ``os.link`` refuses an existing target atomically,
+  so a file created meanwhile is not overwritten, and a failed write leaves nothing behind.
+  """
+  path = pathlib.Path(path)
+  temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  try:
+    write(temporary)
+    try:
+      os.link(temporary, path)
+    except FileExistsError:
+      raise UserError(f"{path} appeared while writing; the result was not saved over it") from None
+  finally:
+    temporary.unlink(missing_ok=True)

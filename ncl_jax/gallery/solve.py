@@ -1,0 +1,337 @@
+"""NCL candidate biases for large galleries from embeddings: dense on a device mesh, or sparse.
+
+Both modes solve the same problem as :func:`ncl_jax.normalize.ncl_biases` on the matrix
+``bank @ gallery.T`` (biases ``g`` [n_items] with which every item receives its target share of
+the bank's summed retrieval probability), without ever storing that matrix, and share its
+Anderson-accelerated update loop (:func:`ncl_jax.normalize.column_fixed_point`).
+
+* **Dense** (:func:`dense_biases`): the gallery's rows are split over the devices of a 1-D mesh
+  (axis ``"data"``, :mod:`ncl_jax.sharding`), across processes under ``jax.distributed``, where
+  each process reads only the rows of its own devices. The bank is streamed from the host in row
+  chunks, replicated to every device. Per chunk, each device scores the chunk against its items
+  (:mod:`ncl_jax.gallery.tiles`), the row normalisers over the whole gallery are combined with
+  one ``pmax`` and one ``psum`` of [chunk] vectors, and the column sums stay on their device. One
+  pass over the bank costs ``2 Nb Ng D`` FLOP and ``Nb Ng`` exp, split over the devices.
+* **Sparse** (:func:`sparse_biases`): each bank query keeps its exact top-K items (a FAISS flat
+  inner-product search, one pass of ``2 Nb Ng D`` FLOP), and NCL is solved on that sparse matrix
+  at ``Nb K`` work per pass. The probability a query's full softmax would put outside its kept
+  items is bounded (:func:`ncl_jax.gallery.tiles.omitted_mass_bound`); the column error of the
+  dense problem is certified to be at most the sparse error plus twice the mean bound, and the
+  result only claims convergence when that certified error meets ``tol``.
+
+Inputs are numpy arrays or ``np.load(..., mmap_mode="r")`` memmaps of float32 or float16
+L2-normalised rows (:mod:`ncl_jax.gallery.inputs` checks files).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ncl_jax import normalize
+from ncl_jax import sharding as sharding_lib
+from ncl_jax.errors import UserError
+from ncl_jax.gallery import tiles
+
+# A device's tile (bank rows x its items) holds about this many float32 entries (32 MiB).
+_TILE_ELEMENTS = 1 << 23
+# Bank rows per chunk stay within these bounds: enough rows that a chunk's matmul reads the
+# items once for many rows, few enough that the chunk itself stays small.
+_MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS = 64, 4096
+# Bank rows per FAISS search call and per sparse update chunk.
+_SEARCH_ROWS = 16384
+_SPARSE_ROWS = 65536
+# Rows may deviate from unit norm by the accepted tolerance (ncl_jax.gallery.inputs), which
+# scales a dot product's rounding error by up to (1 + 1e-2)^2; 1.1 covers it with room.
+_NORM_SLACK = 1.1
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+  """Biases and how they were obtained.
+
+  Attributes:
+    bias: [n_items] float32 biases (defined up to a common constant).
+    mode: "dense" or "sparse".
+    iterations: bias updates (Sinkhorn/Anderson steps).
+    error: relative L1 column error of the problem solved (the sparse one in sparse mode).
+    certified_error: an upper bound on the dense problem's relative L1 column error: ``error``
+      in dense mode, ``error + 2 * mean omitted-mass bound`` in sparse mode.
+    tol: the requested tolerance.
+    converged: ``certified_error <= tol``.
+    passes: passes over the bank (column-sum evaluations; sparse mode adds its one search).
+    seconds: wall time.
+    top_k: kept items per bank query (sparse mode) or None.
+    omitted_mass_bound: sparse mode: the largest per-query bound on the probability outside
+      the kept items (None in dense mode).
+    omitted_mass_mean: sparse mode: the mean of those bounds.
+    devices, processes: the mesh it ran on (dense mode; 1 and 1 in sparse mode).
+  """
+
+  bias: np.ndarray
+  mode: str
+  iterations: int
+  error: float
+  certified_error: float
+  tol: float
+  converged: bool
+  passes: int
+  seconds: float
+  top_k: int | None = None
+  omitted_mass_bound: float | None = None
+  omitted_mass_mean: float | None = None
+  devices: int = 1
+  processes: int = 1
+
+  def biases(self) -> normalize.Biases:
+    """The result as :class:`ncl_jax.normalize.Biases`."""
+    return normalize.Biases(self.bias, self.iterations, self.error)
+
+  def report(self) -> dict:
+    """Everything but the biases, JSON-ready."""
+    out = dataclasses.asdict(self)
+    del out["bias"]
+    return out
+
+
+def _check_shapes(bank, gallery, top_k: int | None = None) -> None:
+  if bank.ndim != 2 or gallery.ndim != 2 or 0 in bank.shape or 0 in gallery.shape:
+    raise UserError(f"bank and gallery must be non-empty [N, D] arrays, got {bank.shape} and "
+                    f"{gallery.shape}")
+  if bank.shape[1] != gallery.shape[1]:
+    raise UserError(f"the bank has dimension {bank.shape[1]} but the gallery {gallery.shape[1]}; "
+                    "embed both with the same model")
+  if top_k is not None and not 1 <= top_k < gallery.shape[0]:
+    raise UserError(f"top_k must lie in [1, {gallery.shape[0] - 1}] (below the gallery size "
+                    f"{gallery.shape[0]}), got {top_k}; without top_k the dense mode is exact")
+
+
+def _counting(column_mass, progress: Progress | None, start: float):
+  """Wraps ``column_mass`` to count passes and report each one's error."""
+  calls = [0]
+
+  def wrapped(g, b):
+    colsum = column_mass(g)
+    calls[0] += 1
+    if progress:
+      error = np.abs(colsum - b).sum() / b.sum()
+      progress(f"pass {calls[0]}: column error {error:.3g} ({time.monotonic() - start:.1f} s)")
+    return colsum
+
+  return wrapped, calls
+
+
+# -- dense mode ------------------------------------------------------------------------------
+
+
+def _chunk_rows(n_local_items: int, chunk_rows: int | None) -> int:
+  if chunk_rows:
+    return chunk_rows
+  rows = _TILE_ELEMENTS // max(n_local_items, 1) // 16 * 16
+  return int(min(max(rows, _MIN_CHUNK_ROWS), _MAX_CHUNK_ROWS))
+
+
+def _sharded_rows(array, padded_rows: int, sharding: NamedSharding, fill=0):
+  """A global [padded_rows, ...] array from host rows; each process reads only its devices'.
+
+  Rows past ``len(array)`` are ``fill``. ``array`` may be a memmap: only the addressed rows are
+  read.
+  """
+  n = array.shape[0]
+
+  def rows(index):
+    window = index[0]
+    start, stop = window.start or 0, padded_rows if window.stop is None else window.stop
+    block = np.full((stop - start,) + tuple(array.shape[1:]), fill, np.float32)
+    real = max(0, min(stop, n) - start)
+    block[:real] = array[start:start + real]
+    return block
+
+  return jax.make_array_from_callback((padded_rows,) + tuple(array.shape[1:]), sharding, rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_step(mesh):
+  """Jitted ``total + column sums of one bank chunk``, the items split over ``mesh``."""
+  axis = sharding_lib.DATA_AXIS
+
+  def local(queries, row_valid, items, item_valid, bias, scale):
+    logits = tiles.scores(queries, items, scale, bias, item_valid)
+    peak = jax.lax.pmax(tiles.row_peak(logits), axis)
+    e, local_total = tiles.shifted_exp(logits, peak)
+    return tiles.weighted_column_sum(e, jax.lax.psum(local_total, axis), row_valid)
+
+  chunk_mass = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis), P()),
+      out_specs=P(axis))
+
+  def step(total, *args):
+    return total + chunk_mass(*args)
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def dense_biases(bank, gallery, *, temperature: float, col_marginals=None, tol: float = 1e-4,
+                 max_iterations: int = 1000, anderson: int = 8, chunk_rows: int | None = None,
+                 mesh=None, progress: Progress | None = None) -> Solution:
+  """Exact NCL biases from embeddings, the gallery split over a device mesh.
+
+  Args:
+    bank: [Nb, D] L2-normalised bank query embeddings (array or memmap; every process reads
+      all of it, one chunk at a time).
+    gallery: [Ng, D] L2-normalised gallery embeddings (each process reads only its devices'
+      rows).
+    temperature: logits are ``bank @ gallery.T / temperature``.
+    col_marginals: [Ng] positive target shares (default uniform).
+    tol, max_iterations, anderson: see :func:`ncl_jax.normalize.streamed_ncl_biases`.
+    chunk_rows: bank rows per chunk (default: a ~32 MiB tile per device).
+    mesh: a 1-D mesh with axis ``"data"`` (default: all devices,
+      :func:`ncl_jax.sharding.make_mesh`).
+    progress: called with one line per pass.
+
+  Returns:
+    :class:`Solution` (mode "dense"), identical on every process.
+  """
+  _check_shapes(bank, gallery)
+  start = time.monotonic()
+  mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  n_bank, n_items = bank.shape[0], gallery.shape[0]
+  n_devices = mesh.devices.size
+  padded = -(-n_items // n_devices) * n_devices
+  split = sharding_lib.batch_sharded(mesh)
+  items = _sharded_rows(gallery, padded, split)
+  item_valid = jax.make_array_from_callback(
+      (padded,), split, lambda index: np.arange(padded)[index] < n_items)
+  rows = _chunk_rows(padded // n_devices, chunk_rows)
+  step = _dense_step(mesh)
+  scale = sharding_lib.put_replicated(np.float32(1.0 / temperature), mesh)
+  b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
+
+  def column_mass(g):
+    bias = _sharded_rows(np.asarray(g, np.float32), padded, split)
+    total = _sharded_rows(np.zeros(0, np.float32), padded, split)
+    for block, valid in normalize.host_chunks(bank, rows):
+      queries, row_valid = sharding_lib.put_replicated((block, valid), mesh)
+      total = step(total, queries, row_valid, items, item_valid, bias, scale)
+    return np.asarray(sharding_lib.to_host(total), np.float64)[:n_items]
+
+  counted, passes = _counting(column_mass, progress, start)
+  out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
+                                     max_iterations=max_iterations, anderson=anderson)
+  return Solution(out.bias, "dense", out.iterations, out.error, out.error, tol,
+                  out.error <= tol, passes[0], time.monotonic() - start,
+                  devices=n_devices, processes=jax.process_count())
+
+
+# -- sparse mode -----------------------------------------------------------------------------
+
+
+def top_k_items(bank, gallery, k: int, *, progress: Progress | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Each bank query's exact ``k`` most similar gallery items (FAISS flat inner product).
+
+  Args:
+    bank: [Nb, D] queries (array or memmap, read in chunks).
+    gallery: [Ng, D] items.
+    k: items per query, ``1 <= k <= Ng``.
+    progress: called after each chunk of queries.
+
+  Returns:
+    ``(scores float32 [Nb, k], index int32 [Nb, k])``, best first.
+  """
+  import faiss  # pylint: disable=g-import-not-at-top
+  index = faiss.IndexFlatIP(gallery.shape[1])
+  for block, valid in normalize.host_chunks(gallery, _SEARCH_ROWS):
+    index.add(block[valid])
+  n_bank = bank.shape[0]
+  scores = np.empty((n_bank, k), np.float32)
+  kept = np.empty((n_bank, k), np.int32)
+  start = time.monotonic()
+  for first in range(0, n_bank, _SEARCH_ROWS):
+    block = np.ascontiguousarray(bank[first:first + _SEARCH_ROWS], np.float32)
+    chunk_scores, chunk_index = index.search(block, k)
+    scores[first:first + len(block)] = chunk_scores
+    kept[first:first + len(block)] = chunk_index
+    if progress:
+      done = first + len(block)
+      progress(f"top-{k} search: {done}/{n_bank} bank queries ({time.monotonic() - start:.1f} s)")
+  return scores, kept
+
+
+@jax.jit
+def _sparse_step(total, kept_scores, kept_index, scale, bias, row_valid):
+  return total + tiles.sparse_column_mass(kept_scores, kept_index, scale, bias, row_valid)
+
+
+def _device_chunks(scores, kept):
+  """The kept scores and ids as fixed-size device chunks with row masks (one compile)."""
+  n_rows = scores.shape[0]
+  rows = min(_SPARSE_ROWS, n_rows)
+  chunks = []
+  for first in range(0, n_rows, rows):
+    chunk_scores = np.zeros((rows, scores.shape[1]), np.float32)
+    chunk_index = np.zeros((rows, kept.shape[1]), np.int32)
+    real = min(rows, n_rows - first)
+    chunk_scores[:real], chunk_index[:real] = scores[first:first + real], kept[first:first + real]
+    chunks.append((jax.device_put(chunk_scores), jax.device_put(chunk_index),
+                   jax.device_put(np.arange(rows) < real)))
+  return chunks
+
+
+def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginals=None,
+                  tol: float = 1e-4, max_iterations: int = 1000, anderson: int = 8,
+                  progress: Progress | None = None) -> Solution:
+  """NCL biases on each bank query's top-``top_k`` items, with a certified error.
+
+  Args:
+    bank, gallery, temperature, col_marginals, tol, max_iterations, anderson: see
+      :func:`dense_biases`.
+    top_k: items kept per bank query, ``1 <= top_k < Ng``.
+    progress: called with one line per search chunk and per pass.
+
+  Returns:
+    :class:`Solution` (mode "sparse"). ``converged`` is False when the omitted-mass bound does
+    not support ``tol`` even if the sparse problem reached it: widen ``top_k`` then.
+  """
+  _check_shapes(bank, gallery, top_k)
+  if jax.process_count() > 1:
+    raise UserError("sparse mode runs in one process; drop the multi-process flags, or use the "
+                    "dense mode to split the gallery over hosts")
+  start = time.monotonic()
+  n_bank, n_items = bank.shape[0], gallery.shape[0]
+  scores, kept = top_k_items(bank, gallery, top_k, progress=progress)
+  chunks = _device_chunks(scores, kept)
+  scale = jnp.float32(1.0 / temperature)
+  b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
+
+  def column_mass(g):
+    bias = jnp.asarray(g, jnp.float32)
+    total = jnp.zeros(n_items, jnp.float32)
+    for chunk_scores, chunk_index, valid in chunks:
+      total = _sparse_step(total, chunk_scores, chunk_index, scale, bias, valid)
+    return np.asarray(total, np.float64)
+
+  counted, passes = _counting(column_mass, progress, start)
+  out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
+                                     max_iterations=max_iterations, anderson=anderson)
+  del chunks
+  bound_max, bound_sum = 0.0, 0.0
+  error_per_score = tiles.float32_score_error(bank.shape[1]) * _NORM_SLACK
+  for first in range(0, n_bank, _SPARSE_ROWS):
+    bound = tiles.omitted_mass_bound(scores[first:first + _SPARSE_ROWS],
+                                     kept[first:first + _SPARSE_ROWS], 1.0 / temperature,
+                                     out.bias, n_items, error_per_score)
+    bound_max, bound_sum = max(bound_max, float(bound.max())), bound_sum + float(bound.sum())
+  certified = out.error + 2.0 * bound_sum / n_bank
+  return Solution(out.bias, "sparse", out.iterations, out.error, certified, tol,
+                  certified <= tol, passes[0] + 1, time.monotonic() - start, top_k=top_k,
+                  omitted_mass_bound=bound_max, omitted_mass_mean=bound_sum / n_bank)

@@ -1,0 +1,161 @@
+"""Per-tile math of NCL biases computed from embeddings: single-device functions, no I/O.
+
+NCL's candidate biases ``g`` [n_items] make every gallery item receive its target share ``b``
+of a query bank's retrieval probability. With logits ``L_ij = q_i . v_j / T + g_j`` the bias
+update needs, per bank query ``i``, the log-normaliser over all items and, per item ``j``, the
+column sum ``colsum_j = sum_i exp(L_ij - lse_k L_ik)``. These functions compute both on one
+*tile* (a block of bank rows x a block of gallery items) without keeping anything else, so a
+bank x gallery matrix of any size is only ever seen one tile at a time.
+
+:func:`column_mass` is the whole computation for a tile that spans every item. A driver that
+splits the items over devices (:mod:`ncl_jax.gallery.solve`) runs the same steps with two
+collectives in between: the row peak of :func:`row_peak` is combined with a max and the row
+totals of :func:`shifted_exp` with a sum across devices, then :func:`weighted_column_sum` stays
+local. The sparse functions take each bank query's ``K`` best items instead of a dense tile.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def scores(queries, items, scale, bias, item_valid):
+  """Logits of a tile: ``scale * queries @ items.T + bias``, ``-inf`` at padded items.
+
+  Args:
+    queries: [r, D] float32 bank rows.
+    items: [c, D] float32 gallery rows.
+    scale: scalar, ``1 / temperature``.
+    bias: [c] float32 current biases of the items.
+    item_valid: [c] bool, False for padding items.
+
+  Returns:
+    [r, c] float32.
+  """
+  # Full float32: at the GPU default (TF32) the scores carry ~1e-3 error, i.e. 0.1 logits.
+  sims = jnp.matmul(queries, items.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.where(item_valid[None, :], sims * scale + bias[None, :], -jnp.inf)
+
+
+def row_peak(logits):
+  """Largest logit of each row, [r] (``-inf`` for a row of padding only)."""
+  return jnp.max(logits, axis=1)
+
+
+def shifted_exp(logits, peak):
+  """``(exp(logits - peak[:, None]), row totals)``: [r, c] and [r].
+
+  ``peak`` may be a larger value than this tile's own row maximum (the maximum over all
+  devices' tiles); a non-finite peak (no valid item anywhere) is treated as 0.
+  """
+  safe = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  e = jnp.exp(logits - safe[:, None])
+  return e, jnp.sum(e, axis=1)
+
+
+def weighted_column_sum(e, row_total, row_valid):
+  """``sum_i [row_valid_i] e_ij / row_total_i``, [c]: the tile's share of the column sums.
+
+  Args:
+    e: [r, c] from :func:`shifted_exp`.
+    row_total: [r] sum of ``e`` over *all* items of each row (across devices).
+    row_valid: [r] bool, False for padding rows.
+  """
+  weights = jnp.where(row_valid, 1.0 / jnp.where(row_total > 0, row_total, 1.0), 0.0)
+  return jnp.matmul(weights, e, precision=jax.lax.Precision.HIGHEST)
+
+
+def column_mass(logits, row_valid):
+  """Each item's summed softmax probability over the valid rows of a full-width tile, [c].
+
+  Args:
+    logits: [r, c] tile logits from :func:`scores` covering every item.
+    row_valid: [r] bool.
+
+  Returns:
+    [c] float32; sums to the number of valid rows.
+  """
+  e, total = shifted_exp(logits, row_peak(logits))
+  return weighted_column_sum(e, total, row_valid)
+
+
+def row_log_normalizer(logits):
+  """``log sum_j exp(logits_ij)`` per row, [r] (``-inf`` for an all ``-inf`` row)."""
+  return jax.nn.logsumexp(logits, axis=1)
+
+
+def sparse_logits(kept_scores, kept_index, scale, bias):
+  """Logits of each bank query's kept items: ``scale * kept_scores + bias[kept_index]``.
+
+  Args:
+    kept_scores: [r, K] cosine similarities of the K kept items of each row.
+    kept_index: [r, K] int item ids.
+    scale: scalar ``1 / temperature``.
+    bias: [n_items] biases.
+
+  Returns:
+    [r, K] float32.
+  """
+  return kept_scores * scale + bias[kept_index]
+
+
+def sparse_column_mass(kept_scores, kept_index, scale, bias, row_valid):
+  """Column sums of the sparse plan: each row's softmax over its kept items, scattered, [n].
+
+  Args:
+    kept_scores, kept_index, scale, bias: see :func:`sparse_logits`.
+    row_valid: [r] bool.
+
+  Returns:
+    [n_items] float32 (``n_items = len(bias)``); sums to the number of valid rows.
+  """
+  probs = jax.nn.softmax(sparse_logits(kept_scores, kept_index, scale, bias), axis=1)
+  probs = jnp.where(row_valid[:, None], probs, 0.0)
+  return jax.ops.segment_sum(probs.ravel(), kept_index.ravel(), num_segments=bias.shape[0])
+
+
+def float32_score_error(dim: int) -> float:
+  """Bound on the rounding error of a float32 dot product of two unit vectors of ``dim``.
+
+  Recursive summation gives ``|fl(x.y) - x.y| <= dim * u * sum_i |x_i y_i| <= dim * u`` with
+  ``u = 2**-24`` (Cauchy-Schwarz bounds the sum by 1); blocked BLAS kernels do no worse.
+  """
+  return dim * 2.0 ** -24
+
+
+def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_error=0.0):
+  """Upper bound on the probability each row's full softmax puts outside its kept items, [r].
+
+  Every omitted item ``j`` of row ``i`` scores at most the row's lowest kept score ``s_min``
+  (the kept items are the exact top-K), and its bias is at most ``max(bias)``. So the omitted
+  sum ``O_i = sum_{j omitted} exp(scale s_ij + g_j)`` is at most
+  ``U_i = (n_items - K) exp(scale s_min + max g)``, and the omitted probability
+  ``O_i / (Z_i + O_i)`` (``Z_i`` the kept sum), increasing in ``O_i``, is at most
+  ``U_i / (Z_i + U_i) = sigmoid(log U_i - log Z_i)``. Scores computed in float32 may be off
+  by ``score_error`` each way, so ``s_min`` is raised and the kept scores lowered by it.
+  Computed in float64 (numpy), so the bound itself adds no rounding of consequence.
+
+  Args:
+    kept_scores: [r, K] similarities of each row's exact top-K items.
+    kept_index: [r, K] int item ids.
+    scale: ``1 / temperature``.
+    bias: [n_items] biases.
+    n_items: gallery size (K <= n_items; K == n_items gives 0).
+    score_error: largest error of a stored score (:func:`float32_score_error`).
+
+  Returns:
+    [r] float64 bounds in [0, 1].
+  """
+  kept_scores = np.asarray(kept_scores, np.float64)
+  bias = np.asarray(bias, np.float64)
+  k = kept_scores.shape[1]
+  if n_items == k:
+    return np.zeros(kept_scores.shape[0])
+  kept = (kept_scores - score_error) * scale + bias[np.asarray(kept_index)]
+  peak = kept.max(axis=1)
+  kept_lse = peak + np.log(np.exp(kept - peak[:, None]).sum(axis=1))
+  log_omitted = (np.log(n_items - k) + (kept_scores.min(axis=1) + score_error) * scale
+                 + bias.max())
+  return 0.5 * (1.0 + np.tanh(0.5 * (log_omitted - kept_lse)))  # overflow-free sigmoid
