@@ -247,6 +247,12 @@ class Bundle:
 class Gallery:
   """Gallery embeddings with NCL candidate biases computed once and cached.
 
+  Large galleries: when bank x gallery exceeds 16M entries the biases come from
+  :func:`ncl_jax.gallery.solve.dense_biases` (tiles of embeddings on this process's devices,
+  the bank x gallery matrix never stored), and from ``index_threshold`` items on
+  :meth:`search` ranks through an exact FAISS index with the biases folded in
+  (:mod:`ncl_jax.gallery.index`), built on first use, instead of scoring every item in numpy.
+
   Args:
     embeddings: [N, E] L2-normalised gallery embeddings.
     bank: [n_bank, E] embeddings of training queries of the other modality.
@@ -254,6 +260,9 @@ class Gallery:
     expected_share: optional [N] relative target shares (default uniform).
     tol, max_iterations: Sinkhorn's stopping rule.
   """
+
+  # Galleries with at least this many items are searched through a FAISS index.
+  index_threshold = 50_000
 
   def __init__(self, embeddings: np.ndarray, bank: np.ndarray, *, temperature: float,
                expected_share: np.ndarray | None = None, tol: float = 1e-4,
@@ -266,6 +275,7 @@ class Gallery:
     self.temperature = float(temperature)
     self.expected_share = None if expected_share is None else np.asarray(expected_share)
     self._tol, self._max_iterations = tol, max_iterations
+    self._indexes = {}
 
   def __len__(self) -> int:
     return len(self.embeddings)
@@ -276,18 +286,41 @@ class Gallery:
     if len(self.bank) == 0:
       raise UserError("the bundle's bank is empty (the run saved no training queries), so "
                       "NCL-normalized scores are undefined; use normalization='plain'")
+    if len(self.bank) * len(self) > normalize.DENSE_LIMIT:
+      from ncl_jax import sharding  # pylint: disable=g-import-not-at-top
+      from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
+      return solve.dense_biases(
+          self.bank, self.embeddings, temperature=self.temperature,
+          col_marginals=self.expected_share, tol=self._tol, max_iterations=self._max_iterations,
+          mesh=sharding.make_mesh(jax.local_devices())).biases()
     return normalize.ncl_biases(self.bank @ self.embeddings.T, temperature=self.temperature,
                                 col_marginals=self.expected_share, tol=self._tol,
                                 max_iterations=self._max_iterations)
 
-  def scores(self, queries: np.ndarray, normalization: str = "ncl") -> np.ndarray:
-    """Scores [Q, N] of query embeddings [Q, E]: cosine ("plain") or cos / T + bias ("ncl")."""
+  def _index(self, normalization: str):
+    """The exact FAISS index of ``normalization`` (plain: zero biases at temperature 1)."""
+    from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
+    if normalization not in self._indexes:
+      if normalization == "ncl":
+        bias, temperature = self.ncl_biases.bias, self.temperature
+      else:
+        bias, temperature = np.zeros(len(self), np.float32), 1.0
+      self._indexes[normalization] = index_lib.BiasedIndex.build(
+          self.embeddings, bias, temperature=temperature, kind="flat")
+    return self._indexes[normalization]
+
+  def _checked_queries(self, queries, normalization: str) -> np.ndarray:
     if normalization not in NORMALIZATIONS:
       raise UserError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     queries = np.atleast_2d(np.asarray(queries, np.float32))
     if queries.shape[1] != self.embeddings.shape[1]:
       raise UserError(f"queries have {queries.shape[1]} dimensions, the gallery "
                       f"{self.embeddings.shape[1]}")
+    return queries
+
+  def scores(self, queries: np.ndarray, normalization: str = "ncl") -> np.ndarray:
+    """Scores [Q, N] of query embeddings [Q, E]: cosine ("plain") or cos / T + bias ("ncl")."""
+    queries = self._checked_queries(queries, normalization)
     sims = queries @ self.embeddings.T
     if normalization == "plain":
       return sims
@@ -295,8 +328,14 @@ class Gallery:
 
   def search(self, queries: np.ndarray, k: int = 10, normalization: str = "ncl"
              ) -> tuple[np.ndarray, np.ndarray]:
-    """The top ``k`` gallery items per query: (indices int [Q, k], scores [Q, k]), best first;
-    equal scores keep gallery order."""
+    """The top ``k`` gallery items per query: (indices int [Q, k], scores [Q, k]), best first.
+
+    Below ``index_threshold`` items equal scores keep gallery order; from it on the ranking
+    comes from an exact FAISS index (same scores to float32 rounding; FAISS orders ties).
+    """
+    if len(self) >= self.index_threshold:
+      queries = self._checked_queries(queries, normalization)
+      return self._index(normalization).search(queries, max(1, min(int(k), len(self))))
     scores = self.scores(queries, normalization)
     k = max(1, min(int(k), scores.shape[1]))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]

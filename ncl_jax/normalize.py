@@ -55,7 +55,7 @@ TRANSDUCTIVE_ONLY = ("dsl",)
 # in the L2 cache between the passes over a chunk, which measured faster than 4x larger chunks.
 _CHUNK_ELEMENTS = 1 << 20
 # Banks up to this many entries are solved in one piece by ncl_jax.sinkhorn.sinkhorn.
-_DENSE_LIMIT = 1 << 24
+DENSE_LIMIT = 1 << 24
 # Floor on a column's summed probability in the streamed NCL update: a column that underflows
 # to zero then rises by at most log(b / _TINY) per iteration instead of becoming infinite.
 _TINY = 1e-30
@@ -354,7 +354,7 @@ def ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-
   """
   n_bank, n_cols = bank.shape
   if stream is None:
-    stream = n_bank * n_cols > _DENSE_LIMIT
+    stream = n_bank * n_cols > DENSE_LIMIT
   if stream:
     return streamed_ncl_biases(bank, temperature=temperature, col_marginals=col_marginals,
                                tol=tol, max_iterations=max_iterations, anderson=anderson,

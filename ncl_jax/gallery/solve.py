@@ -13,11 +13,13 @@ Anderson-accelerated update loop (:func:`ncl_jax.normalize.column_fixed_point`).
   one ``pmax`` and one ``psum`` of [chunk] vectors, and the column sums stay on their device. One
   pass over the bank costs ``2 Nb Ng D`` FLOP and ``Nb Ng`` exp, split over the devices.
 * **Sparse** (:func:`sparse_biases`): each bank query keeps its exact top-K items (a FAISS flat
-  inner-product search, one pass of ``2 Nb Ng D`` FLOP), and NCL is solved on that sparse matrix
-  at ``Nb K`` work per pass. The probability a query's full softmax would put outside its kept
-  items is bounded (:func:`ncl_jax.gallery.tiles.omitted_mass_bound`); the column error of the
-  dense problem is certified to be at most the sparse error plus twice the mean bound, and the
-  result only claims convergence when that certified error meets ``tol``.
+  inner-product search, one pass of ``2 Nb Ng D`` FLOP), and NCL is solved on the *clipped*
+  matrix that keeps those scores and gives every omitted item the row's K-th score
+  (:func:`ncl_jax.gallery.tiles.clipped_column_mass`), at ``Nb K`` work per pass. The clipped
+  matrix is never below the true one, so the probability it puts outside a row's kept items
+  bounds the true omitted probability (:func:`ncl_jax.gallery.tiles.omitted_mass_bound`); the
+  dense problem's column error is then at most the clipped one plus twice the mean bound, and
+  the result only claims convergence when that certified error meets ``tol``.
 
 Inputs are numpy arrays or ``np.load(..., mmap_mode="r")`` memmaps of float32 or float16
 L2-normalised rows (:mod:`ncl_jax.gallery.inputs` checks files).
@@ -267,30 +269,10 @@ def top_k_items(bank, gallery, k: int, *, progress: Progress | None = None
   return scores, kept
 
 
-@jax.jit
-def _sparse_step(total, kept_scores, kept_index, scale, bias, row_valid):
-  return total + tiles.sparse_column_mass(kept_scores, kept_index, scale, bias, row_valid)
-
-
-def _device_chunks(scores, kept):
-  """The kept scores and ids as fixed-size device chunks with row masks (one compile)."""
-  n_rows = scores.shape[0]
-  rows = min(_SPARSE_ROWS, n_rows)
-  chunks = []
-  for first in range(0, n_rows, rows):
-    chunk_scores = np.zeros((rows, scores.shape[1]), np.float32)
-    chunk_index = np.zeros((rows, kept.shape[1]), np.int32)
-    real = min(rows, n_rows - first)
-    chunk_scores[:real], chunk_index[:real] = scores[first:first + real], kept[first:first + real]
-    chunks.append((jax.device_put(chunk_scores), jax.device_put(chunk_index),
-                   jax.device_put(np.arange(rows) < real)))
-  return chunks
-
-
 def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginals=None,
                   tol: float = 1e-4, max_iterations: int = 1000, anderson: int = 8,
                   progress: Progress | None = None) -> Solution:
-  """NCL biases on each bank query's top-``top_k`` items, with a certified error.
+  """NCL biases from each bank query's top-``top_k`` items (clipped matrix), certified error.
 
   Args:
     bank, gallery, temperature, col_marginals, tol, max_iterations, anderson: see
@@ -309,21 +291,20 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
   start = time.monotonic()
   n_bank, n_items = bank.shape[0], gallery.shape[0]
   scores, kept = top_k_items(bank, gallery, top_k, progress=progress)
-  chunks = _device_chunks(scores, kept)
-  scale = jnp.float32(1.0 / temperature)
+  scale = 1.0 / temperature
   b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
 
   def column_mass(g):
-    bias = jnp.asarray(g, jnp.float32)
-    total = jnp.zeros(n_items, jnp.float32)
-    for chunk_scores, chunk_index, valid in chunks:
-      total = _sparse_step(total, chunk_scores, chunk_index, scale, bias, valid)
-    return np.asarray(total, np.float64)
+    parts = [np.zeros(n_items), np.zeros(n_items), 0.0]
+    for first in range(0, n_bank, _SPARSE_ROWS):
+      rows = slice(first, first + _SPARSE_ROWS)
+      chunk = tiles.clipped_column_mass(scores[rows], kept[rows], scale, g, n_items)
+      parts = [total + part for total, part in zip(parts, chunk)]
+    return tiles.clipped_column_sums(parts, g)
 
   counted, passes = _counting(column_mass, progress, start)
   out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
                                      max_iterations=max_iterations, anderson=anderson)
-  del chunks
   bound_max, bound_sum = 0.0, 0.0
   error_per_score = tiles.float32_score_error(bank.shape[1]) * _NORM_SLACK
   for first in range(0, n_bank, _SPARSE_ROWS):

@@ -81,39 +81,63 @@ def column_mass(logits, row_valid):
   return weighted_column_sum(e, total, row_valid)
 
 
-def row_log_normalizer(logits):
-  """``log sum_j exp(logits_ij)`` per row, [r] (``-inf`` for an all ``-inf`` row)."""
-  return jax.nn.logsumexp(logits, axis=1)
+# -- sparse: each bank query's exact top-K items ---------------------------------------------
+#
+# The sparse problem is NCL on the *clipped* matrix ``M``: ``M_ij = s_ij`` for the K kept items
+# of row ``i`` and ``M_ij = s_iK`` (the row's lowest kept score) for every other item. ``M`` is
+# dense, so Sinkhorn on it is always feasible and every bias stays finite, yet it is stored in
+# O(Nb K): a row's omitted items enter only through ``rest_i = sum_{j omitted} exp(g_j)``. Since
+# the kept items are the exact top-K, ``M`` is never below the true scores, so the probability
+# ``M``'s softmax puts on the omitted items bounds the true one from above. These functions use
+# float64 numpy: the omitted sums are differences of large sums.
 
 
-def sparse_logits(kept_scores, kept_index, scale, bias):
-  """Logits of each bank query's kept items: ``scale * kept_scores + bias[kept_index]``.
+def _omitted_exp_sums(kept_index, bias, n_items: int):
+  """``sum_{j not kept by row i} exp(g_j - max g)`` [r] (at least the smallest omitted term)."""
+  shifted = np.exp(bias - bias.max())
+  kept = shifted[kept_index].sum(axis=1)
+  rest = shifted.sum() - kept
+  k = kept_index.shape[1]
+  return np.maximum(rest, (n_items - k) * shifted.min())
+
+
+def clipped_column_mass(kept_scores, kept_index, scale, bias, n_items: int):
+  """One chunk's share of the clipped plan's column sums, in two parts.
 
   Args:
-    kept_scores: [r, K] cosine similarities of the K kept items of each row.
+    kept_scores: [r, K] float similarities of each row's exact top-K items (any order).
     kept_index: [r, K] int item ids.
-    scale: scalar ``1 / temperature``.
-    bias: [n_items] biases.
+    scale: ``1 / temperature``.
+    bias: [n_items] float64 biases.
+    n_items: gallery size.
 
   Returns:
-    [r, K] float32.
+    ``(kept_mass [n_items], row_weight [n_items], total_weight)``: the column sums are
+    ``kept_mass + exp(g - max g) * (total_weight - row_weight)`` once every chunk is added up:
+    ``kept_mass_j`` sums item ``j``'s probability over rows that keep it, and
+    ``w_i = exp(scale s_iK - lse_i)`` (per unit of ``exp(g - max g)``) weights the rows that omit
+    it (``row_weight_j``: the sum of ``w_i`` over rows that keep ``j``).
   """
-  return kept_scores * scale + bias[kept_index]
+  scores = np.asarray(kept_scores, np.float64) * scale
+  index = np.asarray(kept_index, np.int64)
+  g = np.asarray(bias, np.float64) - np.max(bias)
+  kept_logits = scores + g[index]
+  omitted_logit = scores.min(axis=1) + np.log(_omitted_exp_sums(index, g, n_items))
+  peak = np.maximum(kept_logits.max(axis=1), omitted_logit)
+  e = np.exp(kept_logits - peak[:, None])
+  lse = peak + np.log(e.sum(axis=1) + np.exp(omitted_logit - peak))
+  probs = np.exp(kept_logits - lse[:, None])
+  weight = np.exp(scores.min(axis=1) - lse)
+  kept_mass = np.bincount(index.ravel(), probs.ravel(), minlength=n_items)
+  row_weight = np.bincount(index.ravel(), np.repeat(weight, index.shape[1]), minlength=n_items)
+  return kept_mass, row_weight, float(weight.sum())
 
 
-def sparse_column_mass(kept_scores, kept_index, scale, bias, row_valid):
-  """Column sums of the sparse plan: each row's softmax over its kept items, scattered, [n].
-
-  Args:
-    kept_scores, kept_index, scale, bias: see :func:`sparse_logits`.
-    row_valid: [r] bool.
-
-  Returns:
-    [n_items] float32 (``n_items = len(bias)``); sums to the number of valid rows.
-  """
-  probs = jax.nn.softmax(sparse_logits(kept_scores, kept_index, scale, bias), axis=1)
-  probs = jnp.where(row_valid[:, None], probs, 0.0)
-  return jax.ops.segment_sum(probs.ravel(), kept_index.ravel(), num_segments=bias.shape[0])
+def clipped_column_sums(parts, bias) -> np.ndarray:
+  """Column sums [n_items] from the chunk results of :func:`clipped_column_mass` added up."""
+  kept_mass, row_weight, total_weight = parts
+  g = np.asarray(bias, np.float64)
+  return kept_mass + np.exp(g - g.max()) * np.maximum(total_weight - row_weight, 0.0)
 
 
 def float32_score_error(dim: int) -> float:
@@ -129,33 +153,42 @@ def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_erro
   """Upper bound on the probability each row's full softmax puts outside its kept items, [r].
 
   Every omitted item ``j`` of row ``i`` scores at most the row's lowest kept score ``s_min``
-  (the kept items are the exact top-K), and its bias is at most ``max(bias)``. So the omitted
-  sum ``O_i = sum_{j omitted} exp(scale s_ij + g_j)`` is at most
-  ``U_i = (n_items - K) exp(scale s_min + max g)``, and the omitted probability
+  (the kept items are the exact top-K), so the omitted sum
+  ``O_i = sum_{j omitted} exp(scale s_ij + g_j)`` is at most
+  ``U_i = exp(scale s_min) sum_{j omitted} exp(g_j)``, and the omitted probability
   ``O_i / (Z_i + O_i)`` (``Z_i`` the kept sum), increasing in ``O_i``, is at most
   ``U_i / (Z_i + U_i) = sigmoid(log U_i - log Z_i)``. Scores computed in float32 may be off
-  by ``score_error`` each way, so ``s_min`` is raised and the kept scores lowered by it.
-  Computed in float64 (numpy), so the bound itself adds no rounding of consequence.
+  by ``score_error`` each way, so ``s_min`` is raised and the kept scores lowered by it, and the
+  omitted sum of biases gets a float64 rounding allowance.
 
   Args:
     kept_scores: [r, K] similarities of each row's exact top-K items.
     kept_index: [r, K] int item ids.
     scale: ``1 / temperature``.
     bias: [n_items] biases.
-    n_items: gallery size (K <= n_items; K == n_items gives 0).
+    n_items: gallery size (K == n_items gives 0).
     score_error: largest error of a stored score (:func:`float32_score_error`).
 
   Returns:
     [r] float64 bounds in [0, 1].
   """
   kept_scores = np.asarray(kept_scores, np.float64)
-  bias = np.asarray(bias, np.float64)
+  index = np.asarray(kept_index, np.int64)
+  g = np.asarray(bias, np.float64) - np.max(bias)
   k = kept_scores.shape[1]
   if n_items == k:
     return np.zeros(kept_scores.shape[0])
-  kept = (kept_scores - score_error) * scale + bias[np.asarray(kept_index)]
+  # The omitted sum is a difference of sums of terms <= 1: allow n_items * 1e-15 of rounding,
+  # and never exceed (n_items - K) * max term.
+  rest = np.minimum(_omitted_exp_sums(index, g, n_items) + n_items * 1e-15, n_items - k)
+  kept = (kept_scores - score_error) * scale + g[index]
   peak = kept.max(axis=1)
   kept_lse = peak + np.log(np.exp(kept - peak[:, None]).sum(axis=1))
-  log_omitted = (np.log(n_items - k) + (kept_scores.min(axis=1) + score_error) * scale
-                 + bias.max())
-  return 0.5 * (1.0 + np.tanh(0.5 * (log_omitted - kept_lse)))  # overflow-free sigmoid
+  log_omitted = (kept_scores.min(axis=1) + score_error) * scale + np.log(rest)
+  return _sigmoid(log_omitted - kept_lse)
+
+
+def _sigmoid(x):
+  """``1 / (1 + exp(-x))`` without overflow, with full relative precision for x << 0."""
+  e = np.exp(-np.abs(x))
+  return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

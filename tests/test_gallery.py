@@ -1,0 +1,329 @@
+"""ncl_jax.gallery: NCL biases from embeddings (dense on 1/4 devices and 2 processes, sparse with
+a certified bound), the bias-folded FAISS index, Gallery's large-gallery paths, and the CLI."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ncl_jax import inference, normalize, sharding
+from ncl_jax.errors import UserError
+from ncl_jax.gallery import cli, inputs, solve, tiles
+from ncl_jax.gallery import index as index_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _unit(x):
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _problem(rng, n_bank=300, n_items=37, dim=16):
+  """Clustered embeddings: items share a few directions, so some items are hubs."""
+  centres = rng.normal(size=(4, dim))
+  items = _unit(centres[rng.integers(0, 4, n_items)] + 0.8 * rng.normal(size=(n_items, dim)))
+  bank = _unit(centres[rng.integers(0, 4, n_bank)] + 1.0 * rng.normal(size=(n_bank, dim)))
+  return bank, items
+
+
+def _centred(g):
+  g = np.asarray(g, np.float64)
+  return g - g.mean()
+
+
+def _dense_probs(bank, items, bias, temperature):
+  """float64 softmax over all items of each bank row [Nb, Ng]: the reference plan."""
+  logits = bank.astype(np.float64) @ items.T.astype(np.float64) / temperature + bias
+  logits -= logits.max(axis=1, keepdims=True)
+  p = np.exp(logits)
+  return p / p.sum(axis=1, keepdims=True)
+
+
+def _omitted_probability(probs, kept):
+  """Each row's probability outside its kept items, summed directly (no 1 - kept cancellation)."""
+  omitted = np.ones(probs.shape, bool)
+  np.put_along_axis(omitted, kept.astype(np.int64), False, axis=1)
+  return np.where(omitted, probs, 0.0).sum(axis=1)
+
+
+# -- dense mode --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_devices", [1, 4])
+def test_dense_biases_equal_the_similarity_matrix_path(rng, tmp_path, n_devices):
+  bank, items = _problem(rng)  # 37 items: padded to a multiple of 4 devices
+  shares = rng.uniform(0.5, 2.0, len(items))
+  np.save(tmp_path / "bank.npy", bank.astype(np.float16))
+  bank16 = np.load(tmp_path / "bank.npy", mmap_mode="r")  # float16 rows, read in chunks
+  mesh = sharding.make_mesh(jax.devices()[:n_devices])
+  # chunk_rows=64 streams the 300 bank rows in 5 chunks, the last one padded.
+  got = solve.dense_biases(bank16, items, temperature=0.05, col_marginals=shares, tol=1e-6,
+                           chunk_rows=64, mesh=mesh)
+  assert got.converged and got.devices == n_devices and got.mode == "dense"
+  bank16 = np.asarray(bank16, np.float32)
+  reference = normalize.ncl_biases(bank16 @ items.T, temperature=0.05, col_marginals=shares,
+                                   tol=1e-6, stream=True)
+  np.testing.assert_allclose(_centred(got.bias), _centred(reference.bias), atol=2e-4)
+  # The column sums of the float64 plan with these biases meet the targets.
+  mass = _dense_probs(bank16, items, got.bias, 0.05).sum(axis=0)
+  target = shares * len(bank) / shares.sum()
+  assert np.abs(mass - target).sum() / len(bank) < 1e-5
+
+
+def test_gallery_uses_the_embedding_path_for_large_galleries(rng, monkeypatch):
+  bank, items = _problem(rng, n_bank=200, n_items=30)
+  small = inference.Gallery(items, bank, temperature=0.05, tol=1e-6)
+  expected = small.ncl_biases.bias
+  monkeypatch.setattr(normalize, "DENSE_LIMIT", 100)  # 200 x 30 now counts as large
+  calls = []
+  original = solve.dense_biases
+  monkeypatch.setattr(solve, "dense_biases", lambda *a, **k: calls.append(1) or original(*a, **k))
+  large = inference.Gallery(items, bank, temperature=0.05, tol=1e-6)
+  np.testing.assert_allclose(_centred(large.ncl_biases.bias), _centred(expected), atol=2e-4)
+  assert calls == [1]
+
+
+# -- sparse mode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed,temperature,k", [(0, 0.05, 5), (1, 0.02, 12), (2, 0.1, 30)])
+def test_sparse_bound_never_under_estimates_the_omitted_mass(seed, temperature, k):
+  bank, items = _problem(np.random.default_rng(seed), n_bank=250, n_items=40)
+  solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7)
+  scores, kept = solve.top_k_items(bank, items, k)
+  bound = tiles.omitted_mass_bound(scores, kept, 1.0 / temperature, solution.bias, len(items),
+                                   tiles.float32_score_error(bank.shape[1]))
+  probs = _dense_probs(bank, items, solution.bias, temperature)
+  outside = _omitted_probability(probs, kept)
+  assert np.all(bound >= outside), (bound - outside).min()
+  assert solution.omitted_mass_bound == pytest.approx(bound.max(), rel=1e-3)  # score margin x1.1
+  # The dense problem's column error under the sparse biases is within the certified error.
+  dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
+  assert dense_error <= solution.certified_error
+  assert solution.converged == (solution.certified_error <= 1e-7)
+
+
+def test_sparse_bound_holds_when_omitted_items_tie_with_the_last_kept():
+  """Duplicated items and equal biases make the bound's two relaxations exact: only the float32
+  score margin keeps it above the true omitted mass."""
+  rng = np.random.default_rng(3)
+  items = np.repeat(_unit(rng.normal(size=(2, 32))), 4, axis=0)  # 8 items, 2 distinct
+  bank = _unit(items[rng.integers(0, 8, 40)] + 0.3 * rng.normal(size=(40, 32)))
+  scores, kept = solve.top_k_items(bank, items, 5)  # the 5th kept ties with the 3 omitted
+  bias = np.zeros(8, np.float32)
+  bound = tiles.omitted_mass_bound(scores, kept, 100.0, bias, 8, tiles.float32_score_error(32))
+  probs = _dense_probs(bank, items, bias, 0.01)
+  outside = _omitted_probability(probs, kept)
+  assert np.all(bound >= outside)
+  np.testing.assert_allclose(bound, outside, rtol=0.02, atol=1e-30)  # and nearly tight
+
+
+def test_sparse_mode_matches_dense_and_says_when_k_is_too_small(rng):
+  bank, items = _problem(rng, n_bank=400, n_items=40)
+  dense = solve.dense_biases(bank, items, temperature=0.02, tol=1e-6)
+  wide = solve.sparse_biases(bank, items, temperature=0.02, top_k=39, tol=1e-3)
+  narrow = solve.sparse_biases(bank, items, temperature=0.02, top_k=2, tol=1e-3)
+  assert wide.converged and wide.certified_error <= 1e-3
+  np.testing.assert_allclose(_centred(wide.bias), _centred(dense.bias), atol=0.05)
+  assert narrow.error <= 1e-3 and not narrow.converged  # the sparse problem solved, not the task
+  assert narrow.certified_error > 1e-3 and narrow.omitted_mass_bound > 0
+
+
+# -- index ---------------------------------------------------------------------------------------
+
+
+def _exact_ranking(queries, items, bias, temperature, k):
+  scores = queries.astype(np.float64) @ items.T.astype(np.float64) / temperature + bias
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return order, np.take_along_axis(scores, order, axis=1)
+
+
+@pytest.mark.parametrize("kind,options", [("flat", {}), ("ivf", {"nlist": 4, "nprobe": 4})])
+def test_exact_indexes_return_the_ncl_ranking(rng, tmp_path, kind, options):
+  items = _unit(rng.normal(size=(300, 16)))
+  bias = rng.normal(scale=2.0, size=300).astype(np.float32)
+  queries = _unit(rng.normal(size=(50, 16)))
+  built = index_lib.BiasedIndex.build(items, bias, temperature=0.05, kind=kind, **options)
+  built.save(tmp_path / "index")
+  loaded = index_lib.BiasedIndex.load(tmp_path / "index")
+  order, expected = _exact_ranking(queries, items, bias, 0.05, 10)
+  for index in (built, loaded):
+    got_order, got_scores = index.search(queries, 10)
+    np.testing.assert_array_equal(got_order, order)
+    np.testing.assert_allclose(got_scores, expected, rtol=1e-5, atol=1e-4)
+  # NCL changes the ranking here, so the test would fail with the biases left out.
+  assert not np.array_equal(order, _exact_ranking(queries, items, 0 * bias, 0.05, 10)[0])
+
+
+def test_hnsw_index_approximates_the_ranking(rng):
+  items = _unit(rng.normal(size=(500, 16)))
+  bias = rng.normal(size=500).astype(np.float32)
+  queries = _unit(rng.normal(size=(40, 16)))
+  got, _ = index_lib.BiasedIndex.build(items, bias, temperature=0.05, kind="hnsw").search(
+      queries, 10)
+  order, _ = _exact_ranking(queries, items, bias, 0.05, 10)
+  recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, order)])
+  assert recall >= 0.9
+
+
+def test_index_refuses_changes(rng, tmp_path):
+  items = _unit(rng.normal(size=(50, 8)))
+  bias = np.zeros(50, np.float32)
+  built = index_lib.BiasedIndex.build(items, bias, temperature=0.05)
+  built.save(tmp_path / "index")
+  with pytest.raises(UserError, match="already exists"):
+    built.save(tmp_path / "index")
+  index = index_lib.BiasedIndex.load(tmp_path / "index")
+  index.check_gallery(items, bias)
+  other = items.copy()
+  other[3] = _unit(rng.normal(size=(1, 8)))[0]
+  with pytest.raises(UserError, match="another gallery"):
+    index.check_gallery(other)
+  with pytest.raises(UserError, match="other biases"):
+    index.check_gallery(items, bias + 1)
+  with pytest.raises(UserError, match=r"queries must be \[N, 8\]"):
+    index.search(_unit(rng.normal(size=(2, 9))), 3)
+  with open(tmp_path / "index" / index_lib.INDEX_FILE, "ab") as handle:
+    handle.write(b"\0")
+  with pytest.raises(UserError, match="changed after its manifest"):
+    index_lib.BiasedIndex.load(tmp_path / "index")
+
+
+@pytest.mark.parametrize("normalization", ["plain", "ncl"])
+def test_gallery_search_through_the_index_equals_numpy_search(rng, normalization):
+  bank, items = _problem(rng, n_bank=200, n_items=60)
+  queries = _unit(rng.normal(size=(20, 16)))
+  gallery = inference.Gallery(items, bank, temperature=0.05)
+  want_order, want_scores = gallery.search(queries, k=7, normalization=normalization)
+  gallery.index_threshold = 1
+  got_order, got_scores = gallery.search(queries, k=7, normalization=normalization)
+  np.testing.assert_array_equal(got_order, want_order)
+  np.testing.assert_allclose(got_scores, want_scores, rtol=1e-5, atol=1e-4)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path, rng):
+  bank, items = _problem(rng, n_bank=120, n_items=20, dim=8)
+  paths = {"bank": tmp_path / "bank.npy", "gallery": tmp_path / "gallery.npy",
+           "queries": tmp_path / "queries.npy"}
+  np.save(paths["bank"], bank)
+  np.save(paths["gallery"], items)
+  np.save(paths["queries"], _unit(rng.normal(size=(6, 8))))
+  return paths
+
+
+def _biases_args(files, out, *extra):
+  return ["biases", "--bank", str(files["bank"]), "--gallery", str(files["gallery"]),
+          "--temperature", "0.05", "--out", str(out), "--quiet", *extra]
+
+
+def test_cli_biases_index_search_round_trip(files, tmp_path, capsys):
+  out = tmp_path / "biases.npy"
+  assert cli.main(_biases_args(files, out, "--json", "-")) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["converged"] and report["mode"] == "dense" and report["passes"] >= 1
+  bias = np.load(out)
+  assert bias.dtype == np.float32 and bias.shape == (20,)
+  assert cli.main(["index", "--gallery", str(files["gallery"]), "--biases", str(out),
+                   "--temperature", "0.05", "--out", str(tmp_path / "index")]) == 0
+  assert cli.main(["search", "--index", str(tmp_path / "index"), "--queries",
+                   str(files["queries"]), "--k", "4", "--out", str(tmp_path / "top.npz"),
+                   "--gallery", str(files["gallery"])]) == 0
+  top = np.load(tmp_path / "top.npz")
+  order, scores = _exact_ranking(np.load(files["queries"]), np.load(files["gallery"]), bias,
+                                 0.05, 4)
+  assert top["indices"].dtype == np.int64 and top["scores"].dtype == np.float32
+  np.testing.assert_array_equal(top["indices"], order)
+  np.testing.assert_allclose(top["scores"], scores, rtol=1e-5, atol=1e-4)
+  assert not list(tmp_path.glob(".*partial*"))
+
+
+def _save(path, array):
+  np.save(path, array)
+  return str(path)
+
+
+def test_cli_bad_input_is_refused(files, tmp_path, rng):
+  bank = np.load(files["bank"])
+  bad = {
+      "other_dim": _save(tmp_path / "d.npy", _unit(rng.normal(size=(5, 9)))),
+      "nan": _save(tmp_path / "nan.npy", np.where(np.arange(8) == 2, np.nan, bank[:4])),
+      "long": _save(tmp_path / "long.npy", bank * np.float32(1.25)),
+      "empty": _save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32)),
+  }
+  out = str(tmp_path / "b.npy")
+  base = ["biases", "--gallery", str(files["gallery"]), "--temperature", "0.05", "--out", out]
+  cases = [
+      (base + ["--bank", bad["other_dim"]], "dimension 9 but --gallery 8"),
+      (base + ["--bank", bad["nan"]], "row 0 contains NaN or Inf"),
+      (base + ["--bank", bad["long"]], r"has norm 1\.25 \(off by 0\.25"),
+      (base + ["--bank", bad["empty"]], "is empty"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "20"], "below the gallery size 20"),
+      (base + ["--bank", str(files["bank"]), "--json", str(files["bank"])], "already exists"),
+  ]
+  for argv, message in cases:
+    with pytest.raises(UserError, match=message):
+      cli.main(argv)
+  assert not os.path.exists(out)
+  # Never overwrite: an existing --out keeps its bytes.
+  before = pathlib.Path(files["queries"]).read_bytes()
+  with pytest.raises(UserError, match="already exists"):
+    cli.main(_biases_args(files, files["queries"]))
+  assert pathlib.Path(files["queries"]).read_bytes() == before
+
+
+def test_cli_refuses_an_index_from_another_gallery(files, tmp_path, rng):
+  other = _save(tmp_path / "other.npy", _unit(rng.normal(size=(20, 8))))
+  np.save(tmp_path / "zeros.npy", np.zeros(20, np.float32))
+  cli.main(["index", "--gallery", other, "--biases", str(tmp_path / "zeros.npy"),
+            "--temperature", "0.05", "--out", str(tmp_path / "index")])
+  search = ["search", "--index", str(tmp_path / "index"), "--out", str(tmp_path / "t.npz")]
+  with pytest.raises(UserError, match="another gallery"):
+    cli.main(search + ["--queries", str(files["queries"]), "--gallery", str(files["gallery"])])
+  wrong_dim = _save(tmp_path / "q9.npy", _unit(rng.normal(size=(3, 9))))
+  with pytest.raises(UserError, match="dimension 9 but the index 8"):
+    cli.main(search + ["--queries", wrong_dim])
+  with pytest.raises(UserError, match=r"--k must lie in \[1, 20\]"):
+    cli.main(search + ["--queries", str(files["queries"]), "--k", "21"])
+  assert not (tmp_path / "t.npz").exists()
+
+
+def test_cli_error_is_one_line_with_exit_code_2(files, tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(files, tmp_path / "b.npy"),
+       "--top_k", "0"], cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: --top_k must be below") and result.stderr.count(
+      "\n") == 1
+
+
+# -- two processes x two devices -----------------------------------------------------------------
+
+
+def test_two_processes_compute_the_same_biases(files, tmp_path):
+  from test_multiprocess import _env, _finish_all, _free_port  # pylint: disable=g-import-not-at-top
+  # 20 items over 4 devices: each process reads 10 gallery rows.
+  port = _free_port()
+  out = tmp_path / "two.npy"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(files, out, "--tol", "1e-6"),
+       "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
+       str(i), "--json", str(tmp_path / f"report{i}.json")],
+      cwd=REPO, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  for code, output in _finish_all(procs, timeout=180):
+    assert code == 0, output
+  report = json.loads((tmp_path / "report0.json").read_text())
+  assert report["processes"] == 2 and report["devices"] == 4 and report["converged"]
+  assert not (tmp_path / "report1.json").exists()  # process 0 writes the outputs
+  bank, items = np.load(files["bank"]), np.load(files["gallery"])
+  reference = normalize.ncl_biases(bank @ items.T, temperature=0.05, tol=1e-6, stream=True)
+  np.testing.assert_allclose(_centred(np.load(out)), _centred(reference.bias), atol=1e-4)
