@@ -1,27 +1,29 @@
 """Checkpoints, automatic resume, the workdir config guard and SIGTERM (preemption) handling.
 
-This is the only module that imports orbax. A run directory (``workdir``) looks like::
+This is the only module that imports orbax (and Grain's orbax support). A run directory (``workdir``) looks like::
 
   workdir/config.json            the run's config, written on first use
   workdir/checkpoints/<step>/    one orbax step directory per checkpoint:
       state/                     the train state pytree (params, opt_state, queues, step, rng)
-      extra/                     a JSON dict (data-iterator position and the like)
+      extra/                     a JSON dict (last loss, seed and the like)
+      data/                      the Grain data iterator's state, one JSON file per process
+                                 (Grain's own orbax handler), when the trainer passes one
       metrics/                   the validation metrics, only for checkpoints saved with metrics
 
 Typical use in a trainer::
 
   ckpt = Checkpointer(workdir, config=config.to_dict(), best_metric="val/t2v/R@1")
   abstract = jax.eval_shape(init_fn, ...)          # leaves carry the target shardings
-  restored = ckpt.restore_latest(abstract)
-  state, extra = restored if restored else (init_fn(...), {"data_step": 0})
+  restored = ckpt.restore_latest(abstract, data_iterator=it)   # also moves the Grain iterator
+  state, extra = restored if restored else (init_fn(...), {})
   with PreemptionWatcher() as watcher:
     for step in ...:
       state = train_step(state, batch)
       if watcher.should_stop():                    # collective when processes > 1
-        ckpt.save(step, state, extra, force=True)
+        ckpt.save(step, state, extra, force=True, data_iterator=it)
         break
       if step % every == 0:
-        ckpt.save(step, state, extra, metrics=maybe_eval_metrics)
+        ckpt.save(step, state, extra, metrics=maybe_eval_metrics, data_iterator=it)
   ckpt.close()
 
 Retention keeps the last ``max_to_keep`` checkpoints *plus* the best one on ``best_metric``
@@ -49,6 +51,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 from ncl_jax.errors import UserError
@@ -60,8 +63,10 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_FILES = ("metrics.jsonl", "results.json")
 
 # Config leaf names that may differ between the run in a workdir and the command that resumes it:
-# the run's length, how many checkpoints to keep, the overwrite flag itself, and input-pipeline
-# performance settings (prefetch depth, decoding threads) that do not change the batches.
+# the run's length, how many checkpoints to keep, the overwrite flag itself, and the prefetch
+# depth, which does not change the batches. (``data.num_workers`` does not change the batches
+# either, but the saved Grain iterator state holds one position per worker process, so it must
+# stay as it was.)
 # ``total_steps`` / ``num_epochs`` extend or shorten a run: a warmup-cosine schedule built from
 # the new total differs from the old one for the steps still to come.
 RESUMABLE_KEYS = frozenset({
@@ -73,13 +78,13 @@ RESUMABLE_KEYS = frozenset({
     "overwrite_workdir",
     "workdir",
     "prefetch",
-    "num_workers",
 })
 # Suffixes of leaf names that only set a frequency (log_every_steps, eval_every_steps, ...).
 RESUMABLE_SUFFIXES = ("_every_steps", "_every_epochs")
 
 _STATE = "state"
 _EXTRA = "extra"
+_DATA = "data"
 
 _log = logging.getLogger(__name__)
 
@@ -236,7 +241,7 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=self._manager_options(max_to_keep, save_interval_steps),
-        item_names=(_STATE, _EXTRA),
+        item_names=(_STATE, _EXTRA, _DATA),
     )
 
   def _manager_options(self, max_to_keep: int, save_interval_steps: int):
@@ -312,7 +317,7 @@ class Checkpointer:
   # -- saving ---------------------------------------------------------------------------------
 
   def save(self, step: int, state: Any, extra: Mapping[str, Any], metrics: Mapping[str, Any]
-           | None = None, force: bool = False) -> bool:
+           | None = None, force: bool = False, data_iterator: Any = None) -> bool:
     """Starts an asynchronous save of ``state`` and ``extra`` at ``step``.
 
     The arrays are copied off the device before this returns, so the caller may donate or
@@ -327,6 +332,9 @@ class Checkpointer:
       metrics: validation metrics of this state; must contain ``best_metric`` when one is set.
         Ignored (not stored) without ``best_metric``.
       force: save even if ``step`` is not a multiple of ``save_interval_steps``.
+      data_iterator: a Grain ``DatasetIterator`` whose state (the position of the next batch)
+        is saved with Grain's orbax handler, each process its own. Its state is read before
+        this returns, so the caller may go on iterating.
 
     Returns:
       True if a save was started. False if the step is off the save interval, or a checkpoint of
@@ -356,10 +364,10 @@ class Checkpointer:
       # save it again with them so that it takes part in best-checkpoint selection.
       self._mngr.wait_until_finished()
       self._mngr.delete(step)
-    args = ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state),
-        _EXTRA: ocp.args.JsonSave(extra),
-    })
+    items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}
+    if data_iterator is not None:
+      items[_DATA] = grain_checkpoint.CheckpointSave(data_iterator)
+    args = ocp.args.Composite(**items)
     return bool(self._mngr.save(step, args=args, metrics=metrics, force=True))
 
   def wait(self) -> None:
@@ -399,7 +407,8 @@ class Checkpointer:
     """Steps of all kept checkpoints, ascending."""
     return sorted(self._mngr.all_steps())
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any = None
+              ) -> tuple[Any, dict[str, Any]]:
     """Restores the checkpoint of ``step``.
 
     Args:
@@ -409,22 +418,32 @@ class Checkpointer:
         ``sharding=`` set) or concrete ``jax.Array``s. NamedTuples (optax states) come back as
         the same types. Arrays are placed on the target's shardings, whatever the device layout
         at save time.
+      data_iterator: a Grain ``DatasetIterator`` built like the saved one (same data settings,
+        same number of worker processes): it is moved to the saved position.
 
     Returns:
       ``(state, extra)``.
+
+    Raises:
+      UserError: ``data_iterator`` is given but the checkpoint holds no data-iterator state.
     """
     self.wait()  # a checkpoint still being written is not readable yet
     target = jax.tree.map(_abstract_leaf, abstract_state)
-    restored = self._mngr.restore(int(step), args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardRestore(target),
-        _EXTRA: ocp.args.JsonRestore(),
-    }))
+    items = {_STATE: ocp.args.StandardRestore(target), _EXTRA: ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      if not (self.directory / str(int(step)) / _DATA).is_dir():
+        raise UserError(f"checkpoint {self.directory / str(int(step))} holds no data-iterator "
+                        "state (it was written before the Grain input pipeline); start a new run "
+                        "in a new --workdir")
+      items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
+    restored = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
     return restored[_STATE], dict(restored[_EXTRA])
 
-  def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
+  def restore_latest(self, abstract_state: Any, data_iterator: Any = None
+                     ) -> tuple[Any, dict[str, Any]] | None:
     """Restores the newest checkpoint (see :meth:`restore`); None if there is none."""
     step = self.latest_step
-    return None if step is None else self.restore(step, abstract_state)
+    return None if step is None else self.restore(step, abstract_state, data_iterator)
 
   def restore_best(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """Restores the best checkpoint (see :meth:`restore`, :attr:`best_step`); None if none."""

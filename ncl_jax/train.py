@@ -409,19 +409,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
       best_metric=f"val/{config.eval.select_metric}" if val_split else None,
       best_mode=best_mode,
       overwrite=bool(config.overwrite_workdir))
-  writer = None
+  writer = iterator = None
   try:
-    restored = ckpt.restore_latest(run.abstract_state)
+    # The training order is a function of (data.seed, epoch); the Grain iterator's position is
+    # saved in every checkpoint and restored with the train state.
     iterator = run.dataset.train_iterator(
-        config.global_batch_size, seed=int(config.seed), process_index=jax.process_index(),
+        config.global_batch_size, seed=int(config.data.seed), process_index=jax.process_index(),
         process_count=jax.process_count())
+    restored = ckpt.restore_latest(run.abstract_state, data_iterator=iterator.grain_iterator)
     metrics_path = os.path.join(workdir, logging_utils.METRICS_FILE)
     if restored is None:
       state, last_loss = run.initial_state(), None
       checkpointing.rewind_jsonl(metrics_path, None)
     else:
       state, extra = restored
-      iterator.set_state(extra["data"])
       last_loss = extra.get("last_loss")
       checkpointing.rewind_jsonl(metrics_path, int(state.step))
       log(f"resumed from step {int(state.step)} in {workdir}")
@@ -432,6 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     state = stopped
     return _final_evaluation(run, state, ckpt, writer, workdir, last_loss)
   finally:
+    if iterator is not None:
+      iterator.close()   # stops Grain's worker processes
     if writer is not None:
       writer.close()
     ckpt.close()
@@ -464,7 +467,7 @@ def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss)
     pending.clear()
 
   def extra():
-    return {"data": iterator.get_state(), "last_loss": last_loss, "seed": int(config.seed)}
+    return {"last_loss": last_loss, "seed": int(config.seed)}
 
   with checkpointing.PreemptionWatcher() as watcher:
     while step < total:
@@ -486,14 +489,14 @@ def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss)
         writer.write(step, val_flat)
         log(_describe_eval(val_split, results))
       if save_now or stop:
-        ckpt.save(step, state, extra(), metrics=val_flat, force=True)
+        ckpt.save(step, state, extra(), metrics=val_flat, force=True,
+                  data_iterator=iterator.grain_iterator)
       if stop:
         ckpt.wait()
         writer.flush()
         log(f"stopped by SIGTERM after step {step}; checkpoint saved, run the same command "
             "again to resume")
         return None, last_loss
-  iterator.close()
   return state, last_loss
 
 

@@ -109,7 +109,7 @@ def test_tokens_fallback_and_train_batches(tmp_path, capsys):
   assert splits["train"][0].captions[0] == "IMG9 caption 0."
   config = default_data_config("coco")
   config.update(dict(data_dir=str(tmp_path / "out"), image_size=SIZE, max_words=8, prefetch=0,
-                     train_split="train+restval"))
+                     train_split="train+restval", num_workers=0))
   batch = next(get_dataset(config, WordTokenizer()).train_iterator(4, seed=0))
   assert batch["video"].shape == (4, 1, SIZE, SIZE, 3) and batch["video"].dtype == np.uint8
   assert batch["text_tokens"].shape == (4, 8) and batch["frame_mask"].all()

@@ -37,13 +37,14 @@ def default_data_config(name: str) -> ConfigDict:
 
   Common fields: ``name``, ``data_dir`` (where ``prepare`` wrote the data; unused by the
   synthetic set), ``max_words`` (L), ``max_frames`` (T), ``input_mode`` ("features" |
-  "frames"), ``seed``, ``prefetch`` (batches prepared ahead by a thread) and ``augment``
+  "frames"), ``seed`` (with the epoch it fixes the training order), ``prefetch`` (batches
+  prepared ahead), ``num_workers`` (Grain worker processes that read, decode and augment
+  training batches; 0 = in the main process) and ``augment``
   (frames mode: random horizontal flips; off by default, as in CLIP4Clip). Real sets add
   ``image_size``, ``builder_config`` (which prepared variant to read; "" picks the only one
   matching ``input_mode``), ``train_split`` (MSR-VTT: "train" = 9k or "train_7k") and
-  ``num_workers`` (JPEG-decoding threads) and ``vocab_path`` (CLIP's
-  ``bpe_simple_vocab_16e6.txt.gz`` or a folder holding it, for the default tokenizer; "" uses
-  the copy in an installed ``clip`` package).
+  ``vocab_path`` (CLIP's ``bpe_simple_vocab_16e6.txt.gz`` or a folder holding it, for the
+  default tokenizer; "" uses the copy in an installed ``clip`` package).
   """
   if name == "synthetic":
     from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top

@@ -15,20 +15,22 @@ captions (MSR-VTT) is seen 20 times per epoch, as in CLIP4Clip. Batches have sta
   :func:`normalize_frames` on the device, which keeps host-to-device copies 4x smaller)
 * ``frame_mask``: bool [b, T], True for real frames
 
-Shuffling is a permutation per epoch drawn from ``(seed, epoch)``, so an iterator's position is
-just ``(epoch, step)`` and a restored iterator replays exactly the batches an uninterrupted one
-would have produced.
+Sampling, host sharding, batching, worker processes, prefetching and the iterator state are
+Grain's (:func:`train_batches`, :func:`iterate`): the order is a pure function of
+``(seed, epoch)``, and a restored Grain iterator replays exactly the batches an uninterrupted
+one would have produced. Whatever Grain pickles into its worker processes (the splits and the
+transforms here) must not import JAX: workers start fresh interpreters.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import queue
-import threading
 from typing import Any, Iterator, Sequence
 
+import grain
 import numpy as np
+from absl import flags
 
 from ncl_jax.errors import UserError
 
@@ -139,80 +141,133 @@ def augment_frames(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return frames
 
 
-def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """Zero-pads ``array`` along axis 0 to ``rows`` rows."""
-  missing = rows - array.shape[0]
-  if missing == 0:
-    return array
-  return np.concatenate([array, np.zeros((missing,) + array.shape[1:], array.dtype)])
+def _grain_ready() -> None:
+  """Lets Grain read its absl flags when the caller parsed none (library use, tests, notebooks).
+
+  Grain's multiprocessing code reads flag values and fails with ``UnparsedFlagAccessError``
+  otherwise; marking the flags parsed keeps their defaults and a later ``FLAGS(argv)`` still works.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
-class EvalData:
-  """One evaluation split served as padded, masked batches; nothing is ever dropped.
+def _derived_seed(seed: int, stream: int) -> int:
+  """A 32-bit seed for one random stream (shuffle, augmentation) of the user's ``seed``.
 
-  Attributes:
-    name: the split name.
-    num_texts, num_videos: query and gallery counts.
-    caption_to_video: int32 [num_texts], the ground-truth video of each caption.
-    video_ids: the videos' names, or None.
+  Grain reshuffles epoch e with seed + e, so seeds s and s + 1 would share all but one epoch order;
+  hashing the user's seed first keeps nearby seeds unrelated.
+  """
+  if not 0 <= int(seed) < 2**63:
+    raise UserError(f"data seed {seed} must be a non-negative integer; change data.seed")
+  return int(np.random.SeedSequence([int(seed), stream]).generate_state(1)[0])
+
+
+class _WithoutAugmentation(grain.transforms.Map):
+  """Global batch of caption ids -> ``{"caption_ids": int64 [G]}``."""
+
+  def map(self, caption_ids):
+    return {"caption_ids": np.asarray(caption_ids, np.int64)}
+
+
+class _DrawAugmentationSeeds(grain.transforms.RandomMap):
+  """Adds one augmentation seed per caption of a global batch (Grain seeds ``rng`` from the
+  pipeline seed and the batch's position, so the draws do not depend on the host count)."""
+
+  def random_map(self, caption_ids, rng: np.random.Generator):
+    caption_ids = np.asarray(caption_ids, np.int64)
+    return {"caption_ids": caption_ids,
+            "augment_seeds": rng.integers(0, 2**63, size=caption_ids.shape, dtype=np.int64)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostRows(grain.transforms.Map):
+  """Keeps rows ``[start, stop)`` of a global batch: this host's block."""
+
+  start: int
+  stop: int
+
+  def map(self, element):
+    return {k: v[self.start:self.stop] for k, v in element.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadTrainBatch(grain.transforms.Map):
+  """Caption ids (and augmentation seeds) -> a training batch; runs in Grain's workers.
+
+  Pickled into every worker process, so it holds only the split (numpy arrays or data sources).
   """
 
-  def __init__(self, split: Split, name: str):
-    self._split = split
-    self.name = name
-    self.num_texts = split.num_texts
-    self.num_videos = split.num_videos
-    self.caption_to_video = np.asarray(split.caption_to_video, np.int32)
-    self.video_ids = split.video_ids
+  split: "Split"
 
-  def text_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1
-                   ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields ``{"text_tokens": int32 [bs, L], "mask": bool [bs]}``, the last batch zero-padded.
+  def map(self, element):
+    caption_ids = element["caption_ids"]
+    rngs = None
+    if "augment_seeds" in element:
+      rngs = [np.random.default_rng(int(s)) for s in element["augment_seeds"]]
+    video, frame_mask = self.split.videos(self.split.caption_to_video[caption_ids], rngs)
+    return {"text_tokens": np.asarray(self.split.tokens(caption_ids), np.int32),
+            "video": video, "frame_mask": np.asarray(frame_mask, bool)}
 
-    With several processes, each global batch of ``batch_size`` rows is split into
-    ``process_count`` contiguous blocks and this host gets block ``process_index`` (bs =
-    batch_size / process_count); every host yields the same number of batches.
-    """
-    for ids, rows in self._blocks(self.num_texts, batch_size, process_index, process_count):
-      yield {"text_tokens": _pad_rows(self._split.tokens(ids), rows),
-             "mask": _pad_rows(np.ones(len(ids), bool), rows)}
 
-  def video_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1
-                    ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields ``{"video", "frame_mask", "mask": bool [bs]}``, the last batch zero-padded
-    (hosts split each global batch as in :meth:`text_batches`)."""
-    for ids, rows in self._blocks(self.num_videos, batch_size, process_index, process_count):
-      if len(ids):
-        video, frame_mask = self._split.videos(ids)
-      else:   # This host's block is all padding.
-        shape, dtype = self._split.video_item_shape()
-        video, frame_mask = np.zeros((0,) + shape, dtype), np.zeros((0, shape[0]), bool)
-      yield {"video": _pad_rows(video, rows), "frame_mask": _pad_rows(frame_mask, rows),
-             "mask": _pad_rows(np.ones(len(ids), bool), rows)}
+def train_batches(split: "Split", global_batch_size: int, *, seed: int, process_index: int = 0,
+                  process_count: int = 1, augment: bool = False) -> grain.MapDataset:
+  """The endless Grain ``MapDataset`` of this host's training batches (random access by step).
 
-  @staticmethod
-  def _blocks(total: int, batch_size: int, process_index: int, process_count: int):
-    """(item ids, padded row count) of this host's block of every global batch."""
-    if batch_size <= 0 or batch_size % process_count or not 0 <= process_index < process_count:
-      raise UserError(f"evaluation batch size {batch_size} must be a positive multiple of the "
-                      f"process count {process_count} (process index {process_index})")
-    rows = batch_size // process_count
-    for start in range(0, total, batch_size):
-      first = min(start + process_index * rows, total)
-      yield np.arange(first, min(first + rows, start + batch_size, total)), rows
+  Element ``k`` is this host's block of global batch ``k``: epoch ``k // steps_per_epoch``
+  shuffles all captions (Grain's global shuffle, seeded from ``seed`` and the epoch), cuts them
+  into global batches of ``global_batch_size`` (dropping the incomplete tail) and host ``p`` of
+  ``n`` takes rows ``[p*b, (p+1)*b)``, ``b = global_batch_size / n``. Nothing depends on the
+  host count except which rows a host keeps, so the global batch is the same for any host
+  count and any number of worker processes.
+  """
+  local = global_batch_size // process_count
+  ds = (grain.MapDataset.range(split.num_texts)
+        .shuffle(seed=_derived_seed(seed, 0))
+        .batch(global_batch_size, drop_remainder=True)
+        .repeat())   # Every epoch is reshuffled (Grain folds the epoch into the seed).
+  if augment:
+    ds = ds.random_map(_DrawAugmentationSeeds(), seed=_derived_seed(seed, 1))
+  else:
+    ds = ds.map(_WithoutAugmentation())
+  ds = ds.map(_HostRows(process_index * local, (process_index + 1) * local))
+  return ds.map(_LoadTrainBatch(split))
+
+
+def iterate(dataset: grain.MapDataset, *, num_workers: int, prefetch: int
+            ) -> grain.DatasetIterator:
+  """A Grain iterator over ``dataset``, computed in ``num_workers`` worker processes.
+
+  ``num_workers=0`` computes elements in this process, ``prefetch`` of them ahead in one
+  background thread (0: on demand). With workers, each computes its elements (every
+  ``num_workers``-th) sequentially and keeps up to ``max(prefetch, 1)`` ready; Grain interleaves
+  them back in order, so the elements do not depend on ``num_workers``.
+  """
+  if num_workers < 0 or prefetch < 0:
+    raise UserError(f"data.num_workers ({num_workers}) and data.prefetch ({prefetch}) must be "
+                    ">= 0")
+  _grain_ready()
+  if num_workers == 0:
+    read = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    return iter(dataset.to_iter_dataset(read))
+  workers = grain.MultiprocessingOptions(num_workers=num_workers,
+                                         per_worker_buffer_size=max(prefetch, 1))
+  read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return iter(dataset.to_iter_dataset(read).mp_prefetch(workers))
 
 
 class TrainIterator:
-  """Endless iterator of fixed-size, per-host training batches with a saveable position.
+  """Endless iterator of fixed-size, per-host training batches (a Grain pipeline).
 
-  Each epoch shuffles all training captions with ``np.random.default_rng([seed, epoch])`` and
-  cuts the permutation into global batches of ``global_batch_size`` (the incomplete tail is
-  dropped); host ``process_index`` takes rows ``[p*b, (p+1)*b)`` of every global batch, so hosts
-  see disjoint examples. A background thread prepares up to ``prefetch`` batches ahead.
+  See :func:`train_batches` for the order and the sharding, :func:`iterate` for the workers.
+  The position lives in :attr:`grain_iterator`; :meth:`get_state` / :meth:`set_state` (or
+  ``ncl_jax.checkpointing.Checkpointer`` with ``data_iterator=it.grain_iterator``) save and
+  restore it, and a restored iterator yields exactly the batches an uninterrupted one would.
+  The state holds one position per worker process, so restore with the same ``num_workers``.
   """
 
   def __init__(self, split: Split, global_batch_size: int, *, seed: int, process_index: int = 0,
-               process_count: int = 1, prefetch: int = 2, augment: bool = False):
+               process_count: int = 1, prefetch: int = 2, augment: bool = False,
+               num_workers: int = 0):
     if global_batch_size <= 0 or global_batch_size % process_count:
       raise UserError(f"global batch size {global_batch_size} must be a positive multiple of the "
                       f"process count {process_count}; change the batch size in the config")
@@ -222,127 +277,141 @@ class TrainIterator:
     if self.steps_per_epoch == 0:
       raise UserError(f"global batch size {global_batch_size} exceeds the {split.num_texts} "
                       "training examples; use a smaller batch")
-    self._split = split
-    self._global = global_batch_size
-    self._local = global_batch_size // process_count
-    self._offset = process_index * self._local
-    self._seed = int(seed)
-    self._prefetch = max(int(prefetch), 0)
-    self._augment = augment
-    self._epoch = 0
-    self._step = 0
-    self._perm_cache: tuple[int, np.ndarray] | None = None
-    self._worker: _Prefetcher | None = None
+    self.dataset = train_batches(split, global_batch_size, seed=seed,
+                                 process_index=process_index, process_count=process_count,
+                                 augment=augment)
+    self.num_workers = int(num_workers)
+    self.grain_iterator = iterate(self.dataset, num_workers=self.num_workers,
+                                  prefetch=int(prefetch))
 
-  # Position and state ------------------------------------------------------------------------
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    """The local batch of global step ``step`` (counting across epochs), computed here."""
+    return self.dataset[step]
 
-  def get_state(self) -> dict[str, int]:
-    """The position of the next batch ``next()`` returns, as a small JSON-serialisable dict."""
-    return {"epoch": self._epoch, "step": self._step, "seed": self._seed,
-            "global_batch_size": self._global}
+  def get_state(self) -> dict[str, Any]:
+    """The position of the next batch, as Grain's JSON-serialisable state dict."""
+    return self.grain_iterator.get_state()
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to a position saved by :meth:`get_state` (same seed and global batch size)."""
-    if int(state["seed"]) != self._seed or int(state["global_batch_size"]) != self._global:
-      raise UserError(
-          f"iterator state was saved with seed {state['seed']} and global batch size "
-          f"{state['global_batch_size']}, but this run uses {self._seed} and {self._global}; "
-          "resume with the original data settings")
-    self._stop_worker()
-    self._epoch, self._step = int(state["epoch"]), int(state["step"])
-
-  # Batches -----------------------------------------------------------------------------------
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if self._perm_cache is None or self._perm_cache[0] != epoch:
-      rng = np.random.default_rng([self._seed, epoch])
-      self._perm_cache = (epoch, rng.permutation(self._split.num_texts))
-    return self._perm_cache[1]
-
-  def batch_at(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-    """The local batch at a position; pure in (seed, epoch, step, process index)."""
-    start = step * self._global + self._offset
-    caption_ids = np.sort(self._permutation(epoch)[start:start + self._local])
-    # Sorting keeps storage reads near-sequential; it only reorders rows inside the batch.
-    rngs = None
-    if self._augment:
-      rngs = [np.random.default_rng([self._seed, epoch, int(c), 1]) for c in caption_ids]
-    video, frame_mask = self._split.videos(self._split.caption_to_video[caption_ids], rngs)
-    return {"text_tokens": np.asarray(self._split.tokens(caption_ids), np.int32),
-            "video": video, "frame_mask": np.asarray(frame_mask, bool)}
-
-  def _positions(self, epoch: int, step: int) -> Iterator[tuple[int, int]]:
-    while True:
-      yield epoch, step
-      step += 1
-      if step == self.steps_per_epoch:
-        epoch, step = epoch + 1, 0
+    """Moves to a position saved by :meth:`get_state` (same data settings and workers)."""
+    self.grain_iterator.set_state(state)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    if self._prefetch == 0:
-      batch = self.batch_at(self._epoch, self._step)
-    else:
-      if self._worker is None:
-        self._worker = _Prefetcher(self, self._positions(self._epoch, self._step), self._prefetch)
-      try:
-        batch = self._worker.get()
-      except BaseException:
-        self._stop_worker()   # The next call retries the same position with a fresh thread.
-        raise
-    self._step += 1
-    if self._step == self.steps_per_epoch:
-      self._epoch, self._step = self._epoch + 1, 0
-    return batch
-
-  def _stop_worker(self):
-    if getattr(self, "_worker", None) is not None:
-      self._worker.stop()
-      self._worker = None
+    return next(self.grain_iterator)
 
   def close(self) -> None:
-    """Stops the prefetch thread (also safe to skip: the thread is a daemon)."""
-    self._stop_worker()
+    """Stops the worker processes and threads (also done on garbage collection)."""
+    close = getattr(self.grain_iterator, "close", None)
+    if close is not None:
+      close()
 
-  def __del__(self):
-    self._stop_worker()
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+  """Zero-pads ``array`` along axis 0 to ``rows`` rows."""
+  missing = rows - array.shape[0]
+  if missing == 0:
+    return array
+  return np.concatenate([array, np.zeros((missing,) + array.shape[1:], array.dtype)])
 
 
-class _Prefetcher:
-  """A daemon thread that fills a bounded queue with batches in position order."""
+def _eval_block(total: int, batch_size: int, process_index: int, process_count: int, batch: int
+                ) -> tuple[np.ndarray, int]:
+  """(item ids, padded row count) of this host's block of global evaluation batch ``batch``."""
+  rows = batch_size // process_count
+  start = batch * batch_size
+  first = min(start + process_index * rows, total)
+  return np.arange(first, min(first + rows, start + batch_size, total)), rows
 
-  def __init__(self, owner: TrainIterator, positions: Iterator[tuple[int, int]], depth: int):
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, args=(owner, positions), daemon=True)
-    self._thread.start()
 
-  def _run(self, owner: TrainIterator, positions: Iterator[tuple[int, int]]):
-    for epoch, step in positions:
-      try:
-        item = owner.batch_at(epoch, step)
-      except BaseException as err:  # Handed to the consumer, which re-raises it.
-        item = err
-      while not self._stop.is_set():
-        try:
-          self._queue.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
-      if self._stop.is_set() or isinstance(item, BaseException):
-        return
+@dataclasses.dataclass(frozen=True)
+class _LoadEvalTexts(grain.transforms.Map):
+  split: "Split"
+  batch_size: int
+  process_index: int
+  process_count: int
 
-  def get(self) -> dict[str, np.ndarray]:
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item
+  def map(self, batch):
+    ids, rows = _eval_block(self.split.num_texts, self.batch_size, self.process_index,
+                            self.process_count, int(batch))
+    return {"text_tokens": _pad_rows(np.asarray(self.split.tokens(ids), np.int32), rows),
+            "mask": _pad_rows(np.ones(len(ids), bool), rows)}
 
-  def stop(self):
-    self._stop.set()
-    self._thread.join(timeout=10)
+
+@dataclasses.dataclass(frozen=True)
+class _LoadEvalVideos(grain.transforms.Map):
+  split: "Split"
+  batch_size: int
+  process_index: int
+  process_count: int
+
+  def map(self, batch):
+    ids, rows = _eval_block(self.split.num_videos, self.batch_size, self.process_index,
+                            self.process_count, int(batch))
+    if len(ids):
+      video, frame_mask = self.split.videos(ids)
+    else:   # This host's block is all padding.
+      shape, dtype = self.split.video_item_shape()
+      video, frame_mask = np.zeros((0,) + shape, dtype), np.zeros((0, shape[0]), bool)
+    return {"video": _pad_rows(video, rows), "frame_mask": _pad_rows(frame_mask, rows),
+            "mask": _pad_rows(np.ones(len(ids), bool), rows)}
+
+
+class EvalData:
+  """One evaluation split served as padded, masked batches; nothing is ever dropped.
+
+  Batches come from a Grain ``MapDataset`` read ahead by ``num_threads`` threads of this process
+  (evaluation is short and runs between training steps, so it does not start worker processes;
+  JPEG decoding releases the GIL).
+
+  Attributes:
+    name: the split name.
+    num_texts, num_videos: query and gallery counts.
+    caption_to_video: int32 [num_texts], the ground-truth video of each caption.
+    video_ids: the videos' names, or None.
+  """
+
+  def __init__(self, split: Split, name: str, *, num_threads: int = 1, prefetch: int = 2):
+    self._split = split
+    self.name = name
+    self.num_texts = split.num_texts
+    self.num_videos = split.num_videos
+    self.caption_to_video = np.asarray(split.caption_to_video, np.int32)
+    self.video_ids = split.video_ids
+    self._num_threads = max(int(num_threads), 1)
+    self._prefetch = max(int(prefetch), 0)
+
+  def text_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Yields ``{"text_tokens": int32 [bs, L], "mask": bool [bs]}``, the last batch zero-padded.
+
+    With several processes, each global batch of ``batch_size`` rows is split into
+    ``process_count`` contiguous blocks and this host gets block ``process_index`` (bs =
+    batch_size / process_count); every host yields the same number of batches.
+    """
+    return self._batches(self.num_texts, _LoadEvalTexts(self._split, batch_size, process_index,
+                                                        process_count))
+
+  def video_batches(self, batch_size: int, *, process_index: int = 0, process_count: int = 1
+                    ) -> Iterator[dict[str, np.ndarray]]:
+    """Yields ``{"video", "frame_mask", "mask": bool [bs]}``, the last batch zero-padded
+    (hosts split each global batch as in :meth:`text_batches`)."""
+    return self._batches(self.num_videos, _LoadEvalVideos(self._split, batch_size, process_index,
+                                                         process_count))
+
+  def _batches(self, total: int, load) -> Iterator[dict[str, np.ndarray]]:
+    if (load.batch_size <= 0 or load.batch_size % load.process_count
+        or not 0 <= load.process_index < load.process_count):
+      raise UserError(f"evaluation batch size {load.batch_size} must be a positive multiple of "
+                      f"the process count {load.process_count} (process index "
+                      f"{load.process_index})")
+    num_batches = -(-total // load.batch_size)
+    dataset = grain.MapDataset.range(num_batches).map(load)
+    threads = min(self._num_threads, self._prefetch) if self._prefetch else 0
+    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self._prefetch)
+    return iter(dataset.to_iter_dataset(read))
 
 
 class RetrievalDataset:
@@ -361,7 +430,7 @@ class RetrievalDataset:
   def __init__(self, name: str, splits: dict[str, Split], *, input_mode: str,
                train_split: str = "train", eval_splits: Sequence[str] = ("val", "test"),
                validation_split: str | None = "val", prefetch: int = 2, augment: bool = False,
-               info: dict[str, Any] | None = None):
+               num_workers: int = 0, info: dict[str, Any] | None = None):
     self.name = name
     self._splits = dict(splits)
     self.input_mode = input_mode
@@ -370,6 +439,7 @@ class RetrievalDataset:
     self.validation_split = validation_split
     self._prefetch = prefetch
     self._augment = augment
+    self._num_workers = int(num_workers)
     self.info = dict(info or {})
     train = self._splits[train_split]
     self.max_words = train.max_words
@@ -392,11 +462,13 @@ class RetrievalDataset:
     return self._splits[self.train_split].video_item_shape()
 
   def train_iterator(self, global_batch_size: int, *, seed: int, process_index: int = 0,
-                     process_count: int = 1) -> TrainIterator:
-    """An endless iterator of this host's training batches (see :class:`TrainIterator`)."""
+                     process_count: int = 1, num_workers: int | None = None) -> TrainIterator:
+    """An endless iterator of this host's training batches (see :class:`TrainIterator`);
+    ``num_workers`` (default: the data set's ``data.num_workers``) Grain worker processes."""
+    workers = self._num_workers if num_workers is None else num_workers
     return TrainIterator(self._splits[self.train_split], global_batch_size, seed=seed,
                          process_index=process_index, process_count=process_count,
-                         prefetch=self._prefetch, augment=self._augment)
+                         prefetch=self._prefetch, augment=self._augment, num_workers=workers)
 
   def eval_data(self, split: str) -> EvalData:
     """Padded evaluation batches of ``split``: any of ``split_names``, e.g. the training split
@@ -404,4 +476,5 @@ class RetrievalDataset:
     if split not in self._splits:
       raise UserError(f"data set {self.name!r} has no split {split!r}; "
                       f"available: {', '.join(self._splits)}")
-    return EvalData(self._splits[split], split)
+    return EvalData(self._splits[split], split, num_threads=max(self._num_workers, 1),
+                    prefetch=self._prefetch)

@@ -10,7 +10,6 @@ training and evaluation.
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import re
 from typing import Sequence
@@ -89,11 +88,13 @@ class RecordSplit(Split):
     tokenizer: ``encode_batch(list[str], context_length) -> int32 [N, L]``.
     settings: the builder's stored settings (input_mode, image_size, feature_dim).
     max_words, max_frames: L and T of batches.
-    num_workers: threads decoding JPEG frames.
+
+  Grain pickles the split into its worker processes: the captions are tokenised once, in the
+  main process, and the tokenizer stays behind.
   """
 
   def __init__(self, sources, rows, captions, video_ids, tokenizer, settings, *, max_words,
-               max_frames, num_workers=2):
+               max_frames):
     self._sources = sources
     self._rows = list(rows)
     self._captions = [c for caps in captions for c in caps]
@@ -108,16 +109,24 @@ class RecordSplit(Split):
     self._feature_dim = int(settings.get("feature_dim", 0))
     self.max_words = int(max_words)
     self.max_frames = int(max_frames)
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(int(num_workers), 1))
+
+  def __getstate__(self):
+    self._tokenize_all()
+    state = dict(self.__dict__)
+    state["_tokenizer"] = None
+    return state
 
   def tokens(self, caption_ids):
+    self._tokenize_all()
+    return self._tokens[caption_ids]
+
+  def _tokenize_all(self) -> None:
     if self._tokens is None:
       tokens = np.asarray(self._tokenizer.encode_batch(self._captions, self.max_words), np.int32)
       if tokens.shape != (len(self._captions), self.max_words):
         raise UserError(f"tokenizer returned shape {tokens.shape}, expected "
                         f"({len(self._captions)}, {self.max_words})")
       self._tokens = tokens
-    return self._tokens[caption_ids]
 
   def video_item_shape(self):
     if self._mode == "frames":
@@ -158,7 +167,7 @@ class RecordSplit(Split):
     video_ids = [int(v) for v in video_ids]
     records = self._records(video_ids)
     rngs = rngs if rngs is not None else [None] * len(video_ids)
-    results = list(self._pool.map(self._one_video, records, rngs))
+    results = [self._one_video(record, rng) for record, rng in zip(records, rngs)]
     return (np.stack([r[0] for r in results]), np.stack([r[1] for r in results]))
 
 
@@ -192,8 +201,7 @@ def load_prepared(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
         captions.append(info["captions"][r])
         ids.append(info["video_ids"][r])
     return RecordSplit(srcs, rows, captions, ids, tokenizer, settings,
-                       max_words=data_config.max_words, max_frames=data_config.max_frames,
-                       num_workers=data_config.get("num_workers", 2))
+                       max_words=data_config.max_words, max_frames=data_config.max_frames)
 
   splits = {s: make([(s, None)]) for s in split_names}
   train_split = data_config.get("train_split", "train")
@@ -204,7 +212,7 @@ def load_prepared(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
       eval_splits=tuple(s for s in ("val", "test") if s in splits),
       validation_split="val" if "val" in splits else None,
       prefetch=data_config.get("prefetch", 2), augment=data_config.get("augment", False),
-      info={"path": path, "settings": settings,
+      num_workers=data_config.get("num_workers", 2), info={"path": path, "settings": settings,
             "skipped_videos": {s: len(v) for s, v in meta.get("skipped", {}).items()}})
 
 

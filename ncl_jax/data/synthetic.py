@@ -76,6 +76,7 @@ def default_config() -> ConfigDict:
       num_test_videos=500,
       prefetch=2,
       augment=False,
+      num_workers=0,             # Grain worker processes; the set is in memory, nothing to decode.
   ))
 
 
@@ -184,5 +185,6 @@ def make_synthetic(cfg: ConfigDict) -> RetrievalDataset:
   return RetrievalDataset(
       "synthetic", splits, input_mode="features", eval_splits=("val", "test"),
       validation_split="val", prefetch=cfg.prefetch, augment=cfg.augment,
+      num_workers=cfg.get("num_workers", 0),
       info={"seed": int(cfg.seed), "captions_per_video": int(cfg.captions_per_video),
             "concept_popularity": world.popularity.tolist()})
