@@ -13,7 +13,7 @@ smaller here, and ``--config.model.remat=True`` trades compute for memory if nee
 from ncl_jax import config_base
 
 
-def get_config(head=None):
-  config = config_base.get_dataset_config("activitynet", head)
+def get_config(variant=None):
+  config = config_base.get_dataset_config("activitynet", variant)
   config.eval.batch_size = 64
   return config

@@ -17,7 +17,7 @@ were reproduced with it.
 from ncl_jax import config_base
 
 
-def get_config():
-  config = config_base.get_dataset_config("coco", "meanP")
+def get_config(variant=None):
+  config = config_base.get_dataset_config("coco", variant)
   config.data.train_split = "train+restval"
   return config

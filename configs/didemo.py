@@ -11,7 +11,7 @@ CLIP4Clip: global batch 128 (8 GPUs), 64 words, 64 frames, 5 epochs, lr 1e-4 (ne
 from ncl_jax import config_base
 
 
-def get_config(head=None):
-  config = config_base.get_dataset_config("didemo", head)
+def get_config(variant=None):
+  config = config_base.get_dataset_config("didemo", variant)
   config.eval.batch_size = 64
   return config

@@ -14,5 +14,5 @@ configs' CLIP4Clip recipe, not tuned for images; no reference numbers were repro
 from ncl_jax import config_base
 
 
-def get_config():
-  return config_base.get_dataset_config("flickr30k", "meanP")
+def get_config(variant=None):
+  return config_base.get_dataset_config("flickr30k", variant)

@@ -14,5 +14,5 @@ the 670 test videos; video-to-text uses ``config.eval.v2t_protocol`` ("strict" b
 from ncl_jax import config_base
 
 
-def get_config(head=None):
-  return config_base.get_dataset_config("msvd", head)
+def get_config(variant=None):
+  return config_base.get_dataset_config("msvd", variant)

@@ -115,25 +115,74 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
 DATA_ROOT = "~/ncl_jax_data"
 CLIP_DIR = "~/ncl_jax_data/clip/ViT-B-32"
 HEADS = ("meanP", "seqTransf")
+# OpenAI's ViT sizes (also those of open_clip's and transformers' ViT-B-32, ViT-B-16, ViT-L-14),
+# each with the directory its converted weights are expected in. The bigger towers compute in
+# bfloat16 with rematerialised blocks (parameters stay float32): docs/models.md gives the
+# memory a train step needs at these settings.
+TOWERS = {
+    "vitb32": dict(clip_dir=CLIP_DIR, embed_dim=512, dtype="float32", remat=False,
+                   vision=dict(width=768, layers=12, heads=12, patch_size=32, image_size=224),
+                   text=dict(width=512, layers=12, heads=8)),
+    "vitb16": dict(clip_dir="~/ncl_jax_data/clip/ViT-B-16", embed_dim=512, dtype="bfloat16",
+                   remat=True,
+                   vision=dict(width=768, layers=12, heads=12, patch_size=16, image_size=224),
+                   text=dict(width=512, layers=12, heads=8)),
+    "vitl14": dict(clip_dir="~/ncl_jax_data/clip/ViT-L-14", embed_dim=768, dtype="bfloat16",
+                   remat=True,
+                   vision=dict(width=1024, layers=24, heads=16, patch_size=14, image_size=224),
+                   text=dict(width=768, layers=12, heads=12)),
+}
 
 
-def get_dataset_config(dataset: str, head: str | None) -> ml_collections.ConfigDict:
-  """A real data set with CLIP4Clip's recipe: pretrained ViT-B/32 on raw frames, ``head``.
+def parse_variant(arg: str | None) -> tuple[str, str]:
+  """(head, tower) from a config argument such as "seqTransf", "vitl14" or "seqTransf,vitb16".
+
+  Raises:
+    ValueError: for a name that is neither a head nor a tower, or two of a kind.
+  """
+  head, tower = None, None
+  for name in filter(None, (arg or "").split(",")):
+    if name in HEADS and head is None:
+      head = name
+    elif name in TOWERS and tower is None:
+      tower = name
+    else:
+      raise ValueError(f"unknown head or model {name!r} in {arg!r}; give at most one head "
+                       f"({', '.join(HEADS)}) and one model ({', '.join(TOWERS)}), "
+                       "comma-separated")
+  return head or "meanP", tower or "vitb32"
+
+
+def apply_tower(config: ml_collections.ConfigDict, tower: str) -> None:
+  """Sets the model sizes, dtype, remat and clip_dir of one of :data:`TOWERS`."""
+  spec = TOWERS[tower]
+  config.clip_dir = spec["clip_dir"]
+  config.model.embed_dim = spec["embed_dim"]
+  config.model.dtype = spec["dtype"]
+  config.model.remat = spec["remat"]
+  config.model.vision.update(spec["vision"])
+  config.model.text.update(spec["text"])
+
+
+def get_dataset_config(dataset: str, variant: str | None) -> ml_collections.ConfigDict:
+  """A real data set with CLIP4Clip's recipe: pretrained CLIP on raw frames and a video head.
 
   Words and frames per example (32 / 12, or 64 / 64 for ActivityNet and DiDeMo) come from
-  ``ncl_jax.data.default_data_config``; the model's frame count follows them.
+  ``ncl_jax.data.default_data_config``; the model's frame count follows them. The global batch
+  (128) and the frames stay CLIP4Clip's whatever the tower.
 
   Args:
-    dataset: "msrvtt", "msvd", "activitynet" or "didemo".
-    head: CLIP4Clip's similarity head, "meanP" (default; all CLIP4Clip README commands) or
-      "seqTransf"; chosen on the command line as ``--config=configs/msrvtt.py:seqTransf``.
+    dataset: "msrvtt", "msvd", "activitynet", "didemo", "coco" or "flickr30k".
+    variant: comma-separated head and/or CLIP model, chosen on the command line as
+      ``--config=configs/msrvtt.py:seqTransf`` or ``:vitl14`` or ``:seqTransf,vitb16``.
+      Heads: CLIP4Clip's "meanP" (default; all CLIP4Clip README commands) or "seqTransf".
+      Models (:data:`TOWERS`): "vitb32" (default, float32), "vitb16" and "vitl14" (bfloat16
+      compute, remat), reading their weights from ``~/ncl_jax_data/clip/ViT-B-16`` etc.
   """
-  head = head or "meanP"
-  if head not in HEADS:
-    raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+  head, tower = parse_variant(variant)
   config = get_base_config(dataset)
   config.data.data_dir = DATA_ROOT
-  config.clip_dir = CLIP_DIR
+  apply_tower(config, tower)
   config.model.input_mode = config.data.input_mode
   config.model.max_frames = config.data.max_frames
   config.model.head = head

@@ -88,3 +88,43 @@ def test_ncl_knobs_are_documented_in_the_base_config():
     index = text.splitlines().index(line)
     # a comment on the line itself or right above it explains the knob
     assert "#" in line or text.splitlines()[index - 1].strip().startswith("#"), knob
+
+
+# OpenAI's published ViT sizes as clip.model.CLIP's arguments: embed, resolution, vision layers,
+# width, patch, context, vocab, text width, heads, layers.
+OPENAI_VITS = {"vitb32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
+               "vitb16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+               "vitl14": (768, 224, 24, 1024, 14, 77, 49408, 768, 12, 12)}
+
+
+@pytest.mark.parametrize("tower", sorted(OPENAI_VITS))
+def test_tower_variants_fit_the_checkpoints_of_that_size(tower):
+  """Each :vitXX variant has the sizes a converted checkpoint of that model infers (OpenAI's
+  reference model built on torch's meta device: shapes only, no memory)."""
+  import torch
+
+  import clip_reference as ref
+  from ncl_jax.models import convert
+
+  with torch.device("meta"):
+    model = ref.model_module().CLIP(*OPENAI_VITS[tower])
+  inferred = convert.infer_config({k: tuple(v.shape) for k, v in model.state_dict().items()})
+  for name in REAL + ("coco", "flickr30k"):
+    config = tu.load_config(name, tower)
+    for part in ("vision", "text"):
+      for key, value in inferred[part].items():
+        assert config.model[part][key] == value, (name, part, key)
+    assert config.model.embed_dim == inferred.embed_dim
+    assert (config.model.dtype, config.model.remat) == (
+        ("float32", False) if tower == "vitb32" else ("bfloat16", True))
+    assert config.global_batch_size == 128  # CLIP4Clip's batch and frames for every tower
+  seq = tu.load_config("msrvtt", f"seqTransf,{tower}")
+  assert seq.model.head == "seqTransf" and seq.model.head_heads == inferred.text.heads
+  assert seq.clip_dir.endswith({"vitb32": "ViT-B-32", "vitb16": "ViT-B-16",
+                                "vitl14": "ViT-L-14"}[tower])
+
+
+@pytest.mark.parametrize("arg", ["vitl14,vitb16", "seqTransf,meanP", "vith14"])
+def test_bad_variants_name_the_choices(arg):
+  with pytest.raises(ValueError, match="give at most one head .* and one model"):
+    tu.load_config("msrvtt", arg)
