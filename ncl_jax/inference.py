@@ -342,6 +342,31 @@ class Gallery:
     return order, np.take_along_axis(scores, order, axis=1)
 
 
+def embed_split(bundle: Bundle, eval_data, batch_size: int = 64, on_video_batch=None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """All caption and video embeddings of an evaluation split, padding rows dropped.
+
+  Args:
+    bundle: the model.
+    eval_data: a :class:`ncl_jax.data.EvalData` split.
+    batch_size: items per encoder call.
+    on_video_batch: optional callable given each padded video batch (``{"video",
+      "frame_mask", "mask"}``) as it is embedded, e.g. to keep thumbnails without reading the
+      videos twice.
+
+  Returns:
+    (text_emb [n_texts, E], video_emb [n_videos, E]) float32, L2-normalised.
+  """
+  text = [bundle.embed_texts(b["text_tokens"], batch_size)[b["mask"]]
+          for b in eval_data.text_batches(batch_size)]
+  video = []
+  for batch in eval_data.video_batches(batch_size):
+    if on_video_batch is not None:
+      on_video_batch(batch)
+    video.append(bundle.embed_videos(batch["video"], batch["frame_mask"], batch_size)[batch["mask"]])
+  return np.concatenate(text), np.concatenate(video)
+
+
 def video_input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], np.dtype]:
   """Shape and dtype of one padded video as the run's data pipeline produced it."""
   data, model = config.data, config.model
@@ -411,5 +436,5 @@ def bundle_from_run(workdir: str | os.PathLike, step: int | None = None) -> Bund
                 manifest={"workdir": str(workdir), "step": run.step})
 
 
-__all__ = ["BACKENDS", "Bundle", "Gallery", "NORMALIZATIONS", "bundle_from_run", "load_bundle",
-           "restore_params", "video_input_shape"]
+__all__ = ["BACKENDS", "Bundle", "Gallery", "NORMALIZATIONS", "bundle_from_run", "embed_split",
+           "load_bundle", "restore_params", "video_input_shape"]

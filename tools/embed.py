@@ -54,16 +54,6 @@ def posthoc_command(out: pathlib.Path, temperature: float, method: str = "ncl") 
   return " ".join(shlex.quote(p) for p in parts)
 
 
-def embed_split(bundle, eval_data, batch_size: int):
-  """(text_emb [n_texts, E], video_emb [n_videos, E]) of an ``EvalData`` split."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  text = [bundle.embed_texts(b["text_tokens"], batch_size)[b["mask"]]
-          for b in eval_data.text_batches(batch_size)]
-  video = [bundle.embed_videos(b["video"], b["frame_mask"], batch_size)[b["mask"]]
-           for b in eval_data.video_batches(batch_size)]
-  return np.concatenate(text), np.concatenate(video)
-
-
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   out = pathlib.Path(args.out).expanduser()
@@ -84,7 +74,7 @@ def main(argv=None) -> int:
     data_config.data_dir = args.data_dir
   dataset = get_dataset(data_config, bundle.tokenizer)
   eval_data = dataset.eval_data(args.split)
-  text, video = embed_split(bundle, eval_data, args.batch_size)
+  text, video = inference.embed_split(bundle, eval_data, args.batch_size)
 
   out.mkdir(parents=True)
   np.save(out / "text_emb.npy", text)

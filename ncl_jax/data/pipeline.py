@@ -66,6 +66,8 @@ class Split(abc.ABC):
     max_words: L, the token length of every caption.
     max_frames: T, the frame count every video is padded to.
     video_ids: optional list of ``num_videos`` names, for reports and score dumps.
+    captions: optional list of ``num_texts`` caption strings (None where captions exist only
+      as token ids, e.g. the synthetic set).
   """
 
   caption_to_video: np.ndarray
@@ -73,6 +75,7 @@ class Split(abc.ABC):
   max_words: int
   max_frames: int
   video_ids: Sequence[str] | None = None
+  captions: Sequence[str] | None = None
 
   @property
   def num_texts(self) -> int:
@@ -371,6 +374,7 @@ class EvalData:
     num_texts, num_videos: query and gallery counts.
     caption_to_video: int32 [num_texts], the ground-truth video of each caption.
     video_ids: the videos' names, or None.
+    captions: the caption strings, or None (token ids only).
   """
 
   def __init__(self, split: Split, name: str, *, num_threads: int = 1, prefetch: int = 2):
@@ -380,6 +384,7 @@ class EvalData:
     self.num_videos = split.num_videos
     self.caption_to_video = np.asarray(split.caption_to_video, np.int32)
     self.video_ids = split.video_ids
+    self.captions = split.captions
     self._num_threads = max(int(num_threads), 1)
     self._prefetch = max(int(prefetch), 0)
 

@@ -97,7 +97,7 @@ class RecordSplit(Split):
                max_frames):
     self._sources = sources
     self._rows = list(rows)
-    self._captions = [c for caps in captions for c in caps]
+    self.captions = [c for caps in captions for c in caps]
     self.caption_to_video = np.repeat(np.arange(len(captions), dtype=np.int32),
                                       [len(c) for c in captions])
     self.video_ids = list(video_ids)
@@ -122,10 +122,10 @@ class RecordSplit(Split):
 
   def _tokenize_all(self) -> None:
     if self._tokens is None:
-      tokens = np.asarray(self._tokenizer.encode_batch(self._captions, self.max_words), np.int32)
-      if tokens.shape != (len(self._captions), self.max_words):
+      tokens = np.asarray(self._tokenizer.encode_batch(self.captions, self.max_words), np.int32)
+      if tokens.shape != (len(self.captions), self.max_words):
         raise UserError(f"tokenizer returned shape {tokens.shape}, expected "
-                        f"({len(self._captions)}, {self.max_words})")
+                        f"({len(self.captions)}, {self.max_words})")
       self._tokens = tokens
 
   def video_item_shape(self):

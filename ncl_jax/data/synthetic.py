@@ -33,9 +33,13 @@ a popular concept, and the attribute is named only half the time, so recall stay
 Token layout (vocabulary ``vocab_size``): 0 is padding; concept words, attribute words and
 noise words follow; ``vocab_size - 2`` is the start token and ``vocab_size - 1`` the end token,
 the largest id, so CLIP-style "pool at argmax token" finds the end of every caption.
+:class:`SyntheticVocabulary` names the tokens (``c<concept>_<synonym>``, ``a<attribute>``,
+``w<noise word>``) so that captions can be shown and typed as words.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -172,19 +176,88 @@ def _make_split(world: _World, cfg: ConfigDict, n: int, rng: np.random.Generator
                     video_ids=[f"{prefix}{i:05d}" for i in range(n)])
 
 
+def _world_and_split_seeds(cfg: ConfigDict):
+  world_seed, *split_seeds = np.random.SeedSequence(int(cfg.seed)).spawn(1 + len(SPLITS))
+  return _World(cfg, np.random.default_rng(world_seed)), dict(zip(SPLITS, split_seeds))
+
+
+def _split_size(cfg: ConfigDict, name: str) -> int:
+  return {"train": cfg.num_train_videos, "val": cfg.num_val_videos,
+          "test": cfg.num_test_videos}[name]
+
+
 def make_synthetic(cfg: ConfigDict) -> RetrievalDataset:
   """Generates the synthetic set in memory (train / val / test) from ``cfg`` (see
   :func:`default_config`); the same seed gives the same arrays."""
   _check(cfg)
-  world_seed, *split_seeds = np.random.SeedSequence(int(cfg.seed)).spawn(1 + len(SPLITS))
-  world = _World(cfg, np.random.default_rng(world_seed))
-  sizes = {"train": cfg.num_train_videos, "val": cfg.num_val_videos,
-           "test": cfg.num_test_videos}
-  splits = {name: _make_split(world, cfg, sizes[name], np.random.default_rng(seed), name)
-            for name, seed in zip(SPLITS, split_seeds)}
+  world, seeds = _world_and_split_seeds(cfg)
+  splits = {name: _make_split(world, cfg, _split_size(cfg, name),
+                              np.random.default_rng(seeds[name]), name)
+            for name in SPLITS}
   return RetrievalDataset(
       "synthetic", splits, input_mode="features", eval_splits=("val", "test"),
       validation_split="val", prefetch=cfg.prefetch, augment=cfg.augment,
       num_workers=cfg.get("num_workers", 0),
       info={"seed": int(cfg.seed), "captions_per_video": int(cfg.captions_per_video),
             "concept_popularity": world.popularity.tolist()})
+
+
+def make_split(cfg: ConfigDict, name: str) -> ArraySplit:
+  """One split of :func:`make_synthetic` (the same arrays), without generating the others:
+  each split has its own random stream, so e.g. the test split alone is 1/5 of the work."""
+  _check(cfg)
+  if name not in SPLITS:
+    raise UserError(f"the synthetic set has no split {name!r}; available: {', '.join(SPLITS)}")
+  world, seeds = _world_and_split_seeds(cfg)
+  return _make_split(world, cfg, _split_size(cfg, name), np.random.default_rng(seeds[name]), name)
+
+
+class SyntheticVocabulary:
+  """Readable names for the synthetic token ids, and a tokenizer over them.
+
+  Concept ``k``'s synonym ``s`` is ``c<k>_<s>`` (concept 0 is the most popular), attribute
+  ``j`` is ``a<j>``, noise word ``m`` is ``w<m>`` (``w0`` the most frequent). The layout is a
+  function of the config alone (see the module docstring), so no generated data is needed.
+  ``encode_batch`` has the interface of :class:`ncl_jax.tokenizer.ClipTokenizer`'s.
+  """
+
+  def __init__(self, cfg: ConfigDict):
+    _check(cfg)
+    first_attribute = 1 + cfg.num_concepts * cfg.words_per_concept
+    first_noise = first_attribute + cfg.num_attributes
+    words = ["<pad>"]
+    words += [f"c{k}_{s}" for k in range(cfg.num_concepts) for s in range(cfg.words_per_concept)]
+    words += [f"a{j}" for j in range(cfg.num_attributes)]
+    words += [f"w{m}" for m in range(cfg.vocab_size - 2 - first_noise)]
+    words += ["<start>", "<end>"]
+    self.words = words
+    self.ids = {word: i for i, word in enumerate(words)}
+    self.start_id, self.end_id = cfg.vocab_size - 2, cfg.vocab_size - 1
+
+  def decode(self, ids) -> str:
+    """The words of a token row, without start, end and padding tokens."""
+    return " ".join(self.words[int(i)] for i in ids
+                    if int(i) not in (0, self.start_id, self.end_id))
+
+  def encode_batch(self, texts: list[str], context_length: int) -> np.ndarray:
+    """Token rows [N, context_length] int32: start, word ids, end, zero padding.
+
+    Words are separated by spaces or commas; captions longer than ``context_length - 2`` words
+    keep their first words, as CLIP4Clip truncates.
+
+    Raises:
+      UserError: a word that is not in the vocabulary, or a caption without words.
+    """
+    rows = np.zeros((len(texts), context_length), np.int32)
+    for i, text in enumerate(texts):
+      words = [w for w in re.split(r"[\s,]+", text.strip().lower()) if w]
+      unknown = [w for w in words if w not in self.ids or w.startswith("<")]
+      if unknown:
+        raise UserError(f"unknown word {unknown[0][:40]!r}: synthetic captions are made of "
+                        "c<concept>_<synonym>, a<attribute> and w<noise> words, e.g. 'c0_1 a17 w3'")
+      if not words:
+        raise UserError("the caption has no words; type e.g. 'c0_1 a17'")
+      ids = [self.ids[w] for w in words][:context_length - 2]
+      row = [self.start_id, *ids, self.end_id]
+      rows[i, :len(row)] = row
+    return rows
