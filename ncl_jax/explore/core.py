@@ -41,12 +41,12 @@ def check_run(workdir: str) -> pathlib.Path:
   Raises:
     UserError: the folder does not exist or the run has not selected a checkpoint.
   """
-  from ncl_jax import export  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(workdir).expanduser()
   if not path.is_dir():
     raise UserError(f"--workdir {path} does not exist; pass the --workdir of a finished "
                     "python -m ncl_jax.main run")
+  from ncl_jax import export  # pylint: disable=g-import-not-at-top  (imports JAX)
+
   results = export.read_results(path)
   if not results or "selected_step" not in results:
     raise UserError(f"--workdir {path} has no selected checkpoint ({export.RESULTS_FILE} with "
