@@ -67,9 +67,10 @@ def test_test_ranks_reproduce_the_runs_evaluation(explorer, results):
     for name in ("R@1", "R@5", "R@10", "MdR", "MnR"):
       assert got[name] == pytest.approx(expected[name], abs=1e-9), (mode, name)
     # The split's captions as queries: the evaluation's normalization error, t2v direction.
-    error = explorer.masses["test"].error[mode]["mae"]
-    assert error == pytest.approx(results["normalization_error_detail"][mode]["t2v"]["mae"],
-                                  rel=1e-4)
+    for name in ("mae", "relative_mae"):
+      error = explorer.masses["test"].error[mode][name]
+      assert error == pytest.approx(results["normalization_error_detail"][mode]["t2v"][name],
+                                    rel=1e-4), (mode, name)
 
 
 def _softmax_mass(logits):
@@ -196,12 +197,14 @@ def test_thumbnails_are_small_jpegs_of_the_first_frame():
 
 
 @pytest.fixture(scope="module")
-def server(run):
+def server(run, tmp_path_factory):
   """``python -m ncl_jax.explore --workdir RUN --port 0``: its address and start-up time."""
   started = time.perf_counter()
+  cache = tmp_path_factory.mktemp("jax_cache")  # not the user's ~/.cache
   process = subprocess.Popen(
-      [sys.executable, "-m", "ncl_jax.explore", "--workdir", str(run), "--port", "0"], cwd=REPO,
-      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      [sys.executable, "-m", "ncl_jax.explore", "--workdir", str(run), "--port", "0",
+       "--compile_cache", str(cache)], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
   try:
     line = process.stdout.readline()  # blocks until the "serving ..." line or the exit
     if not line.startswith("serving http://127.0.0.1:"):

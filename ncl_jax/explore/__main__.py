@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
+import pathlib
 import socket
 import sys
 import time
 
 from ncl_jax.errors import UserError, run_cli
+
+
+DEFAULT_COMPILE_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "ncl_jax", "jax")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +43,24 @@ def parse_args(argv):
   parser.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1: this machine only)")
   parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+  parser.add_argument("--compile_cache", default=DEFAULT_COMPILE_CACHE,
+                      help="folder of JAX's persistent compilation cache, which makes later "
+                           "starts about twice as fast (default %(default)s; 'none' turns it "
+                           "off; JAX_COMPILATION_CACHE_DIR, if set, wins)")
   return parser.parse_args(argv)
+
+
+def use_compile_cache(folder: str) -> None:
+  """Turns on JAX's persistent compilation cache in ``folder`` unless the user chose one."""
+  if not folder or folder == "none":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR or the user's own code
+    return
+  jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(folder).expanduser()))
+  # The explorer's compilations are all small; by default JAX caches only those over 1 s.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +114,7 @@ def main(argv=None) -> int:
 
   sock = listen(args.host, args.port)
   try:
+    use_compile_cache(args.compile_cache)
     explorer = core.open_explorer(
         workdir=args.workdir, bundle_dir=args.bundle, split=args.split, data_dir=args.data_dir,
         progress=lambda message: print(message, file=sys.stderr, flush=True))

@@ -134,8 +134,9 @@ class MassTable:
     queries: the query set ("bank": the model's training queries; "test": the split's captions).
     num_queries: its size.
     relative: {"plain": [N], "ncl": [N]} mass / expected share (1 = exactly its share).
-    error: {"plain": {...}, "ncl": {...}}, :func:`ncl_jax.normalize.normalization_error` of the
-      absolute masses (mean and max absolute deviation from the expected share).
+    error: {"plain": {...}, "ncl": {...}}: :func:`ncl_jax.normalize.normalization_error`'s
+      ``mae``/``max`` (absolute deviation from the expected share) and ``relative_mae``/
+      ``relative_max`` (of ``|mass / expected - 1|``).
   """
 
   queries: str
@@ -152,6 +153,7 @@ def mass_table(queries: str, sims: np.ndarray, share: np.ndarray, *, logit_scale
   query count, since every query distributes a probability of 1.
   """
   from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
+  from ncl_jax import plots  # pylint: disable=g-import-not-at-top
 
   expected = share * (sims.shape[0] / share.sum())
   masses = {"plain": normalize.candidate_mass(sims, scale=logit_scale),
@@ -159,9 +161,10 @@ def mass_table(queries: str, sims: np.ndarray, share: np.ndarray, *, logit_scale
   error = {}
   for mode, mass in masses.items():
     detail = normalize.normalization_error(mass, expected)
-    error[mode] = {"mae": detail["mae"], "max": detail["max"]}
+    error[mode] = {key: detail[key] for key in ("mae", "max", "relative_mae", "relative_max")}
   return MassTable(queries, int(sims.shape[0]),
-                   {mode: mass / expected for mode, mass in masses.items()}, error)
+                   {mode: plots.share_ratio(mass, expected) for mode, mass in masses.items()},
+                   error)
 
 
 class Stopwatch:

@@ -344,8 +344,9 @@ async function loadHubs() {
     setStatus(hubsView.summary,
       `Summed over ${what}: ${result.hubs.plain} videos get more than twice their share with ` +
       `plain scores, ${result.hubs.ncl} after NCL; ${result.orphans.plain} get less than half, ` +
-      `${result.orphans.ncl} after NCL. Mean |mass − share|: ${result.error.plain.mae.toPrecision(3)} ` +
-      `plain, ${result.error.ncl.mae.toPrecision(3)} NCL.` +
+      `${result.orphans.ncl} after NCL. Relative normalization error (mean |mass ÷ share − 1|): ` +
+      `${result.error.plain.relative_mae.toPrecision(3)} plain, ` +
+      `${result.error.ncl.relative_mae.toPrecision(3)} NCL.` +
       (result.over === "bank" ? " NCL's biases are fitted on this bank (Sinkhorn), so after NCL " +
         "every video gets its share by construction; the split's captions show how that carries " +
         "over to new queries." : ""));
