@@ -75,6 +75,9 @@ def test_frames_mode_counts_maps_and_decoded_frames(dataset, videos, tmp_path, c
       long_one = caption[1] == WordTokenizer().encode_batch(["word0"], 3)[0, 1]
       assert caption[1] == WordTokenizer().encode_batch([name], 3)[0, 1] or (
           long_one and name in ("video1", "video9"))
+    # The caption strings, aligned with their tokens (the explorer shows them).
+    np.testing.assert_array_equal(
+        WordTokenizer().encode_batch(list(data.captions), tokens.shape[1]), tokens)
     start = 0
     for batch in data.video_batches(3):
       assert batch["video"].shape == (3, ds.max_frames, SIZE, SIZE, 3)

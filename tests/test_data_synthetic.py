@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ncl_jax.data import default_data_config, get_dataset, synthetic
+from ncl_jax.data import EvalData, default_data_config, get_dataset, synthetic
 from ncl_jax.errors import UserError
 
 
@@ -33,6 +33,38 @@ def test_same_seed_same_data_and_other_seed_differs():
     np.testing.assert_array_equal(va, vb)
     np.testing.assert_array_equal(ma, mb)
   assert not np.array_equal(_all(a.eval_data("test"))[1], _all(c.eval_data("test"))[1])
+
+
+def test_one_split_alone_is_that_split_of_the_whole_set():
+  cfg = _small()
+  whole = get_dataset(cfg)
+  for split in ("val", "test"):
+    alone = EvalData(synthetic.make_split(cfg, split), split)
+    for a, b in zip(_all(alone), _all(whole.eval_data(split))):
+      np.testing.assert_array_equal(a, b)
+    assert alone.video_ids == whole.eval_data(split).video_ids
+  with pytest.raises(UserError, match="no split"):
+    synthetic.make_split(cfg, "dev")
+
+
+def test_vocabulary_names_every_token_and_reads_them_back():
+  cfg = _small()
+  vocab = synthetic.SyntheticVocabulary(cfg)
+  assert len(vocab.words) == cfg.vocab_size and len(set(vocab.words)) == cfg.vocab_size
+  # Layout of the module docstring: concept k's synonym s, then attributes, then noise words.
+  assert vocab.words[1 + 3 * cfg.words_per_concept + 2] == "c3_2"
+  assert vocab.words[1 + cfg.num_concepts * cfg.words_per_concept + 5] == "a5"
+  assert vocab.words[cfg.vocab_size - 3].startswith("w")
+  tokens, _, _ = _all(get_dataset(cfg).eval_data("test"))
+  text = [vocab.decode(row) for row in tokens]
+  np.testing.assert_array_equal(vocab.encode_batch(text, cfg.max_words), tokens)
+  assert vocab.encode_batch(["C0_1,  a3"], 5).tolist() == [
+      [vocab.start_id, vocab.ids["c0_1"], vocab.ids["a3"], vocab.end_id, 0]]
+  assert vocab.encode_batch(["w0 w1 w2 w3"], 4)[0, 1:3].tolist() == [vocab.ids["w0"],
+                                                                     vocab.ids["w1"]]
+  for bad in ("c0_1 dog", "", "<end>"):
+    with pytest.raises(UserError):
+      vocab.encode_batch([bad], cfg.max_words)
 
 
 def test_token_and_frame_layout():
