@@ -3,6 +3,7 @@ real formats with small real videos written by PyAV."""
 
 import importlib.util
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -31,7 +32,7 @@ def videos(tmp_path_factory):
 
 def _prepare(capsys, dataset, out, *extra):
   argv = [dataset, "--manual_dir", str(DUMMY / dataset), "--data_dir", str(out),
-          "--image_size", str(SIZE), "--num_workers", "2", *extra]
+          "--image_size", str(SIZE), "--threads", "2", *extra]
   assert prepare.main(argv) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   return json.loads(lines[-1])
@@ -274,3 +275,28 @@ def test_empty_splits_stop_with_one_error_line(tmp_path, capsys):
   for out in ("a", "b"):
     with pytest.raises(UserError, match="no prepared msvd data"):
       get_dataset(_config("msvd", tmp_path / out), WordTokenizer())
+
+
+def test_raw_frames_are_the_decoded_frames_exactly(videos, tmp_path, capsys):
+  from ncl_jax.data import video
+  videos_dir, _ = videos["msvd"]
+  _prepare(capsys, "msvd", tmp_path, "--videos_dir", videos_dir, "--frame_format", "raw")
+  assert [p.name for p in (tmp_path / "msvd").glob("frames_*")] == ["frames_12f_16px_raw"]
+  data = get_dataset(_config("msvd", tmp_path), WordTokenizer()).eval_data("test")
+  batch = next(data.video_batches(2))
+  for row, video_id in enumerate(data.video_ids):
+    want = video.decode_video(os.path.join(videos_dir, f"{video_id}.avi"), size=SIZE)
+    np.testing.assert_array_equal(batch["video"][row][batch["frame_mask"][row]], want)
+
+
+def test_loading_stats_count_only_time_when_some_item_was_loading():
+  from ncl_jax.data import builders
+
+  class Built:   # the two attributes loading_stats reads
+    ITEM_NOUN = "videos"
+    _load_times = [(10.0, 11.0, 7), (10.5, 12.0, 8), (13.0, 14.0, 7), (13.2, 13.5, 8)]
+
+  # Covered: [10, 12] and [13, 14]: 3 s for 4 videos in 2 processes; the gap is excluded.
+  assert builders.StoredItemsBuilder.loading_stats(Built()) == {
+      "items": 4, "seconds": 3.0, "busy_seconds": 3.8, "processes": 2, "noun": "videos",
+      "items_per_s": 1.333}

@@ -119,3 +119,16 @@ def test_file_index_rule_when_several_files_match(tmp_path):
     (tmp_path / order[first]).unlink()
     index = video.FileIndex(str(tmp_path))
   assert index.find(("V.mov",), ("V",)) == (None, 0)
+
+
+def test_raw_frames_round_trip_exactly_and_jpeg_still_decodes():
+  rng = np.random.default_rng(1)
+  frame = rng.integers(0, 255, (6, 10, 3)).astype(np.uint8)
+  raw = video.encode_frame(frame, "raw")
+  assert len(raw) == 6 * 10 * 3 + 11
+  np.testing.assert_array_equal(video.decode_frame(raw), frame)
+  jpeg = video.encode_frame(frame, "jpeg", 95)
+  assert jpeg[:2] == b"\xff\xd8"
+  np.testing.assert_array_equal(video.decode_frame(jpeg), video.decode_jpeg(jpeg))
+  with pytest.raises(ValueError, match="png"):
+    video.encode_frame(frame, "png")

@@ -4,14 +4,16 @@ No TensorFlow is needed: the builders write ``array_record`` files, which are re
 random access through ``builder.as_data_source(split)`` (see :mod:`ncl_jax.data.prepared`).
 
 One record per video: its id, its captions, and either its sampled frames (frames mode: JPEG
-bytes of each 1-fps frame after resize + centre crop, see :mod:`ncl_jax.data.video`) or its
+or raw bytes of each 1-fps frame after resize + centre crop, see :mod:`ncl_jax.data.video`) or its
 precomputed per-frame features (features mode: float32 [T, D] from ``{video}.npy``). Records
 keep the annotation order (``disable_shuffling``: the pipeline shuffles), and the dataset
 metadata repeats every split's video ids and captions so a reader can index captions without
 scanning the frames.
 
 A video whose file is missing or cannot be decoded is skipped and recorded in the metadata; the
-build fails when more than ``max_bad_fraction`` of a split is bad.
+build fails when more than ``max_bad_fraction`` of a split is bad. Videos are loaded in this
+process (threads) or, with ``beam=True``, by Apache Beam workers
+(:mod:`ncl_jax.data.beam_prepare`); both write the same records and metadata.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import os
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -44,6 +47,8 @@ class RetrievalConfig(tfds.core.BuilderConfig):
     image_size: frames mode: output height and width after resize + centre crop.
     fps: frames mode: frames sampled per second.
     jpeg_quality: frames mode: JPEG quality of the stored frames.
+    frame_format: frames mode: "jpeg" (default) or "raw" uint8 pixels (no decoding when
+      training, about 2-10x the disk space; see ncl_jax.data.video.encode_frame).
   """
 
   input_mode: str = "frames"
@@ -51,14 +56,15 @@ class RetrievalConfig(tfds.core.BuilderConfig):
   image_size: int = 224
   fps: float = 1.0
   jpeg_quality: int = 95
+  frame_format: str = "jpeg"
 
 
 def config_name(input_mode: str, max_frames: int, image_size: int = 224, fps: float = 1.0,
-                jpeg_quality: int = 95) -> str:
+                jpeg_quality: int = 95, frame_format: str = "jpeg") -> str:
   """The builder config name of a storage setting, e.g. "frames_12f_224px", "features_12f".
 
-  Non-default frame rates and JPEG qualities are part of the name ("..._2fps_q90"), so
-  differently made copies never share a folder.
+  Non-default frame rates, JPEG qualities and raw frames are part of the name
+  ("..._2fps_q90", "..._raw"), so differently made copies never share a folder.
   """
   if input_mode == "features":
     return f"features_{max_frames}f"
@@ -67,17 +73,22 @@ def config_name(input_mode: str, max_frames: int, image_size: int = 224, fps: fl
   name = f"frames_{max_frames}f_{image_size}px"
   if fps != 1.0:
     name += f"_{fps:g}fps".replace(".", "p")
+  if frame_format not in video_lib.FRAME_FORMATS:
+    raise UserError(f"frame format {frame_format!r} is not one of "
+                    f"{', '.join(video_lib.FRAME_FORMATS)}")
+  if frame_format == "raw":
+    return name + "_raw"
   if jpeg_quality != 95:
     name += f"_q{jpeg_quality}"
   return name
 
 
 def make_config(input_mode: str, max_frames: int, image_size: int = 224, fps: float = 1.0,
-                jpeg_quality: int = 95) -> RetrievalConfig:
-  name = config_name(input_mode, max_frames, image_size, fps, jpeg_quality)
+                jpeg_quality: int = 95, frame_format: str = "jpeg") -> RetrievalConfig:
+  name = config_name(input_mode, max_frames, image_size, fps, jpeg_quality, frame_format)
   return RetrievalConfig(name=name, description=f"{input_mode}, up to {max_frames} frames",
                          input_mode=input_mode, max_frames=max_frames, image_size=image_size,
-                         fps=fps, jpeg_quality=jpeg_quality)
+                         fps=fps, jpeg_quality=jpeg_quality, frame_format=frame_format)
 
 
 _VIDEO_NOTE = """
@@ -103,16 +114,59 @@ def record_features(input_mode: str,
       **stored})
 
 
+@dataclasses.dataclass(frozen=True)
+class ItemLoader:
+  """Loads one item of a split into its record, or says why it cannot: the unit of work of both
+  the in-process build (threads) and the Beam build (worker processes), so both store the same
+  values. Picklable: the builder class is pickled by reference, its config by value.
+
+  Calling it with ``(index, (entry, path))`` returns ``(status, example)``: ``status`` is the
+  JSON-able account of the item (``index``, ``id``, ``captions``, ``path``, ``error`` (None or
+  why it was skipped), ``feature_dim``, and when and where it was loaded: ``started`` (epoch
+  seconds), ``seconds``, ``pid``), ``example`` its record or None when skipped.
+  """
+
+  builder_class: type
+  config: Any
+
+  def __call__(self, index: int, item) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    entry, path = item
+    item_id = self.builder_class.item_id(entry)
+    status = {"index": index, "id": item_id, "captions": list(entry.captions), "path": path,
+              "error": None, "feature_dim": None, "started": time.time(), "pid": os.getpid()}
+    loaded = None
+    if path is None:
+      status["error"] = "file not found"
+    else:
+      try:
+        loaded = self.builder_class.load_item(self.config, entry, path)
+      except video_lib.VideoDecodeError as err:
+        status["error"] = str(err)
+    status["seconds"] = time.time() - status["started"]
+    if loaded is None:
+      return status, None
+    if "features" in loaded:
+      status["feature_dim"] = int(loaded["features"].shape[1])
+    return status, {"video_id": item_id, "captions": list(entry.captions), **loaded}
+
+
 class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """What the video and image-text builders share: bad-item accounting, parallel loading and
-  record writing. Subclasses plan the splits and define ``_load(entry, path)``, which returns the
-  stored frames or features of one entry and raises VideoDecodeError for an unusable file.
+  record writing. Subclasses plan the splits and define ``load_item(config, entry, path)``, which
+  returns the stored frames or features of one entry and raises VideoDecodeError for an
+  unusable file.
+
+  Items are loaded either in this process by a pool of ``num_workers`` threads, or, with
+  ``beam=True``, by Apache Beam worker processes (:mod:`ncl_jax.data.beam_prepare`; the runner
+  and its options come with ``download_and_prepare``'s ``DownloadConfig``). Both record the same
+  examples, metadata and skipped items.
 
   Args (besides the TFDS ones; the prepare command passes them unchanged to every builder):
     videos_dir: the folder of videos (or images) in frames mode.
     features_dir: the folder of ``.npy`` feature files in features mode.
     max_bad_fraction: fail when a larger fraction of a split is missing or unreadable.
-    num_workers: decoding threads.
+    num_workers: decoding threads of the in-process build.
+    beam: build with Apache Beam instead.
   """
 
   VERSION = VERSION
@@ -120,12 +174,35 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
   ITEM_NOUN = "videos"  # what an item is called in error messages
 
   def __init__(self, *, videos_dir: str | None = None, features_dir: str | None = None,
-               max_bad_fraction: float = 0.01, num_workers: int = 2, **kwargs):
+               max_bad_fraction: float = 0.01, num_workers: int = 2, beam: bool = False,
+               **kwargs):
     self._videos_dir = videos_dir
     self._features_dir = features_dir
     self._max_bad_fraction = max_bad_fraction
     self._num_workers = max(int(num_workers), 1)
+    self._beam = bool(beam)
+    self._beam_splits: dict[str, tuple[int, str]] = {}   # split -> (items, status folder)
+    self._load_times: list[tuple[float, float, int]] = []   # (start, end, pid) per item
     super().__init__(**kwargs)
+
+  def loading_stats(self) -> dict[str, Any] | None:
+    """How the items of this build were loaded: count, seconds during which at least one item
+    was loading (Beam's start-up, the gaps between splits and the writing of records excluded),
+    the sum of the items' own loading times (busy / seconds: how many loaded at once on
+    average), processes used, and items per second of loading. None when nothing was built (an existing copy
+    was reused)."""
+    if not self._load_times:
+      return None
+    span, covered_until = 0.0, float("-inf")
+    for start, end, _ in sorted(self._load_times):
+      if end > covered_until:
+        span += end - max(start, covered_until)
+        covered_until = end
+    busy = sum(end - start for start, end, _ in self._load_times)
+    return {"items": len(self._load_times), "seconds": round(span, 3),
+            "busy_seconds": round(busy, 3),
+            "processes": len({t[2] for t in self._load_times}), "noun": self.ITEM_NOUN,
+            "items_per_s": round(len(self._load_times) / max(span, 1e-9), 3)}
 
   def _check_bad(self, split: str, bad: int, total: int, what: str, examples: list[str]):
     if total and bad / total > self._max_bad_fraction:
@@ -144,57 +221,116 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     self._check_bad(split, len(missing), total, "missing", missing)
 
   @staticmethod
-  def _item_id(entry) -> str:
+  def item_id(entry) -> str:
     return entry.video_id
 
-  def _loaded(self, items) -> Iterator[tuple[int, Any]]:
-    """(index, stored item or its error) in input order, decoded by a bounded thread pool."""
-    def work(item):
-      entry, path = item
-      if path is None:
-        return video_lib.VideoDecodeError("file not found")
-      try:
-        return self._load(entry, path)
-      except video_lib.VideoDecodeError as err:
-        return err
+  @classmethod
+  def load_item(cls, config, entry, path: str) -> dict[str, Any]:
+    raise NotImplementedError
+
+  @staticmethod
+  def _check_feature_dims(kept: list[dict[str, Any]]) -> int | None:
+    """The one feature size of a split's kept items (features mode), else a UserError."""
+    dims = {s["feature_dim"] for s in kept if s["feature_dim"] is not None}
+    if len(dims) > 1:
+      first = kept[0]["feature_dim"]
+      odd = next(s for s in kept if s["feature_dim"] != first)
+      raise UserError(f"feature files disagree on the feature size ({sorted(dims)}); "
+                      f"{odd['path']} differs from {kept[0]['path']}")
+    return dims.pop() if dims else None
+
+  def _finish_split(self, split: str, statuses: list[dict[str, Any]], total: int) -> None:
+    """Records a split's kept and skipped items (in item order) in the metadata; stops when too
+    many are bad or none is left."""
+    statuses = sorted(statuses, key=lambda s: s["index"])
+    self._load_times.extend((s["started"], s["started"] + s["seconds"], s["pid"])
+                            for s in statuses)
+    kept = [s for s in statuses if s["error"] is None]
+    skipped = [[s["id"], s["error"]] for s in statuses if s["error"] is not None]
+    meta = self.info.metadata
+    dim = self._check_feature_dims(kept)
+    if dim is not None:
+      meta["settings"]["feature_dim"] = dim
+    meta["splits"][split] = {"video_ids": [s["id"] for s in kept],
+                             "captions": [s["captions"] for s in kept]}
+    meta["skipped"][split] = skipped
+    self._check_bad(split, len(skipped), total, "missing or undecodable", [s[0] for s in skipped])
+    if not kept:
+      raise UserError(f"the {self.DATASET} {split} split is empty: all {total} "
+                      f"{self.ITEM_NOUN} are missing or undecodable (e.g. {skipped[0][0]}: "
+                      f"{skipped[0][1]})")
+
+  def _loader(self) -> ItemLoader:
+    return ItemLoader(type(self), self.builder_config)
+
+  def _loaded(self, items) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """(status, example) per item in input order, loaded by a bounded thread pool."""
+    load = self._loader()
     window = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
       for index, item in enumerate(items):
-        window.append((index, pool.submit(work, item)))
+        window.append(pool.submit(load, index, item))
         if len(window) >= 4 * self._num_workers:
-          done_index, future = window.popleft()
-          yield done_index, future.result()
+          yield window.popleft().result()
       while window:
-        done_index, future = window.popleft()
-        yield done_index, future.result()
+        yield window.popleft().result()
 
   def _generate_examples(self, split: str, items):
-    meta = self.info.metadata
-    video_ids, captions, skipped = [], [], []
-    meta["splits"][split] = {"video_ids": video_ids, "captions": captions}
-    meta["skipped"][split] = skipped
-    dims = set()
-    for index, loaded in self._loaded(items):
-      entry = items[index][0]
-      if isinstance(loaded, Exception):
-        skipped.append([self._item_id(entry), str(loaded)])
-        continue
-      if "features" in loaded:
-        dims.add(loaded["features"].shape[1])
-        if len(dims) > 1:
-          raise UserError(f"feature files disagree on the feature size ({sorted(dims)}); "
-                          f"{items[index][1]} differs from the earlier files")
-        meta["settings"]["feature_dim"] = int(loaded["features"].shape[1])
-      video_ids.append(self._item_id(entry))
-      captions.append(list(entry.captions))
-      yield f"{index:08d}", {"video_id": self._item_id(entry), "captions": list(entry.captions),
-                             **loaded}
-    self._check_bad(split, len(skipped), len(items), "missing or undecodable",
-                    [s[0] for s in skipped])
-    if not video_ids:
-      raise UserError(f"the {self.DATASET} {split} split is empty: all {len(items)} "
-                      f"{self.ITEM_NOUN} are missing or undecodable (e.g. {skipped[0][0]}: "
-                      f"{skipped[0][1]})")
+    if self._beam:
+      return self._beam_examples(split, items)
+    return self._serial_examples(split, items)
+
+  def _serial_examples(self, split: str, items):
+    statuses, first_kept = [], None
+    for status, example in self._loaded(items):
+      statuses.append(status)
+      if example is not None:
+        # Fail early, not after hours of decoding, when feature files disagree.
+        first_kept = first_kept or status
+        self._check_feature_dims([first_kept, status])
+        yield f"{status['index']:08d}", example
+    self._finish_split(split, statuses, len(items))
+
+  # Apache Beam --------------------------------------------------------------------------------
+
+  def _beam_examples(self, split: str, items):
+    """The split's examples as a Beam transform; each worker also writes the status of the items
+    it loaded under the (temporary) output folder, read back by _process_pipeline_result."""
+    from ncl_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+    status_dir = os.path.join(os.fspath(self.data_dir), beam_prepare.STATUS_FOLDER, split)
+    self._beam_splits[split] = (len(items), status_dir)
+    return beam_prepare.load_examples(self._loader(), items, status_dir, self.ITEM_NOUN)
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """After the Beam pipeline: the metadata and the checks of the in-process build."""
+    from ncl_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+    del pipeline_result
+    for split, (total, status_dir) in self._beam_splits.items():
+      statuses = beam_prepare.read_statuses(status_dir)
+      if len(statuses) != total:
+        raise UserError(f"the Beam workers reported {len(statuses)} of the {total} "
+                        f"{self.ITEM_NOUN} of the {split} split; prepare again")
+      self._finish_split(split, statuses, total)
+    beam_prepare.remove_statuses(os.path.join(os.fspath(self.data_dir),
+                                              beam_prepare.STATUS_FOLDER))
+
+  def _generate_splits(self, dl_manager, download_config):
+    if not self._beam:
+      return super()._generate_splits(dl_manager, download_config)
+    from ncl_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+    try:
+      return super()._generate_splits(dl_manager, download_config)
+    except UserError:
+      raise
+    except Exception as err:  # pylint: disable=broad-except
+      # A worker failed, or TFDS refused a split the workers left empty. Explain the latter
+      # with the items' own reasons where every item reported back.
+      for split, (total, status_dir) in self._beam_splits.items():
+        statuses = beam_prepare.read_statuses(status_dir)
+        if len(statuses) == total:
+          self._finish_split(split, statuses, total)
+      raise UserError(f"the Beam pipeline failed: {beam_prepare.short_error(err)}; nothing was "
+                      "written. Run with --num_workers 1 to see the full error") from err
 
 
 class _RetrievalBuilder(StoredItemsBuilder, skip_registration=True):
@@ -267,13 +403,15 @@ class _RetrievalBuilder(StoredItemsBuilder, skip_registration=True):
 
   # Example generation -----------------------------------------------------------------------
 
-  def _load(self, entry: annotations_lib.VideoEntry, path: str) -> dict[str, Any]:
+  @classmethod
+  def load_item(cls, config, entry: annotations_lib.VideoEntry, path: str) -> dict[str, Any]:
     """The stored video of one entry; raises VideoDecodeError for unusable files."""
-    cfg = self.builder_config
+    cfg = config
     if cfg.input_mode == "frames":
       frames = video_lib.decode_video(path, fps=cfg.fps, max_frames=cfg.max_frames,
                                       size=cfg.image_size, start=entry.start, end=entry.end)
-      return {"frames": [video_lib.encode_jpeg(f, cfg.jpeg_quality) for f in frames]}
+      return {"frames": [video_lib.encode_frame(f, cfg.frame_format, cfg.jpeg_quality)
+                         for f in frames]}
     try:
       features = np.load(path)
     except (OSError, ValueError) as err:

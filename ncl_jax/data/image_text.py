@@ -141,6 +141,7 @@ class ImageTextConfig(tfds.core.BuilderConfig):
   image_size: int = 224
   fps: float = 1.0
   jpeg_quality: int = 95
+  frame_format: str = "jpeg"
 
 
 def _make_config(input_mode: str, image_size: int = 224) -> ImageTextConfig:
@@ -186,7 +187,7 @@ class _ImageTextBuilder(builders.StoredItemsBuilder, skip_registration=True):
     )
 
   @staticmethod
-  def _item_id(entry) -> str:
+  def item_id(entry) -> str:
     return entry.image_id
 
   def _source(self, manual_dir: str) -> tuple[dict[str, str], str, str]:
@@ -210,7 +211,8 @@ class _ImageTextBuilder(builders.StoredItemsBuilder, skip_registration=True):
     meta = self.info.metadata
     meta["settings"] = {"dataset": self.DATASET, "name": cfg.name, "input_mode": cfg.input_mode,
                         "max_frames": 1, "image_size": int(cfg.image_size), "fps": 1.0,
-                        "jpeg_quality": int(cfg.jpeg_quality)}
+                        "jpeg_quality": int(cfg.jpeg_quality),
+                        "frame_format": cfg.frame_format}
     meta["subsets"] = {}
     meta["splits"], meta["skipped"] = {}, {}
     generators = {}
@@ -222,12 +224,13 @@ class _ImageTextBuilder(builders.StoredItemsBuilder, skip_registration=True):
       generators[split] = self._generate_examples(split, list(zip(entries, paths)))
     return generators
 
-  def _load(self, entry, path: str) -> dict[str, Any]:
+  @classmethod
+  def load_item(cls, config, entry, path: str) -> dict[str, Any]:
     del entry  # an image is found by its path alone
-    cfg = self.builder_config
+    cfg = config
     if cfg.input_mode == "frames":
-      return {"frames": [video_lib.encode_jpeg(load_image(path, int(cfg.image_size)),
-                                               int(cfg.jpeg_quality))]}
+      return {"frames": [video_lib.encode_frame(load_image(path, int(cfg.image_size)),
+                                                cfg.frame_format, int(cfg.jpeg_quality))]}
     try:
       features = np.load(path)
     except (OSError, ValueError) as err:

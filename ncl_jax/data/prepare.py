@@ -2,7 +2,8 @@
 
 Usage:
   python -m ncl_jax.data.prepare DATASET --manual_dir DIR [--videos_dir DIR] \
-      [--features_dir DIR] --data_dir OUT [--max_bad_fraction F]
+      [--features_dir DIR] --data_dir OUT [--max_bad_fraction F] \
+      [--num_workers N] [--beam_runner NAME --beam_options="..."]
 
 DATASET is one of msrvtt, msvd, activitynet, didemo, or the image-text sets coco and flickr30k
 (``ncl_jax.data.image_text``: --videos_dir is then the image folder). Frames mode (the default) decodes the
@@ -11,13 +12,16 @@ command shows progress while it decodes, prints a readable summary, and ends wit
 ``{"dataset": ..., "splits": {"train": {"videos": n, "captions": m}, ...}, "skipped_videos": k,
 "ids_without_captions": j}`` (j: ids a split list names but its caption file lacks; they are
 left out, never a failure).
-Training then reads it with ``--config.data.data_dir=OUT``. An existing prepared copy in OUT is
-reused, never overwritten.
+``--num_workers N`` (N > 1) loads the videos in N processes with Apache Beam's DirectRunner;
+``--beam_runner``/``--beam_options`` run the same build on another Beam runner (Dataflow,
+Flink, Spark). Training then reads it with ``--config.data.data_dir=OUT``. An existing
+prepared copy in OUT is reused, never overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -35,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
   BUILDERS = _all_builders()  # pylint: disable=invalid-name
   epilog = "\n".join(f"--- {name} ---{cls.MANUAL_DOWNLOAD_INSTRUCTIONS}"
                      for name, cls in BUILDERS.items())
-  parser = argparse.ArgumentParser(
+  parser = _OneLineErrors(
       prog="python -m ncl_jax.data.prepare", description=__doc__.split("\n\n")[0],
       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("dataset", choices=sorted(BUILDERS))
@@ -50,16 +54,62 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--image_size", type=int, default=224, help="frame side after the crop")
   parser.add_argument("--fps", type=float, default=1.0, help="frames sampled per second")
   parser.add_argument("--jpeg_quality", type=int, default=95)
+  parser.add_argument("--frame_format", choices=("jpeg", "raw"), default="jpeg",
+                      help="how frames are stored: jpeg (default), or raw uint8 pixels, which "
+                           "training reads without decoding (147 KiB a 224 px frame, 1.7 MiB "
+                           "a 12-frame video: see docs/data.md for the disk cost)")
   parser.add_argument("--max_bad_fraction", type=float, default=0.01,
                       help="fail when a larger fraction of a split's videos is missing or bad")
-  parser.add_argument("--num_workers", type=int, default=2, help="decoding threads")
+  parser.add_argument("--num_workers", type=int, default=1,
+                      help="processes loading videos: 1 = in this process (with --threads "
+                           "threads); N > 1 = Apache Beam's DirectRunner with N worker "
+                           "processes (pip install 'ncl_jax[beam]')")
+  parser.add_argument("--threads", type=int, default=2,
+                      help="decoding threads of the in-process build (--num_workers 1)")
+  parser.add_argument("--beam_runner",
+                      help="build with this Apache Beam runner (e.g. DataflowRunner, "
+                           "FlinkRunner, SparkRunner; default DirectRunner when Beam is used)")
+  parser.add_argument("--beam_options", default="",
+                      help="the Beam pipeline options, one shell-quoted string passed through "
+                           "unchanged; write it with '=': "
+                           "--beam_options=\"--project=P --region=R\"")
   return parser
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+  """argparse, but a bad argument is a UserError: one `error: ...` line, exit 2."""
+
+  def error(self, message):
+    raise UserError(f"{message} (see `python -m ncl_jax.data.prepare --help`)")
+
+
+def _beam_settings(args: argparse.Namespace):
+  """(runner, options) when the build uses Apache Beam, else None (the in-process build)."""
+  if args.num_workers < 1:
+    raise UserError(f"--num_workers must be at least 1 (got {args.num_workers}); 1 builds in "
+                    "this process, N > 1 with N Beam worker processes")
+  if args.threads < 1:
+    raise UserError(f"--threads must be at least 1 (got {args.threads})")
+  if args.num_workers == 1 and not args.beam_runner and not args.beam_options:
+    return None
+  try:
+    from ncl_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+  except ImportError as err:
+    raise UserError(f"--num_workers > 1, --beam_runner and --beam_options build with Apache "
+                    f"Beam, which is not installed ({err}): pip install 'ncl_jax[beam]', or "
+                    "use --num_workers 1") from err
+  return beam_prepare.pipeline_settings(args.num_workers, args.beam_runner, args.beam_options)
+
+
 def prepare(args: argparse.Namespace) -> dict:
-  """Builds (or reuses) the prepared data set and returns the summary dict."""
+  """Builds (or reuses) the prepared data set and returns the summary dict. ``args`` may omit
+  options: they take the command line's defaults."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from ncl_jax.data import builders  # pylint: disable=g-import-not-at-top
+
+  defaults = {a.dest: a.default for a in _parser()._actions  # pylint: disable=protected-access
+              if a.dest != "help"}
+  args = argparse.Namespace(**{**defaults, **vars(args)})
 
   if not os.path.isdir(args.manual_dir):
     raise UserError(f"--manual_dir {args.manual_dir} is not a folder; see "
@@ -70,7 +120,9 @@ def prepare(args: argparse.Namespace) -> dict:
     raise UserError("--max_frames, --image_size and --fps must be positive")
   if not 0 <= args.max_bad_fraction <= 1:
     raise UserError("--max_bad_fraction must be in [0, 1]")
-  config = builders.make_config(mode, max_frames, args.image_size, args.fps, args.jpeg_quality)
+  beam_settings = _beam_settings(args)
+  config = builders.make_config(mode, max_frames, args.image_size, args.fps, args.jpeg_quality,
+                                args.frame_format if mode == "frames" else "jpeg")
   builder_cls = _all_builders()[args.dataset]
   # TFDS refuses a new config object named like a built-in one: pass the built-in by name.
   if config.name in builder_cls.builder_configs:
@@ -78,10 +130,18 @@ def prepare(args: argparse.Namespace) -> dict:
   builder = builder_cls(
       data_dir=args.data_dir, config=config, file_format="array_record",
       videos_dir=args.videos_dir, features_dir=args.features_dir,
-      max_bad_fraction=args.max_bad_fraction, num_workers=args.num_workers)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=args.manual_dir))
+      max_bad_fraction=args.max_bad_fraction, num_workers=args.threads,
+      beam=beam_settings is not None)
+  runner, options = beam_settings or (None, None)
+  with _quiet_beam() if beam_settings else contextlib.nullcontext():
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=args.manual_dir, beam_runner=runner, beam_options=options))
   return summarize(args.dataset, builder)
+
+
+def _quiet_beam():
+  from ncl_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+  return beam_prepare.quiet_beam_logs()
 
 
 def summarize(dataset: str, builder) -> dict:
@@ -99,7 +159,8 @@ def summarize(dataset: str, builder) -> dict:
           "skipped_videos": sum(len(v) for v in skipped.values()),
           "ids_without_captions": sum(len(v) for v in without.values()),
           "config": builder.builder_config.name, "path": os.fspath(builder.data_dir),
-          "skipped": skipped, "without_captions": without, "several_files": several}
+          "skipped": skipped, "without_captions": without, "several_files": several,
+          "loading": builder.loading_stats()}
 
 
 def _print_summary(summary: dict) -> None:
@@ -117,6 +178,11 @@ def _print_summary(summary: dict) -> None:
       video_id, path = items[0]
       print(f"  {len(items)} {name} videos match several files; the first by the matching "
             f"rules (docs/data.md) was used, e.g. {video_id} -> {path}")
+  loading = summary["loading"]
+  if loading:
+    print(f"  loaded {loading['items']} {loading['noun']} in {loading['seconds']:.1f} s "
+          f"({loading['items_per_s']:.2f}/s, {loading['processes']} process"
+          f"{'es' if loading['processes'] > 1 else ''})")
   for name, items in summary["skipped"].items():
     for video_id, reason in items[:5]:
       print(f"  skipped ({name}) {video_id}: {reason}")

@@ -152,7 +152,7 @@ class RecordSplit(Split):
     if self._mode == "frames":
       encoded = record["frames"]
       keep = sample_frame_indices(len(encoded), self.max_frames)
-      frames = np.stack([video_lib.decode_jpeg(encoded[i]) for i in keep])
+      frames = np.stack([video_lib.decode_frame(encoded[i]) for i in keep])
       if rng is not None:
         frames = augment_frames(frames, rng)
     else:

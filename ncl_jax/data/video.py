@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
 
 import numpy as np
 from PIL import Image
@@ -94,6 +95,32 @@ def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int
     raise VideoDecodeError(f"{path}: no frames decoded")
   keep = sample_frame_indices(len(picked), max_frames)
   return np.stack([resize_and_center_crop(picked[i], size) for i in keep])
+
+
+FRAME_FORMATS = ("jpeg", "raw")
+# Raw frames: this tag, height and width (uint16 little-endian), then the uint8 RGB pixels. JPEG
+# data starts with FF D8, so the two never mix up.
+_RAW_TAG = b"NCLRAW1"
+_RAW_HEADER = struct.Struct("<7sHH")
+
+
+def encode_frame(frame: np.ndarray, frame_format: str = "jpeg", quality: int = 95) -> bytes:
+  """The stored bytes of one uint8 RGB frame [H, W, 3]: JPEG, or "raw" uint8 pixels (H * W * 3
+  bytes plus an 11-byte header; read back without decoding)."""
+  if frame_format == "jpeg":
+    return encode_jpeg(frame, quality)
+  if frame_format == "raw":
+    frame = np.ascontiguousarray(frame, np.uint8)
+    return _RAW_HEADER.pack(_RAW_TAG, frame.shape[0], frame.shape[1]) + frame.tobytes()
+  raise ValueError(f"frame format {frame_format!r} is not one of {FRAME_FORMATS}")
+
+
+def decode_frame(data: bytes) -> np.ndarray:
+  """uint8 RGB [H, W, 3] from the bytes :func:`encode_frame` stored (JPEG or raw)."""
+  if data[:len(_RAW_TAG)] == _RAW_TAG:
+    _, height, width = _RAW_HEADER.unpack_from(data)
+    return np.frombuffer(data, np.uint8, offset=_RAW_HEADER.size).reshape(height, width, 3)
+  return decode_jpeg(data)
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 95) -> bytes:
