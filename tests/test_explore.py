@@ -193,6 +193,66 @@ def test_thumbnails_are_small_jpegs_of_the_first_frame():
   np.testing.assert_allclose(images[1].reshape(-1, 3).mean(0), (30, 30, 200), atol=8)
 
 
+class _NumberTokenizer:
+  """Words -> ids 1..n (a stand-in for CLIP's BPE in a model with a tiny vocabulary)."""
+
+  def __init__(self, vocab_size):
+    self.size = vocab_size
+
+  def encode_batch(self, texts, context_length):
+    rows = np.zeros((len(texts), context_length), np.int32)
+    for i, text in enumerate(texts):
+      ids = [1 + sum(map(ord, w)) % (self.size - 3) for w in text.split()][:context_length - 2]
+      rows[i, :len(ids) + 2] = [self.size - 2, *ids, self.size - 1]
+    return rows
+
+
+def test_frames_mode_shows_the_first_frame_of_each_video():
+  import jax
+  import jax.numpy as jnp
+  import train_testutils
+  from ncl_jax import inference
+  from ncl_jax.data.pipeline import ArraySplit, EvalData
+  from ncl_jax.explore import core
+  from ncl_jax.models.dual_encoder import DualEncoder
+  from PIL import Image
+
+  config = train_testutils.tiny_config()
+  config.data.name = "msrvtt"
+  config.data.image_size = 8
+  config.data.max_frames = 2
+  config.model.input_mode = "frames"
+  config.model.max_frames = 2
+  config.model.vision.update(dict(width=16, layers=1, heads=2, patch_size=4, image_size=8))
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, size=(5, 2, 8, 8, 3)).astype(np.uint8)
+  colours = rng.integers(20, 236, size=(5, 3))
+  frames[:, 0] = colours[:, None, None, :]  # a plain first frame per video
+  split = ArraySplit(text_tokens=_NumberTokenizer(120).encode_batch(["a b"] * 5, 8),
+                     video_array=frames, frame_mask=np.ones((5, 2), bool),
+                     caption_to_video=np.arange(5, dtype=np.int32),
+                     video_ids=[f"clip{i}" for i in range(5)])
+  with train_testutils.fast_compile():
+    params = jax.jit(DualEncoder(config.model).init)(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 2, 8, 8, 3)),
+        jnp.ones((1, 2), bool))["params"]
+    bank = rng.standard_normal((12, config.model.embed_dim)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    bundle = inference.Bundle(config, params, bank, bank, tokenizer=_NumberTokenizer(120))
+    explorer = core.Explorer(bundle, EvalData(split, "test"), source={"bundle": "x", "step": 1},
+                             batch_size=4)
+    result = explorer.search(text="a b c", k=3)
+  assert explorer.info()["thumbnails"] is True
+  for item in result["plain"]:
+    assert item["thumbnail"] == f"/api/thumbnail/{item['index']}"
+  for i in range(5):
+    image = np.asarray(Image.open(io.BytesIO(explorer.thumbnail(i))))
+    np.testing.assert_allclose(image.reshape(-1, 3).mean(0), colours[i], atol=6)
+  from ncl_jax.errors import UserError
+  with pytest.raises(UserError, match="video index"):
+    explorer.thumbnail(5)
+
+
 # The server ---------------------------------------------------------------------------------
 
 

@@ -203,8 +203,10 @@ class Explorer:
     watch = Stopwatch()
     # The one-query text encoder compiles on a second core while the split is embedded, so
     # the first user's search does not wait for it.
-    warm_up = concurrent.futures.ThreadPoolExecutor(1).submit(
-        bundle.embed_texts, np.zeros((1, bundle.max_words), np.int32), batch_size=1)
+    compiler = concurrent.futures.ThreadPoolExecutor(1)
+    warm_up = compiler.submit(bundle.embed_texts, np.zeros((1, bundle.max_words), np.int32),
+                              batch_size=1)
+    compiler.shutdown(wait=False)  # the thread ends with its one job
     self.bundle = bundle
     self.source = dict(source)
     self.split = eval_data.name
