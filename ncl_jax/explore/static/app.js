@@ -202,7 +202,11 @@ function queryRow(query) {
     el("td", {class: "num"}, el("span", {
       class: `change ${change > 0 ? "up" : change < 0 ? "down" : "same"}`,
       text: change === 0 ? "=" : `${change > 0 ? "▲" : "▼"}${formatRank(Math.abs(change))}`})));
+  row.tabIndex = 0;  // reachable with the keyboard: Tab to a row, Enter opens it
   row.addEventListener("click", () => showQuery(query.index, row));
+  row.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") showQuery(query.index, row);
+  });
   return row;
 }
 
@@ -217,7 +221,7 @@ async function loadQueries() {
     setStatus(queriesView.status,
       `${result.matched} of ${result.total} captions of the ${result.split} split match` +
       (result.matched > result.queries.length ? `; the first ${result.queries.length} are listed` : "") +
-      `. Click one to see its results. Ties count ${result.tie}ly.`);
+      `. Click one to see its results (rank ties: ${result.tie}).`);
     queriesView.loaded = true;
   } catch (error) {
     setStatus(queriesView.status, error.message, true);
