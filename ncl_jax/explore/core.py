@@ -185,6 +185,28 @@ def rank_distribution(ranks: np.ndarray) -> list[int]:
   return [int(np.count_nonzero((ranks >= low) & (ranks <= high))) for _, low, high in RANK_GROUPS]
 
 
+def compile_ahead(bundle, num_videos: int, share: np.ndarray, batch_size: int) -> None:
+  """Compiles what start-up and search run, two at a time, on inputs of zeros.
+
+  Compilation is most of a cold start and each compilation uses one core; run one after the
+  other (as embedding the split, then solving Sinkhorn would), the second core idles. The
+  shapes are the ones used later (the encoders' batches, the one-query batch of a search,
+  the bank x gallery problem through the same :meth:`~ncl_jax.inference.Bundle.gallery`), so
+  the real calls find their compiled functions.
+  """
+  tokens = np.zeros((batch_size, bundle.max_words), np.int32)
+  videos = np.zeros((batch_size,) + tuple(bundle.video_shape), bundle.video_dtype)
+  frame_mask = np.ones(videos.shape[:2], bool)
+  placeholder = np.zeros((num_videos, bundle.embed_dim), np.float32)
+  jobs = [lambda: bundle.embed_videos(videos, frame_mask, batch_size),
+          lambda: bundle.embed_texts(tokens, batch_size),
+          lambda: bundle.embed_texts(tokens[:1], batch_size=1),  # a typed query
+          lambda: bundle.gallery(placeholder, expected_share=share).ncl_biases]
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    for job in [pool.submit(job) for job in jobs]:
+      job.result()
+
+
 class Explorer:
   """One evaluation split of a trained model, ready to search.
 
@@ -201,12 +223,12 @@ class Explorer:
     from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
 
     watch = Stopwatch()
-    # The one-query text encoder compiles on a second core while the split is embedded, so
-    # the first user's search does not wait for it.
-    compiler = concurrent.futures.ThreadPoolExecutor(1)
-    warm_up = compiler.submit(bundle.embed_texts, np.zeros((1, bundle.max_words), np.int32),
-                              batch_size=1)
-    compiler.shutdown(wait=False)  # the thread ends with its one job
+    self.caption_to_video = np.asarray(eval_data.caption_to_video, np.int64)
+    # NCL biases with a video's caption count as its share (as the evaluation does).
+    self.share = normalize.expected_mass(len(self.caption_to_video), eval_data.num_videos,
+                                         self.caption_to_video, direction="t2v")
+    compile_ahead(bundle, eval_data.num_videos, self.share, batch_size)
+    watch.lap("compile")
     self.bundle = bundle
     self.source = dict(source)
     self.split = eval_data.name
@@ -218,7 +240,6 @@ class Explorer:
                                                      on_video_batch=thumbnails)
     self.thumbnails = thumbnails.jpegs if thumbnails else None
     watch.lap("embed split")
-    self.caption_to_video = np.asarray(eval_data.caption_to_video, np.int64)
     self.num_texts, self.num_videos = len(self.text_emb), len(video_emb)
     self.video_ids = [str(v) for v in (eval_data.video_ids or range(self.num_videos))]
     self.captions = self._caption_texts(eval_data, batch_size)
@@ -226,9 +247,6 @@ class Explorer:
     for caption, video in enumerate(self.caption_to_video):
       self.video_captions[video].append(caption)
 
-    # NCL biases once, with a video's caption count as its share (as the evaluation does).
-    self.share = normalize.expected_mass(self.num_texts, self.num_videos, self.caption_to_video,
-                                         direction="t2v")
     self.gallery = bundle.gallery(video_emb, expected_share=self.share)
     self.biases = self.gallery.ncl_biases
     watch.lap("ncl biases")
@@ -249,9 +267,6 @@ class Explorer:
                          bias=self.biases.bias)
         for name, sims in (("bank", bank_sims), ("test", test_sims))}
     watch.lap("masses")
-
-    warm_up.result()
-    watch.lap("query encoder")
     self.timings = watch.laps
 
   def _caption_texts(self, eval_data, batch_size: int) -> list[str]:
