@@ -300,3 +300,21 @@ def test_loading_stats_count_only_time_when_some_item_was_loading():
   assert builders.StoredItemsBuilder.loading_stats(Built()) == {
       "items": 4, "seconds": 3.0, "busy_seconds": 3.8, "processes": 2, "noun": "videos",
       "items_per_s": 1.333}
+
+
+def test_summary_reports_videos_stored_under_several_names(tmp_path, capsys):
+  videos_dir = tmp_path / "videos"
+  colours = dummy.write_videos("didemo", str(videos_dir), seconds=1.0)
+  # A transcoded copy beside the original: the original name wins (FileIndex rule 1).
+  dummy.write_video(str(videos_dir / "11@N01_1_aa.mp4"), 99, seconds=1.0)
+  argv = ["didemo", "--manual_dir", str(DUMMY / "didemo"), "--data_dir", str(tmp_path / "out"),
+          "--image_size", str(SIZE), "--videos_dir", str(videos_dir)]
+  assert prepare.main(argv) == 0
+  out = capsys.readouterr().out
+  assert (f"1 train videos match several files; the first by the matching rules (docs/data.md) "
+          f"was used, e.g. 11@N01_1_aa.mov -> {videos_dir / '11@N01_1_aa.mov'}") in out
+  data = get_dataset(_config("didemo", tmp_path / "out"), WordTokenizer()).eval_data("train")
+  row = list(data.video_ids).index("11@N01_1_aa.mov")
+  batch = next(data.video_batches(len(data.video_ids)))
+  want = dummy.frame_colour(colours["11@N01_1_aa.mov"], 0).astype(int)
+  assert np.abs(batch["video"][row, 0].astype(int) - want).max() <= TOLERANCE
