@@ -185,15 +185,19 @@ def rank_distribution(ranks: np.ndarray) -> list[int]:
   return [int(np.count_nonzero((ranks >= low) & (ranks <= high))) for _, low, high in RANK_GROUPS]
 
 
-def compile_ahead(bundle, num_videos: int, share: np.ndarray, batch_size: int) -> None:
+def compile_ahead(bundle, num_texts: int, num_videos: int, share: np.ndarray,
+                  batch_size: int) -> None:
   """Compiles what start-up and search run, two at a time, on inputs of zeros.
 
   Compilation is most of a cold start and each compilation uses one core; run one after the
   other (as embedding the split, then solving Sinkhorn would), the second core idles. The
   shapes are the ones used later (the encoders' batches, the one-query batch of a search,
-  the bank x gallery problem through the same :meth:`~ncl_jax.inference.Bundle.gallery`), so
-  the real calls find their compiled functions.
+  the bank x gallery problem through the same :meth:`~ncl_jax.inference.Bundle.gallery`, the
+  summed probabilities over the bank and over the split's captions), so the real calls find
+  their compiled functions.
   """
+  from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
+
   tokens = np.zeros((batch_size, bundle.max_words), np.int32)
   videos = np.zeros((batch_size,) + tuple(bundle.video_shape), bundle.video_dtype)
   frame_mask = np.ones(videos.shape[:2], bool)
@@ -201,7 +205,10 @@ def compile_ahead(bundle, num_videos: int, share: np.ndarray, batch_size: int) -
   jobs = [lambda: bundle.embed_videos(videos, frame_mask, batch_size),
           lambda: bundle.embed_texts(tokens, batch_size),
           lambda: bundle.embed_texts(tokens[:1], batch_size=1),  # a typed query
-          lambda: bundle.gallery(placeholder, expected_share=share).ncl_biases]
+          lambda: bundle.gallery(placeholder, expected_share=share).ncl_biases,
+          lambda: normalize.candidate_mass(np.zeros((len(bundle.text_bank), num_videos),
+                                                    np.float32)),
+          lambda: normalize.candidate_mass(np.zeros((num_texts, num_videos), np.float32))]
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     for job in [pool.submit(job) for job in jobs]:
       job.result()
@@ -227,7 +234,8 @@ class Explorer:
     # NCL biases with a video's caption count as its share (as the evaluation does).
     self.share = normalize.expected_mass(len(self.caption_to_video), eval_data.num_videos,
                                          self.caption_to_video, direction="t2v")
-    compile_ahead(bundle, eval_data.num_videos, self.share, batch_size)
+    compile_ahead(bundle, len(self.caption_to_video), eval_data.num_videos, self.share,
+                  batch_size)
     watch.lap("compile")
     self.bundle = bundle
     self.source = dict(source)
