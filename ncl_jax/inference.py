@@ -363,7 +363,8 @@ def embed_split(bundle: Bundle, eval_data, batch_size: int = 64, on_video_batch=
   for batch in eval_data.video_batches(batch_size):
     if on_video_batch is not None:
       on_video_batch(batch)
-    video.append(bundle.embed_videos(batch["video"], batch["frame_mask"], batch_size)[batch["mask"]])
+    embedded = bundle.embed_videos(batch["video"], batch["frame_mask"], batch_size)
+    video.append(embedded[batch["mask"]])
   return np.concatenate(text), np.concatenate(video)
 
 

@@ -57,7 +57,8 @@ def check_run(workdir: str) -> pathlib.Path:
 
 
 def check_bundle(bundle_dir: str) -> pathlib.Path:
-  """A bundle folder, checked before anything is loaded (see :func:`ncl_jax.inference.load_bundle`)."""
+  """A bundle folder, checked before anything is loaded (:func:`ncl_jax.inference.load_bundle`
+  reads it)."""
   from ncl_jax import inference  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(bundle_dir).expanduser()
@@ -230,6 +231,7 @@ class Explorer:
     from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
 
     watch = Stopwatch()
+    self.tokenizer = text_tokenizer(bundle)
     self.caption_to_video = np.asarray(eval_data.caption_to_video, np.int64)
     # NCL biases with a video's caption count as its share (as the evaluation does).
     self.share = normalize.expected_mass(len(self.caption_to_video), eval_data.num_videos,
@@ -241,7 +243,6 @@ class Explorer:
     self.source = dict(source)
     self.split = eval_data.name
     self.dataset_name = str(bundle.config.data.name)
-    self.tokenizer = text_tokenizer(bundle)
     frames = bundle.config.model.input_mode == "frames"
     thumbnails = ThumbnailCollector() if frames else None
     self.text_emb, video_emb = inference.embed_split(bundle, eval_data, batch_size,

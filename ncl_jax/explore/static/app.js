@@ -290,7 +290,8 @@ function histogramPanel(x, y, w, h, edges, counts, mode, title) {
     const bar = svgEl("rect", {x: sx(edges[i]), y: sy(count),
                                width: Math.max(1, sx(edges[i + 1]) - sx(edges[i]) - 1),
                                height: y + h - sy(count), class: `bar-${mode}`});
-    bar.append(svgEl("title", {}, `${count} videos with ${edges[i].toFixed(2)}–${edges[i + 1].toFixed(2)} × their share`));
+    const range = `${edges[i].toFixed(2)}–${edges[i + 1].toFixed(2)}`;
+    bar.append(svgEl("title", {}, `${count} videos with ${range} × their share`));
     nodes.push(bar);
   });
   nodes.push(svgEl("line", {x1: x, y1: y + h, x2: x + w, y2: y + h, class: "axis"}));
@@ -384,7 +385,8 @@ for (const tab of document.querySelectorAll(".tab")) {
 
 function describeSource(info) {
   const where = info.source.workdir ? `run ${info.source.workdir}` : `bundle ${info.source.bundle}`;
-  const step = info.source.step !== null && info.source.step !== undefined ? `, step ${info.source.step}` : "";
+  const known = info.source.step !== null && info.source.step !== undefined;
+  const step = known ? `, step ${info.source.step}` : "";
   return `${where}${step} · ${info.dataset} ${info.split}: ${info.num_videos} videos, ` +
     `${info.num_texts} captions · bank of ${info.bank_size} training queries · ` +
     `temperature ${info.temperature.toFixed(4)}`;
