@@ -186,3 +186,13 @@ def test_bad_transformers_directories_list_what_is_wrong(tmp_path):
     converter().main(["--src", str(src), "--out", str(tmp_path / "d"), "--open_clip_model",
                       "ViT-B-32"])
   assert not any((tmp_path / name).exists() for name in "abcd")
+  # The weights file itself also converts (config.json beside it), but not without it.
+  converter().main(["--src", str(src / "pytorch_model.bin"), "--out", str(tmp_path / "e"),
+                    "--vocab", str(_openai_vocab())])
+  assert json.loads((tmp_path / "e" / "config.json").read_text())["source"]["format"] == (
+      "hf_transformers")
+  (tmp_path / "lonely").mkdir()
+  (src / "pytorch_model.bin").rename(tmp_path / "lonely" / "weights.bin")
+  with pytest.raises(UserError, match="config.json is not beside it"):
+    converter().main(["--src", str(tmp_path / "lonely" / "weights.bin"), "--out",
+                      str(tmp_path / "f")])

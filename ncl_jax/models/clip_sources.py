@@ -344,15 +344,21 @@ def _hf_weights_file(directory: pathlib.Path) -> pathlib.Path:
                   f"{', '.join(HF_WEIGHTS)} (or their .index.json for sharded weights)")
 
 
-def read_hf_directory(directory: pathlib.Path, weights: pathlib.Path | None = None) -> Checkpoint:
-  """A transformers CLIPModel directory (or one weights file of it) in OpenAI's layout."""
+def read_hf_directory(directory: pathlib.Path, weights: pathlib.Path | None = None,
+                      state: Mapping[str, np.ndarray] | None = None) -> Checkpoint:
+  """A transformers CLIPModel directory in OpenAI's layout.
+
+  Args:
+    directory: holds config.json (and the weights unless ``weights`` is given).
+    weights: the weights file, default the directory's.
+    state: its tensors, when the caller has read them already.
+  """
   config_path = directory / HF_CONFIG
   text, vision, projection_dim = read_hf_config(config_path)
   weights = weights or _hf_weights_file(directory)
-  if weights.name.endswith(".index.json"):
-    state = _read_sharded(weights)
-  else:
-    state = read_weights(weights)[0]
+  if state is None:
+    state = (_read_sharded(weights) if weights.name.endswith(".index.json")
+             else read_weights(weights)[0])
   _check_hf_sizes(config_path, text, vision, projection_dim, state)
   state = hf_to_openai(state, vision["num_hidden_layers"], text["num_hidden_layers"], weights)
   eos = text["eos_token_id"]
@@ -422,7 +428,8 @@ def read_checkpoint(src, activation: str | None = None,
     if not (weights.parent / HF_CONFIG).is_file():
       raise UserError(f"{weights} holds transformers CLIPModel weights but {HF_CONFIG} is not "
                       "beside it; pass the model directory (config.json + weights)")
-    return _reject_flags(read_hf_directory(weights.parent, weights), activation, open_clip_model)
+    return _reject_flags(read_hf_directory(weights.parent, weights, state), activation,
+                         open_clip_model)
   # The layout first: a ResNet or non-CLIP file is reported as such, not as a missing flag.
   convert.infer_config({k: tuple(np.shape(v)) for k, v in state.items()})
   snapshot_config = weights.parent / OPEN_CLIP_CONFIG
