@@ -106,6 +106,21 @@ def check_model_matches_data(model_config, dataset) -> None:
     errors.fail("the model config does not fit the data: " + "; ".join(problems))
 
 
+def use_clip_vocabulary(config: ml_collections.ConfigDict) -> None:
+  """Points ``data.vocab_path`` at the CLIP directory's tokenizer when none is set and the
+  directory has one (the converter copies it there, e.g. a transformers checkpoint's
+  vocab.json + merges.txt), so training needs no separately installed vocabulary file."""
+  if not config.get("clip_dir") or config.data.get("vocab_path", None) != "":
+    return
+  from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  clip_dir = os.path.expanduser(config.clip_dir)
+  try:
+    tokenizer.find_vocab(clip_dir)
+  except errors.UserError:
+    return  # no vocabulary there: the data set's default applies
+  config.data.vocab_path = clip_dir
+
+
 def open_dataset(data_config: ml_collections.ConfigDict):
   """:func:`ncl_jax.data.get_dataset`, pointing users of real sets at the synthetic demo."""
   try:
@@ -270,6 +285,7 @@ class _Run:
     sharding.check_divisible(config.global_batch_size, self.mesh, "config.global_batch_size")
     sharding.check_divisible(config.ncl.queue_size, self.mesh, "config.ncl.queue_size")
     sharding.check_divisible(config.eval.batch_size, self.mesh, "config.eval.batch_size")
+    use_clip_vocabulary(config)
     self.dataset = open_dataset(config.data)
     check_model_matches_data(config.model, self.dataset)
     self.steps_per_epoch = self.dataset.steps_per_epoch(config.global_batch_size)

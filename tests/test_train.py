@@ -165,6 +165,22 @@ def test_initial_state_copies_pretrained_clip_weights(tmp_path):
       float(run.schedules["new"](50)) * config.optimizer.clip_lr_coef)
 
 
+def test_training_tokenizes_with_the_clip_directorys_vocabulary(tmp_path):
+  import clip_reference as ref
+
+  config = tu.load_config("msrvtt")
+  config.clip_dir = str(tmp_path / "clip")
+  (tmp_path / "clip").mkdir()
+  train.use_clip_vocabulary(config)
+  assert config.data.vocab_path == ""  # none there: the data set's default
+  ref.write_hf_tokenizer(tmp_path / "clip")
+  train.use_clip_vocabulary(config)
+  assert config.data.vocab_path == str(tmp_path / "clip")
+  config.data.vocab_path = "/elsewhere/vocab.json"  # an explicit choice stays
+  train.use_clip_vocabulary(config)
+  assert config.data.vocab_path == "/elsewhere/vocab.json"
+
+
 def test_missing_clip_weights_fail_before_training(tmp_path):
   config = tu.tiny_config("ncl", clip_dir=str(tmp_path / "no_clip"))
   with pytest.raises(errors.UserError, match="not a converted CLIP directory"):
