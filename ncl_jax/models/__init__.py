@@ -1,4 +1,5 @@
-"""Flax CLIP encoders, CLIP4Clip video heads and OpenAI weight import (the tokenizer is ``ncl_jax.tokenizer``)."""
+"""Flax CLIP encoders, CLIP4Clip video heads, and CLIP weight import from OpenAI, open_clip and
+Hugging Face transformers checkpoints (the tokenizer is ``ncl_jax.tokenizer``)."""
 
 from ncl_jax.models.clip import CLIP
 from ncl_jax.models.convert import config_from_clip, load_clip, read_config

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import warnings
 from typing import Mapping
 
 import jax
