@@ -35,6 +35,10 @@ function setStatus(node, text, isError) {
   node.classList.toggle("error", Boolean(isError));
 }
 
+function videos(count) {
+  return `${count} video${count === 1 ? "" : "s"}`;
+}
+
 function formatRank(rank) {
   return Number.isInteger(rank) ? String(rank) : rank.toFixed(1);
 }
@@ -347,7 +351,7 @@ async function loadHubs() {
     const what = result.over === "bank" ? `the ${result.num_queries} training queries of the bank` :
       `the ${result.num_queries} captions of the split`;
     setStatus(hubsView.summary,
-      `Summed over ${what}: ${result.hubs.plain} videos get more than twice their share with ` +
+      `Summed over ${what}: ${videos(result.hubs.plain)} get more than twice their share with ` +
       `plain scores, ${result.hubs.ncl} after NCL; ${result.orphans.plain} get less than half, ` +
       `${result.orphans.ncl} after NCL. Relative normalization error (mean |mass ÷ share − 1|): ` +
       `${result.error.plain.relative_mae.toPrecision(3)} plain, ` +
