@@ -28,7 +28,7 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # (cross-entropy on logits plus Sinkhorn biases from a query queue) or "dsl" (CAMoE's dual
   # softmax). Evaluation always reports plain and NCL-normalized inference, whatever the loss.
   config.loss = "ncl"
-  # Seed of parameter initialisation, the step RNG and the training data order.
+  # Seed of parameter initialisation and the step RNG (data.seed sets the training data order).
   config.seed = 42
   # Examples per optimiser step over all devices and hosts; must divide by the device count.
   # The result does not depend on how many devices share it.
