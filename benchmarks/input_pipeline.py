@@ -3,6 +3,7 @@
 Run from the repository root::
 
   python benchmarks/input_pipeline.py [--steps 50] [--videos 24]
+  python benchmarks/input_pipeline.py --part loaders   # only 4. and 5.
 
 Measures, on this machine:
 
@@ -12,8 +13,14 @@ Measures, on this machine:
    be the bottleneck;
 2. frames mode: ``prepare`` on MSR-VTT-format copies of small synthetic 320x240 25-fps videos
    (videos/s decoded and stored), then training batches of 224 px JPEG frames read back
-   (examples/s, decoding threads = ``--workers``);
-3. features mode on a prepared real-format set (400 videos of .npy [12, 512], batch 128).
+   (examples/s, Grain worker processes = ``--workers``);
+3. features mode on a prepared real-format set (400 videos of .npy [12, 512], batch 128);
+4. frames mode, the Grain pipeline against a PyTorch ``DataLoader`` with the same worker count
+   (1 and 2 processes), both reading the same prepared records and decoding the same JPEGs
+   (batch 16), timed in interleaved windows so that the shared machine's load changes hit all
+   loaders alike; wall-clock examples/s and examples per CPU-second of the loader's processes;
+5. a sizing table: examples/s a ViT-B/32 meanP train step (12 frames) consumes on TPU v5e-8,
+   TPU v4-8 and 8x H100 at an assumed utilisation, and the host cores that feeds.
 
 Prints a readable table and one JSON line. Numbers from a shared CPU are noisy.
 """
@@ -187,32 +194,243 @@ def prepared_features_mode(num_videos: int, steps: int, dim: int = 512) -> dict:
           "batch_ms": 1e3 * batch_s, "examples_per_s": batch_size / batch_s}
 
 
+# -- frames mode: Grain worker processes against a PyTorch DataLoader ----------------------------
+
+
+class _TorchCaptions:
+  """A map-style PyTorch dataset over the same prepared split: caption i -> one example.
+
+  Reads the same array_record records and decodes the same JPEGs as the Grain pipeline (through
+  the split's own ``tokens``/``videos``), so only the loader machinery differs.
+  """
+
+  def __init__(self, split):
+    self.split = split
+
+  def __len__(self):
+    return self.split.num_texts
+
+  def __getitem__(self, caption):
+    video, frame_mask = self.split.videos(self.split.caption_to_video[[caption]])
+    return {"text_tokens": self.split.tokens(np.asarray([caption]))[0], "video": video[0],
+            "frame_mask": frame_mask[0]}
+
+
+def _torch_loader(split, batch_size: int, workers: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  generator = torch.Generator().manual_seed(0)
+  loader = torch.utils.data.DataLoader(
+      _TorchCaptions(split), batch_size=batch_size, shuffle=True, drop_last=True,
+      num_workers=workers, prefetch_factor=2, persistent_workers=True, generator=generator)
+
+  def endless():
+    while True:
+      yield from loader
+  return endless()
+
+
+def _child_pids() -> set[int]:
+  import psutil  # pylint: disable=g-import-not-at-top
+  return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _cpu_seconds(pids) -> float:
+  """User + system CPU time of the given processes (those still alive)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  total = 0.0
+  for pid in pids:
+    try:
+      times = psutil.Process(pid).cpu_times()
+      total += times.user + times.system
+    except psutil.NoSuchProcess:
+      pass
+  return total
+
+
+def _window(make, workers: int, batches: int, batch_size: int) -> tuple[float, float]:
+  """Starts a loader, skips its start-up and what it buffered meanwhile, then times ``batches``
+  batches; returns (examples/s, examples per CPU-second of its processes), and stops it."""
+  before = _child_pids()
+  loader = make()
+  for _ in range(2 * max(workers, 1) + 1):   # start-up and buffered batches: not timed
+    next(loader)
+  pids = _child_pids() - before
+  cpu0, main0, start = _cpu_seconds(pids), time.process_time(), time.perf_counter()
+  for _ in range(batches):
+    batch = next(loader)
+  seconds = time.perf_counter() - start
+  cpu = _cpu_seconds(pids) - cpu0 + time.process_time() - main0
+  del batch
+  close = getattr(loader, "close", None)
+  if close is not None:
+    close()
+  return batches * batch_size / seconds, batches * batch_size / cpu
+
+
+def frames_loaders(num_videos: int, seconds: int, batch_size: int, batches: int, rounds: int,
+                   workers: tuple[int, ...] = (1, 2)) -> dict:
+  """Frames-mode examples/s of Grain and of a PyTorch DataLoader at equal worker counts.
+
+  The loaders are measured in interleaved windows (round r starts, times and stops every loader
+  once, in rotated order), so a change in the shared machine's load hits all of them alike;
+  reported are each loader's median over rounds and the ratios within each round.
+  """
+  from ncl_jax.data import default_data_config, get_dataset, prepare  # pylint: disable=g-import-not-at-top
+
+  with tempfile.TemporaryDirectory() as tmp:
+    manual, videos, out = (os.path.join(tmp, d) for d in ("manual", "videos", "out"))
+    os.makedirs(manual)
+    os.makedirs(videos)
+    ids = [f"video{i}" for i in range(num_videos)]
+    for i, vid in enumerate(ids):
+      _write_textured_video(os.path.join(videos, f"{vid}.mp4"), i, seconds)
+    _write_msrvtt_annotations(manual, ids)
+    prepare.main(["msrvtt", "--manual_dir", manual, "--data_dir", out, "--videos_dir", videos,
+                  "--max_frames", "12", "--image_size", "224"])
+    cfg = default_data_config("msrvtt")
+    cfg.update(dict(data_dir=out, prefetch=2, train_split="train+val"))
+    dataset = get_dataset(cfg, _Words())
+    split = dataset._splits[dataset.train_split]  # pylint: disable=protected-access
+    makers = {}
+    for w in workers:
+      makers[f"grain_{w}"] = (w, lambda w=w: dataset.train_iterator(batch_size, seed=0,
+                                                                    num_workers=w))
+      makers[f"torch_{w}"] = (w, lambda w=w: _torch_loader(split, batch_size, w))
+    load, per_round, cpu_rates = [os.getloadavg()[0]], [], {name: [] for name in makers}
+    for r in range(rounds):
+      names = list(makers)
+      names = names[r % len(names):] + names[:r % len(names)]   # rotate who goes first
+      speeds = {}
+      for name in names:
+        speeds[name], per_cpu = _window(makers[name][1], makers[name][0], batches, batch_size)
+        cpu_rates[name].append(per_cpu)
+      per_round.append(speeds)
+      load.append(os.getloadavg()[0])
+      print(f"  round {r + 1}/{rounds}: " + ", ".join(
+          f"{name} {speed:.1f}" for name, speed in sorted(speeds.items()))
+          + f" examples/s; load {load[-1]:.1f}", flush=True)
+    results = {name: {"workers": w, "examples_per_s": float(np.median([r[name] for r in per_round])),
+                      "examples_per_cpu_s": float(np.median(cpu_rates[name])),
+                      "windows": [r[name] for r in per_round]}
+               for name, (w, _) in makers.items()}
+  ratios = {}
+  for w in workers:
+    ratios[f"grain_over_torch_{w}"] = [r[f"grain_{w}"] / r[f"torch_{w}"] for r in per_round]
+  lo, hi = workers[0], workers[-1]
+  ratios[f"grain_{hi}_over_{lo}"] = [r[f"grain_{hi}"] / r[f"grain_{lo}"] for r in per_round]
+  ratios[f"torch_{hi}_over_{lo}"] = [r[f"torch_{hi}"] / r[f"torch_{lo}"] for r in per_round]
+  return {"videos": num_videos, "batch_size": batch_size, "batches_per_window": batches,
+          "rounds": rounds, "loaders": results, "ratios_per_round": ratios,
+          "ratios_median": {k: float(np.median(v)) for k, v in ratios.items()},
+          "load_average_1min": load}
+
+
+# -- sizing: what an accelerator consumes ---------------------------------------------------------
+
+# Dense bf16 peak per chip (vendor datasheets): TPU v5e 197 TFLOP/s, TPU v4 275 TFLOP/s,
+# H100 SXM 989 TFLOP/s (1979 is with 2:4 sparsity). "v4-8" is 4 chips (8 TensorCores).
+ACCELERATORS = (("TPU v5e-8", 8, 197e12), ("TPU v4-8", 4, 275e12), ("8x H100 SXM", 8, 989e12))
+
+
+def vit_meanp_train_flops(frames: int = 12, words: int = 32) -> dict:
+  """FLOPs of one training example of CLIP ViT-B/32 + text transformer + meanP (analytic).
+
+  Matmuls only (2 FLOPs per multiply-add); backward = 2x forward. Vision: 224 px, 32 px patches
+  -> 49 + 1 tokens, width 768, 12 layers, MLP 4x; text: ``words`` tokens, width 512, 12 layers.
+  Layer norms, softmax, the loss and Sinkhorn are < 1 % and left out.
+  """
+  def transformer(tokens, width, layers):
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * 4 * width)  # qkv+out, MLP
+    attention = 2 * 2 * tokens * tokens * width                           # QK^T and AV
+    return layers * (per_layer + attention)
+
+  patch_embed = 2 * 49 * (32 * 32 * 3) * 768
+  vision_frame = patch_embed + transformer(50, 768, 12) + 2 * 768 * 512   # + projection
+  text = transformer(words, 512, 12) + 2 * 512 * 512
+  forward = frames * vision_frame + text
+  return {"vision_forward_per_frame": vision_frame, "text_forward": text,
+          "forward": forward, "train": 3 * forward}
+
+
+def sizing(examples_per_cpu_s: float, utilization: float = 0.4) -> list[dict]:
+  """Examples/s each accelerator's train step consumes at ``utilization`` of peak, and the host
+  cores a frames-mode pipeline needs to keep up at ``examples_per_cpu_s`` per core."""
+  train = vit_meanp_train_flops()["train"]
+  rows = []
+  for name, chips, peak in ACCELERATORS:
+    rate = chips * peak * utilization / train
+    rows.append({"accelerator": name, "peak_tflops": chips * peak / 1e12,
+                 "examples_per_s": rate, "steps_per_s_at_128": rate / 128,
+                 "host_cores_needed": rate / examples_per_cpu_s})
+  return rows
+
+
+def _print_loaders(loaders: dict) -> None:
+  print(f"frames mode, Grain vs PyTorch DataLoader (224 px, 12 frames, batch "
+        f"{loaders['batch_size']}, {loaders['rounds']} interleaved rounds of "
+        f"{loaders['batches_per_window']} batches; 1-min load average "
+        f"{min(loaders['load_average_1min']):.1f}-{max(loaders['load_average_1min']):.1f}):")
+  for name, r in loaders["loaders"].items():
+    print(f"  {name:8s} {r['examples_per_s']:7.1f} examples/s (wall, median), "
+          f"{r['examples_per_cpu_s']:6.1f} examples per CPU-second")
+  for name, value in loaders["ratios_median"].items():
+    print(f"  {name}: {value:.2f} (median over rounds; per round "
+          + ", ".join(f"{v:.2f}" for v in loaders["ratios_per_round"][name]) + ")")
+
+
+def _print_sizing(rows: list[dict], per_core: float, utilization: float) -> None:
+  flops = vit_meanp_train_flops()
+  print(f"sizing: ViT-B/32 meanP, 12 frames + 32 words: {flops['train'] / 1e9:.0f} GFLOPs per "
+        f"training example; {utilization:.0%} of dense bf16 peak; host pipeline "
+        f"{per_core:.1f} examples per core-second (Grain, 2 workers, measured above)")
+  print(f"  {'accelerator':14s} {'peak TFLOP/s':>12s} {'examples/s':>10s} {'steps/s @128':>12s} "
+        f"{'host cores':>10s}")
+  for r in rows:
+    print(f"  {r['accelerator']:14s} {r['peak_tflops']:12.0f} {r['examples_per_s']:10.0f} "
+          f"{r['steps_per_s_at_128']:12.1f} {r['host_cores_needed']:10.0f}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--steps", type=int, default=50, help="batches timed per measurement")
   parser.add_argument("--videos", type=int, default=24, help="videos for the frames benchmark")
   parser.add_argument("--seconds", type=int, default=15, help="length of each video")
-  parser.add_argument("--workers", type=int, default=2, help="decoding threads")
+  parser.add_argument("--workers", type=int, default=2, help="Grain worker processes")
+  parser.add_argument("--part", choices=("all", "loaders"), default="all",
+                      help="loaders: only the Grain vs PyTorch comparison and the sizing table")
+  parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (loaders)")
+  parser.add_argument("--window", type=int, default=8, help="batches per timed window (loaders)")
+  parser.add_argument("--utilization", type=float, default=0.4,
+                      help="assumed fraction of accelerator peak (sizing)")
   args = parser.parse_args()
-  features = features_mode(args.steps)
-  frames = frames_mode(args.videos, args.seconds, max(args.steps // 5, 5), args.workers)
-  prepared = prepared_features_mode(400, args.steps)
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
-        "(shared; numbers are noisy)")
-  print(f"features mode (synthetic, batch {features['batch_size']}): "
-        f"{features['batch_ms']:.2f} ms/batch = {features['examples_per_s']:.0f} examples/s; "
-        f"demo train step {features['train_step_ms']:.1f} ms on {features['devices']} device(s); "
-        f"pipeline/step = {features['pipeline_over_step']:.3f}; "
-        f"synthetic set generated in {features['generate_s']:.2f} s")
-  print(f"frames mode (224 px, 12 frames, batch {frames['batch_size']}): "
-        f"{frames['batch_ms']:.0f} ms/batch = {frames['examples_per_s']:.1f} examples/s; "
-        f"prepare {frames['prepare_videos_per_s']:.2f} videos/s "
-        f"({frames['seconds_per_video']} s 320x240 25 fps clips), "
-        f"{frames['stored_kb_per_video']:.0f} KB stored per video")
-  print(f"features mode on a prepared set (MSR-VTT layout, [12, {prepared['feature_dim']}] "
-        f"per video, batch {prepared['batch_size']}): {prepared['batch_ms']:.1f} ms/batch = "
-        f"{prepared['examples_per_s']:.0f} examples/s")
-  print(json.dumps({"features": features, "frames": frames, "prepared_features": prepared}))
+        f"(shared; 1-min load average {os.getloadavg()[0]:.1f} at the start)")
+  report = {}
+  if args.part == "all":
+    features = features_mode(args.steps)
+    frames = frames_mode(args.videos, args.seconds, max(args.steps // 5, 5), args.workers)
+    prepared = prepared_features_mode(400, args.steps)
+    print(f"features mode (synthetic, batch {features['batch_size']}): "
+          f"{features['batch_ms']:.2f} ms/batch = {features['examples_per_s']:.0f} examples/s; "
+          f"demo train step {features['train_step_ms']:.1f} ms on {features['devices']} "
+          f"device(s); pipeline/step = {features['pipeline_over_step']:.3f}; "
+          f"synthetic set generated in {features['generate_s']:.2f} s")
+    print(f"frames mode (224 px, 12 frames, batch {frames['batch_size']}): "
+          f"{frames['batch_ms']:.0f} ms/batch = {frames['examples_per_s']:.1f} examples/s; "
+          f"prepare {frames['prepare_videos_per_s']:.2f} videos/s "
+          f"({frames['seconds_per_video']} s 320x240 25 fps clips), "
+          f"{frames['stored_kb_per_video']:.0f} KB stored per video")
+    print(f"features mode on a prepared set (MSR-VTT layout, [12, {prepared['feature_dim']}] "
+          f"per video, batch {prepared['batch_size']}): {prepared['batch_ms']:.1f} ms/batch = "
+          f"{prepared['examples_per_s']:.0f} examples/s")
+    report.update(features=features, frames=frames, prepared_features=prepared)
+  loaders = frames_loaders(args.videos, min(args.seconds, 12), 16, args.window, args.rounds)
+  _print_loaders(loaders)
+  per_core = loaders["loaders"]["grain_2"]["examples_per_cpu_s"]
+  rows = sizing(per_core, args.utilization)
+  _print_sizing(rows, per_core, args.utilization)
+  report.update(loaders=loaders, sizing=rows, train_flops=vit_meanp_train_flops())
+  print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def test_bad_batch_settings_are_user_errors(kwargs):
 def test_errors_in_the_pipeline_reach_the_caller():
   split = _split()
 
-  def broken(ids, rngs=None):
+  def broken(ids, rngs=None, out=None):
     raise RuntimeError("decoder exploded")
 
   split.videos = broken

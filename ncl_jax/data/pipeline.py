@@ -86,11 +86,13 @@ class Split(abc.ABC):
     """Token ids of the given captions: int32 [n, max_words]."""
 
   @abc.abstractmethod
-  def videos(self, video_ids: np.ndarray,
-             rngs: Sequence[np.random.Generator] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def videos(self, video_ids: np.ndarray, rngs: Sequence[np.random.Generator] | None = None,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Videos padded to ``max_frames``: (video [n, T, ...], frame_mask bool [n, T]).
 
     ``rngs`` (one generator per video) turns on training augmentation; None means none.
+    ``out``: an array of the video's shape and dtype to write into (Grain's shared memory in
+    worker processes, so that the batch reaches the trainer without another copy).
     """
 
   @abc.abstractmethod
@@ -123,10 +125,11 @@ class ArraySplit(Split):
   def tokens(self, caption_ids):
     return self.text_tokens[caption_ids]
 
-  def videos(self, video_ids, rngs=None):
-    video = self.video_array[video_ids]
+  def videos(self, video_ids, rngs=None, out=None):
+    video = np.take(self.video_array, np.asarray(video_ids), axis=0, out=out)
     if rngs is not None and video.dtype == np.uint8:
-      video = np.stack([augment_frames(v, r) for v, r in zip(video, rngs)])
+      for i, rng in enumerate(rngs):
+        video[i] = augment_frames(video[i], rng)   # numpy buffers the overlapping flip
     return video, self.frame_mask[video_ids]
 
   def video_item_shape(self):
@@ -201,19 +204,25 @@ class _LoadTrainBatch(grain.transforms.Map):
   """
 
   split: "Split"
+  shared_memory: bool = False
 
   def map(self, element):
     caption_ids = element["caption_ids"]
     rngs = None
     if "augment_seeds" in element:
       rngs = [np.random.default_rng(int(s)) for s in element["augment_seeds"]]
-    video, frame_mask = self.split.videos(self.split.caption_to_video[caption_ids], rngs)
+    out = None
+    if self.shared_memory:   # in a worker: Grain hands the block to the trainer as it is
+      shape, dtype = self.split.video_item_shape()
+      out = grain.multiprocessing.SharedMemoryArray((len(caption_ids),) + tuple(shape), dtype)
+    video, frame_mask = self.split.videos(self.split.caption_to_video[caption_ids], rngs, out)
     return {"text_tokens": np.asarray(self.split.tokens(caption_ids), np.int32),
             "video": video, "frame_mask": np.asarray(frame_mask, bool)}
 
 
 def train_batches(split: "Split", global_batch_size: int, *, seed: int, process_index: int = 0,
-                  process_count: int = 1, augment: bool = False) -> grain.MapDataset:
+                  process_count: int = 1, augment: bool = False, shared_memory: bool = False
+                  ) -> grain.MapDataset:
   """The endless Grain ``MapDataset`` of this host's training batches (random access by step).
 
   Element ``k`` is this host's block of global batch ``k``: epoch ``k // steps_per_epoch``
@@ -221,7 +230,8 @@ def train_batches(split: "Split", global_batch_size: int, *, seed: int, process_
   into global batches of ``global_batch_size`` (dropping the incomplete tail) and host ``p`` of
   ``n`` takes rows ``[p*b, (p+1)*b)``, ``b = global_batch_size / n``. Nothing depends on the
   host count except which rows a host keeps, so the global batch is the same for any host
-  count and any number of worker processes.
+  count and any number of worker processes. ``shared_memory``: write videos straight into
+  Grain's shared memory (only for iteration in worker processes, see :func:`iterate`).
   """
   local = global_batch_size // process_count
   ds = (grain.MapDataset.range(split.num_texts)
@@ -233,7 +243,7 @@ def train_batches(split: "Split", global_batch_size: int, *, seed: int, process_
   else:
     ds = ds.map(_WithoutAugmentation())
   ds = ds.map(_HostRows(process_index * local, (process_index + 1) * local))
-  return ds.map(_LoadTrainBatch(split))
+  return ds.map(_LoadTrainBatch(split, shared_memory))
 
 
 def iterate(dataset: grain.MapDataset, *, num_workers: int, prefetch: int
@@ -282,7 +292,7 @@ class TrainIterator:
                       "training examples; use a smaller batch")
     self.dataset = train_batches(split, global_batch_size, seed=seed,
                                  process_index=process_index, process_count=process_count,
-                                 augment=augment)
+                                 augment=augment, shared_memory=num_workers > 0)
     self.num_workers = int(num_workers)
     self.grain_iterator = iterate(self.dataset, num_workers=self.num_workers,
                                   prefetch=int(prefetch))

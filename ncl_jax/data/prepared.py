@@ -147,28 +147,33 @@ class RecordSplit(Split):
         out[p] = record
     return out
 
-  def _one_video(self, record, rng):
-    shape, dtype = self.video_item_shape()
+  def _fill_video(self, record, rng, out: np.ndarray) -> int:
+    """Writes one record's frames (or features) into ``out`` [T, ...], zero-padded; returns
+    the number of real frames. Decoding straight into the batch saves copies of every frame."""
     if self._mode == "frames":
       encoded = record["frames"]
       keep = sample_frame_indices(len(encoded), self.max_frames)
-      frames = np.stack([video_lib.decode_frame(encoded[i]) for i in keep])
+      for j, index in enumerate(keep):
+        out[j] = video_lib.decode_frame(encoded[index])
       if rng is not None:
-        frames = augment_frames(frames, rng)
+        out[:len(keep)] = augment_frames(out[:len(keep)], rng)   # numpy buffers the overlap
     else:
       features = np.asarray(record["features"], np.float32)
-      frames = features[sample_frame_indices(features.shape[0], self.max_frames)]
-    padded = np.zeros(shape, dtype)
-    padded[:len(frames)] = frames
-    mask = np.arange(self.max_frames) < len(frames)
-    return padded, mask
+      keep = sample_frame_indices(features.shape[0], self.max_frames)
+      out[:len(keep)] = features[keep]
+    out[len(keep):] = 0
+    return len(keep)
 
-  def videos(self, video_ids, rngs=None):
+  def videos(self, video_ids, rngs=None, out=None):
     video_ids = [int(v) for v in video_ids]
     records = self._records(video_ids)
     rngs = rngs if rngs is not None else [None] * len(video_ids)
-    results = [self._one_video(record, rng) for record, rng in zip(records, rngs)]
-    return (np.stack([r[0] for r in results]), np.stack([r[1] for r in results]))
+    shape, dtype = self.video_item_shape()
+    video = np.empty((len(video_ids),) + shape, dtype) if out is None else out
+    frame_mask = np.zeros((len(video_ids), self.max_frames), bool)
+    for i, (record, rng) in enumerate(zip(records, rngs)):
+      frame_mask[i, :self._fill_video(record, rng, video[i])] = True
+    return video, frame_mask
 
 
 def load_prepared(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
