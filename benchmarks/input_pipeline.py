@@ -221,7 +221,10 @@ def _torch_loader(split, batch_size: int, workers: int):
   generator = torch.Generator().manual_seed(0)
   loader = torch.utils.data.DataLoader(
       _TorchCaptions(split), batch_size=batch_size, shuffle=True, drop_last=True,
-      num_workers=workers, prefetch_factor=2, persistent_workers=True, generator=generator)
+      num_workers=workers, prefetch_factor=2, persistent_workers=True, generator=generator,
+      # Fresh interpreters, as Grain's workers: forking a process that already runs Grain's and
+      # array_record's threads can crash the child.
+      multiprocessing_context="spawn")
 
   def endless():
     while True:

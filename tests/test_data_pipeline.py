@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -247,3 +248,30 @@ def test_eval_batches_split_across_hosts_cover_everything_once():
   assert videos[3][1]["video"].shape == (2, 3, 2)
   with pytest.raises(UserError):
     next(data.text_batches(10, process_index=0, process_count=4))
+
+
+def test_damaged_frame_records_are_user_errors():
+  from ncl_jax.data.prepared import RecordSplit   # pylint: disable=g-import-not-at-top
+  split = RecordSplit([], [], [], [], None, {"input_mode": "frames", "image_size": 4},
+                      max_words=4, max_frames=2)
+  out = np.zeros((2, 4, 4, 3), np.uint8)
+  with pytest.raises(UserError, match="'v1'.*prepare"):
+    split._fill_video({"frames": [b"not a jpeg"], "video_id": "v1"}, None, out)
+
+
+class _DyingSplit(ArraySplit):
+  """A split whose reader kills its process, as the OS does to a worker out of memory."""
+
+  def videos(self, video_ids, rngs=None, out=None):
+    os._exit(9)
+
+
+def test_a_dead_worker_process_is_a_user_error():
+  s = _split()
+  it = TrainIterator(_DyingSplit(s.text_tokens, s.video_array, s.frame_mask, s.caption_to_video),
+                     8, seed=0, num_workers=1)
+  try:
+    with pytest.raises(UserError, match="worker process died.*num_workers"):
+      next(it)
+  finally:
+    it.close()

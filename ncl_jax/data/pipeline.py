@@ -313,7 +313,15 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self.grain_iterator)
+    try:
+      return next(self.grain_iterator)
+    except RuntimeError as err:
+      if "terminated unexpectedly" not in str(err):
+        raise
+      # Grain's message when the OS killed a worker (most often: out of memory).
+      raise UserError(f"a data worker process died ({err.args[0].splitlines()[0]}); the "
+                      "host may be out of memory: lower data.num_workers or data.prefetch, "
+                      "or the global batch size") from err
 
   def close(self) -> None:
     """Stops the worker processes and threads (also done on garbage collection)."""

@@ -154,7 +154,7 @@ class RecordSplit(Split):
       encoded = record["frames"]
       keep = sample_frame_indices(len(encoded), self.max_frames)
       for j, index in enumerate(keep):
-        out[j] = video_lib.decode_frame(encoded[index])
+        out[j] = self._decode(encoded[index], record)
       if rng is not None:
         out[:len(keep)] = augment_frames(out[:len(keep)], rng)   # numpy buffers the overlap
     else:
@@ -163,6 +163,20 @@ class RecordSplit(Split):
       out[:len(keep)] = features[keep]
     out[len(keep):] = 0
     return len(keep)
+
+  def _decode(self, data: bytes, record) -> np.ndarray:
+    try:
+      frame = video_lib.decode_frame(data)
+    except (OSError, ValueError) as err:   # PIL's UnidentifiedImageError is an OSError;
+      # a raw frame of the wrong length fails its reshape with ValueError.
+      raise UserError(f"a stored frame of video {record.get('video_id', '?')!r} cannot be "
+                      f"decoded ({err}); the prepared copy is damaged: delete it and run "
+                      "`python -m ncl_jax.data.prepare` again") from None
+    if frame.shape != (self._image_size, self._image_size, 3):
+      raise UserError(f"a stored frame of video {record.get('video_id', '?')!r} is "
+                      f"{frame.shape}, not ({self._image_size}, {self._image_size}, 3); the "
+                      "prepared copy is damaged: delete it and prepare it again")
+    return frame
 
   def videos(self, video_ids, rngs=None, out=None):
     video_ids = [int(v) for v in video_ids]
