@@ -145,10 +145,9 @@ def frames_mode(num_videos: int, seconds: int, steps: int, workers: int) -> dict
     for i, vid in enumerate(ids):
       _write_textured_video(os.path.join(videos, f"{vid}.mp4"), i, seconds)
     _write_msrvtt_annotations(manual, ids)
-    args = argparse.Namespace(
-        dataset="msrvtt", manual_dir=manual, data_dir=out, videos_dir=videos, features_dir=None,
-        mode="frames", max_frames=12, image_size=224, fps=1.0, jpeg_quality=95,
-        max_bad_fraction=0.0, num_workers=workers)
+    args = prepare._parser().parse_args([  # pylint: disable=protected-access
+        "msrvtt", "--manual_dir", manual, "--data_dir", out, "--videos_dir", videos,
+        "--mode", "frames", "--max_frames", "12", "--max_bad_fraction", "0"])
     start = time.perf_counter()
     summary = prepare.prepare(args)
     prepare_s = time.perf_counter() - start
@@ -180,10 +179,9 @@ def prepared_features_mode(num_videos: int, steps: int, dim: int = 512) -> dict:
     for vid in ids:
       np.save(os.path.join(features, f"{vid}.npy"), rng.standard_normal((12, dim), np.float32))
     _write_msrvtt_annotations(manual, ids)
-    args = argparse.Namespace(
-        dataset="msrvtt", manual_dir=manual, data_dir=out, videos_dir=None, features_dir=features,
-        mode="features", max_frames=12, image_size=224, fps=1.0, jpeg_quality=95,
-        max_bad_fraction=0.0, num_workers=2)
+    args = prepare._parser().parse_args([  # pylint: disable=protected-access
+        "msrvtt", "--manual_dir", manual, "--data_dir", out, "--features_dir", features,
+        "--mode", "features", "--max_frames", "12", "--max_bad_fraction", "0"])
     prepare.prepare(args)
     cfg = default_data_config("msrvtt")
     cfg.update(dict(data_dir=out, input_mode="features", prefetch=0, train_split="train+val"))
