@@ -180,3 +180,37 @@ def test_embed_feeds_posthoc_with_the_runs_numbers(run_dir, bundle_dir, tmp_path
   assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(tmp_path / "emb2")]) == 0
   np.testing.assert_allclose(np.load(tmp_path / "emb2" / "text_emb.npy"), text, atol=1e-6)
   assert _run_cli(tool, ["--bundle", str(bundle_dir), "--out", str(out)]) == 2
+
+
+def test_embed_captions_streams_a_caption_file_into_one_npy(bundle_dir, tmp_path, capsys):
+  from ncl_jax import inference
+  tool = _tool("embed")
+  bundle = inference.load_bundle(bundle_dir)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(1, 100, size=(37, bundle.max_words))
+  lengths = rng.integers(1, bundle.max_words + 1, 37)
+  lines = [" ".join(map(str, row[:n])) for row, n in zip(tokens, lengths)]
+  captions = tmp_path / "captions.txt"
+  captions.write_text("\n".join(lines))  # no newline after the last line
+  out = tmp_path / "bank.npy"
+  # batch_size 4 reads blocks of 64 lines: 37 lines make one short block with a short batch.
+  assert _run_cli(tool, ["--bundle", str(bundle_dir), "--captions", str(captions), "--out",
+                         str(out), "--batch_size", "4", "--progress_seconds", "0"]) == 0
+  assert "embedded 37/37 captions" in capsys.readouterr().err
+  padded = np.zeros_like(tokens)
+  for row, n in enumerate(lengths):
+    padded[row, :n] = tokens[row, :n]
+  np.testing.assert_allclose(np.load(out), bundle.embed_texts(padded), atol=1e-6)
+  assert _run_cli(tool, ["--bundle", str(bundle_dir), "--captions", str(captions), "--out",
+                         str(out)]) == 2  # never overwritten
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  assert _run_cli(tool, ["--bundle", str(bundle_dir), "--captions", str(empty), "--out",
+                         str(tmp_path / "e.npy")]) == 2
+  assert "is empty" in capsys.readouterr().err
+  bad = tmp_path / "bad.txt"
+  bad.write_text("1 2 3\na dog runs\n")
+  assert _run_cli(tool, ["--bundle", str(bundle_dir), "--captions", str(bad), "--out",
+                         str(tmp_path / "b.npy")]) == 2
+  assert "line 2 is not token ids" in capsys.readouterr().err
+  assert not list(tmp_path.glob(".*partial*")) and not (tmp_path / "b.npy").exists()

@@ -1,0 +1,281 @@
+"""Web-scale galleries: NCL biases from embeddings and serving from a FAISS index.
+
+    python benchmarks/gallery.py sparse  --workdir DIR [--bank 1000000 --gallery 100000 --top_k 64]
+    python benchmarks/gallery.py dense   --workdir DIR [--bank 200000 --gallery 20000 --passes 4]
+    python benchmarks/gallery.py serving --workdir DIR [--gallery 100000 --queries 10000]
+
+Data: clustered synthetic embeddings (D = 256 by default) with Zipf-popular concepts. Each item
+sits around its concept's centre at its own spread; tight items score high for every query of
+their concept, so they are hubs that plain cosine ranking over-retrieves. Bank and held-out
+queries pick an item uniformly at random and perturb it, so NCL's uniform target is the truth,
+and each held-out query's target item is known (R@1).
+
+* ``sparse``: ``ncl_jax.gallery.solve.sparse_biases`` on bank x gallery from memory-mapped files,
+  in a fresh process (wall time, peak RSS, certified error, omitted-mass bound), then R@1 of the
+  held-out queries, plain vs NCL (searched through flat indexes).
+* ``dense``: ``dense_biases`` from embeddings vs the existing streamed similarity-matrix path
+  (``normalize.streamed_ncl_biases``) given its bank x gallery matrix precomputed and
+  memory-mapped; both run the same Anderson iteration, timed over ``--passes`` passes each (and
+  one full solve of the dense mode), each in a fresh process for its peak RSS. Also: sparse mode
+  on the same data and its held-out top-1 agreement with dense.
+* ``serving``: ``index`` kinds flat and ivf (and hnsw with ``--hnsw``) at ``--gallery`` items:
+  build time, queries/s, recall@10 against the exact NCL ranking.
+
+Every result is one JSON line on stdout with the machine's load average before and after; data
+files are generated once per ``--workdir`` and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_ROWS = 65536
+
+
+def _unit(x):
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _load():
+  return [round(v, 2) for v in os.getloadavg()]
+
+
+def _peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def make_data(folder: pathlib.Path, n_bank: int, n_items: int, n_heldout: int, dim: int,
+              spread: float, query_noise: float, seed: int = 0) -> dict:
+  """Writes gallery.npy, bank.npy, heldout.npy and heldout_target.npy (once per folder)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  paths = {name: folder / f"{name}.npy" for name in ("gallery", "bank", "heldout",
+                                                      "heldout_target")}
+  if all(p.exists() for p in paths.values()):
+    return paths
+  rng = np.random.default_rng(seed)
+  n_concepts = max(1, n_items // 20)
+  popularity = 1.0 / np.arange(1, n_concepts + 1) ** 1.1
+  concept = rng.choice(n_concepts, n_items, p=popularity / popularity.sum())
+  centres = _unit(rng.normal(size=(n_concepts, dim)))
+  item_spread = spread * rng.uniform(0.3, 1.0, n_items)
+  items = _unit(centres[concept] + item_spread[:, None] * rng.normal(size=(n_items, dim))
+                / np.sqrt(dim))
+  np.save(paths["gallery"], items)
+
+  def queries(path, n):
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
+    targets = rng.integers(0, n_items, n)
+    for start in range(0, n, _ROWS):
+      t = targets[start:start + _ROWS]
+      out[start:start + len(t)] = _unit(
+          items[t] + query_noise * rng.normal(size=(len(t), dim)).astype(np.float32)
+          / np.sqrt(dim))
+    out.flush()
+    return targets
+
+  queries(paths["bank"], n_bank)
+  np.save(paths["heldout_target"], queries(paths["heldout"], n_heldout))
+  return paths
+
+
+# -- workers (each in a fresh process, for its own peak RSS) ----------------------------------------
+
+
+def _worker(job: dict) -> dict:
+  from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
+  from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
+  bank = np.load(job["bank"], mmap_mode="r")
+  progress = (lambda line: print(line, file=sys.stderr, flush=True)) if job.get("verbose") else None
+  start = time.monotonic()
+  if job["kind"] == "peer":  # the existing path: a precomputed, memory-mapped matrix
+    sims = np.load(job["sims"], mmap_mode="r")
+    out = normalize.streamed_ncl_biases(sims, temperature=job["temperature"], tol=job["tol"],
+                                        max_iterations=job["max_iterations"])
+    result = {"iterations": out.iterations, "error": out.error, "passes": out.iterations + 1}
+    bias = out.bias
+  else:
+    gallery = np.load(job["gallery"], mmap_mode="r")
+    options = dict(temperature=job["temperature"], tol=job["tol"],
+                   max_iterations=job["max_iterations"], progress=progress)
+    if job["kind"] == "sparse":
+      out = solve.sparse_biases(bank, gallery, top_k=job["top_k"], **options)
+    else:
+      out = solve.dense_biases(bank, gallery, **options)
+    result = out.report()
+    bias = out.bias
+  result.update(seconds=time.monotonic() - start, peak_rss_gb=_peak_rss_gb())
+  np.save(job["out"], bias)
+  return result
+
+
+def _run_worker(job: dict) -> dict:
+  before = _load()
+  proc = subprocess.run([sys.executable, __file__, "_worker", json.dumps(job)], cwd=REPO,
+                        capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise SystemExit(f"worker {job['kind']} failed:\n{proc.stderr[-3000:]}")
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result["load"] = {"before": before, "after": _load()}
+  return result
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def _top1(paths, bias, temperature):
+  from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
+  gallery = np.load(paths["gallery"], mmap_mode="r")
+  index = index_lib.BiasedIndex.build(gallery, bias, temperature=temperature)
+  return index.search(np.load(paths["heldout"]), 1)[0][:, 0]
+
+
+def _r1(paths, bias, temperature) -> float:
+  return float(np.mean(_top1(paths, bias, temperature) == np.load(paths["heldout_target"])) * 100)
+
+
+def _emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)
+
+
+def run_sparse(args) -> None:
+  paths = make_data(pathlib.Path(args.workdir) / f"sparse_{args.bank}x{args.gallery}", args.bank,
+                    args.gallery, args.heldout, args.dim, args.spread, args.query_noise)
+  job = dict(kind="sparse", bank=str(paths["bank"]), gallery=str(paths["gallery"]),
+             temperature=args.temperature, tol=args.tol, max_iterations=args.max_iterations,
+             top_k=args.top_k, out=str(pathlib.Path(args.workdir) / "sparse_biases.npy"),
+             verbose=True)
+  result = _run_worker(job)
+  bias = np.load(job["out"])
+  zeros = np.zeros_like(bias)
+  result.update(section="sparse", bank=args.bank, gallery=args.gallery, dim=args.dim,
+                r1_plain=_r1(paths, zeros, 1.0), r1_ncl=_r1(paths, bias, args.temperature),
+                heldout=args.heldout)
+  _emit(result)
+
+
+def _write_sims(paths, out: pathlib.Path) -> float:
+  """The peer's input: bank @ gallery.T as a float32 .npy on disk; returns seconds."""
+  if out.exists():
+    return 0.0
+  start = time.monotonic()
+  bank = np.load(paths["bank"], mmap_mode="r")
+  gallery = np.load(paths["gallery"])
+  partial = out.with_suffix(".partial.npy")
+  sims = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                   shape=(bank.shape[0], gallery.shape[0]))
+  for first in range(0, bank.shape[0], 4096):
+    sims[first:first + 4096] = np.asarray(bank[first:first + 4096]) @ gallery.T
+  sims.flush()
+  del sims
+  partial.rename(out)
+  return time.monotonic() - start
+
+
+def run_dense(args) -> None:
+  root = pathlib.Path(args.workdir)
+  paths = make_data(root / f"dense_{args.bank}x{args.gallery}", args.bank, args.gallery,
+                    args.heldout, args.dim, args.spread, args.query_noise)
+  sims_path = root / f"dense_{args.bank}x{args.gallery}" / "sims.npy"
+  matrix_seconds = _write_sims(paths, sims_path)
+  common = dict(bank=str(paths["bank"]), gallery=str(paths["gallery"]),
+                temperature=args.temperature, tol=0.0, max_iterations=args.passes - 1)
+  dense = _run_worker(dict(common, kind="dense", out=str(root / "dense_fixed.npy")))
+  peer = _run_worker(dict(common, kind="peer", sims=str(sims_path), out=str(root / "peer.npy")))
+  _emit({"section": "dense_vs_peer", "bank": args.bank, "gallery": args.gallery,
+         "dim": args.dim, "passes": args.passes, "dense": dense, "peer": peer,
+         "peer_matrix_gb": sims_path.stat().st_size / 2 ** 30,
+         "peer_matrix_seconds": matrix_seconds,
+         "time_ratio_peer_over_dense": peer["seconds"] / dense["seconds"],
+         "rss_ratio_peer_over_dense": peer["peak_rss_gb"] / dense["peak_rss_gb"],
+         "max_bias_difference": float(np.abs(
+             (np.load(root / "dense_fixed.npy") - np.load(root / "dense_fixed.npy").mean())
+             - (np.load(root / "peer.npy") - np.load(root / "peer.npy").mean())).max())})
+  if args.no_solve:
+    return
+  full = _run_worker(dict(common, kind="dense", tol=args.tol, max_iterations=args.max_iterations,
+                          out=str(root / "dense_biases.npy")))
+  sparse = _run_worker(dict(common, kind="sparse", tol=args.tol, top_k=args.top_k,
+                            max_iterations=args.max_iterations, out=str(root / "sparse_on_dense.npy")))
+  dense_bias, sparse_bias = np.load(root / "dense_biases.npy"), np.load(root / "sparse_on_dense.npy")
+  top_dense = _top1(paths, dense_bias, args.temperature)
+  top_sparse = _top1(paths, sparse_bias, args.temperature)
+  targets = np.load(paths["heldout_target"])
+  _emit({"section": "dense_solve_and_sparse_agreement", "bank": args.bank,
+         "gallery": args.gallery, "dense": full, "sparse": sparse,
+         "top1_agreement_percent": float(np.mean(top_dense == top_sparse) * 100),
+         "r1_plain": _r1(paths, np.zeros_like(dense_bias), 1.0),
+         "r1_dense": float(np.mean(top_dense == targets) * 100),
+         "r1_sparse": float(np.mean(top_sparse == targets) * 100)})
+
+
+def run_serving(args) -> None:
+  from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
+  paths = make_data(pathlib.Path(args.workdir) / f"serving_{args.gallery}", args.gallery,
+                    args.gallery, args.queries, args.dim, args.spread, args.query_noise)
+  gallery = np.load(paths["gallery"])
+  queries = np.load(paths["heldout"])
+  bias = np.random.default_rng(1).normal(scale=2.0, size=len(gallery)).astype(np.float32)
+  kinds = ["flat", "ivf"] + (["hnsw"] if args.hnsw else [])
+  exact = None
+  for kind in kinds:
+    before = _load()
+    start = time.monotonic()
+    index = index_lib.BiasedIndex.build(gallery, bias, temperature=args.temperature, kind=kind)
+    build = time.monotonic() - start
+    start = time.monotonic()
+    found, _ = index.search(queries, 10)
+    seconds = time.monotonic() - start
+    exact = found if kind == "flat" else exact
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+    _emit({"section": "serving", "kind": kind, "gallery": len(gallery), "queries": len(queries),
+           "params": index.manifest["params"], "build_seconds": build,
+           "queries_per_second": len(queries) / seconds, "recall_at_10": float(recall),
+           "load": {"before": before, "after": _load()}})
+
+
+def main() -> None:
+  if sys.argv[1] == "_worker":
+    print(json.dumps(_worker(json.loads(sys.argv[2]))))
+    return
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("section", choices=("sparse", "dense", "serving"))
+  parser.add_argument("--workdir", required=True, help="data and results folder (reused)")
+  parser.add_argument("--bank", type=int, help="bank queries")
+  parser.add_argument("--gallery", type=int, help="gallery items")
+  parser.add_argument("--heldout", type=int, default=10000, help="held-out queries (R@1)")
+  parser.add_argument("--queries", type=int, default=10000, help="serving: queries")
+  parser.add_argument("--dim", type=int, default=256)
+  parser.add_argument("--top_k", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.02)
+  parser.add_argument("--spread", type=float, default=1.5, help="item spread around concepts")
+  parser.add_argument("--query_noise", type=float, default=1.5, help="query noise around items")
+  parser.add_argument("--tol", type=float, default=1e-3)
+  parser.add_argument("--max_iterations", type=int, default=200)
+  parser.add_argument("--passes", type=int, default=4, help="dense: passes timed per method")
+  parser.add_argument("--no_solve", action="store_true", help="dense: timing comparison only")
+  parser.add_argument("--hnsw", action="store_true", help="serving: also an hnsw index")
+  args = parser.parse_args()
+  defaults = {"sparse": (1_000_000, 100_000), "dense": (200_000, 20_000),
+              "serving": (None, 100_000)}[args.section]
+  args.bank = args.bank or defaults[0]
+  args.gallery = args.gallery or defaults[1]
+  {"sparse": run_sparse, "dense": run_dense, "serving": run_serving}[args.section](args)
+
+
+if __name__ == "__main__":
+  main()
