@@ -1,14 +1,14 @@
 """Web-scale galleries: NCL biases from embeddings and serving from a FAISS index.
 
-    python benchmarks/gallery.py sparse  --workdir DIR [--bank 1000000 --gallery 100000 --top_k 64]
+    python benchmarks/gallery.py sparse  --workdir DIR [--bank 1000000 --gallery 100000 --top_k 128]
     python benchmarks/gallery.py dense   --workdir DIR [--bank 200000 --gallery 20000 --passes 4]
     python benchmarks/gallery.py serving --workdir DIR [--gallery 100000 --queries 10000]
 
-Data: clustered synthetic embeddings (D = 256 by default) with Zipf-popular concepts. Each item
-sits around its concept's centre at its own spread; tight items score high for every query of
-their concept, so they are hubs that plain cosine ranking over-retrieves. Bank and held-out
-queries pick an item uniformly at random and perturb it, so NCL's uniform target is the truth,
-and each held-out query's target item is known (R@1).
+Data: clustered synthetic embeddings (D = 256 by default) with Zipf-popular concepts and hubs
+(:func:`make_data`): items carry varying amounts of one direction that every query also
+carries, so some items score high for every query and plain cosine ranking over-retrieves them.
+Bank and held-out queries pick an item uniformly at random and perturb it, so NCL's uniform
+target is the truth, and each held-out query's target item is known (R@1).
 
 * ``sparse``: ``ncl_jax.gallery.solve.sparse_biases`` on bank x gallery from memory-mapped files,
   in a fresh process (wall time, peak RSS, certified error, omitted-mass bound), then R@1 of the
@@ -60,8 +60,16 @@ def _peak_rss_gb() -> float:
 
 
 def make_data(folder: pathlib.Path, n_bank: int, n_items: int, n_heldout: int, dim: int,
-              spread: float, query_noise: float, seed: int = 0) -> dict:
-  """Writes gallery.npy, bank.npy, heldout.npy and heldout_target.npy (once per folder)."""
+              args, seed: int = 0) -> dict:
+  """Writes gallery.npy, bank.npy, heldout.npy and heldout_target.npy (once per folder).
+
+  Items: ``unit(c_k + spread n_j / sqrt(D) + h_j m)`` with ``k`` a Zipf-popular concept (20
+  items per concept on average), ``h_j ~ U(0, hub)`` and ``m`` one direction shared by all.
+  Queries of item ``j``: ``unit(c_k + spread n_j / sqrt(D) + query_noise e / sqrt(D) +
+  query_shift m)``: the query
+  side carries ``m`` too (a modality gap), so ``q . v_j`` gains an item offset ``~ h_j`` that
+  says nothing about relevance: items with large ``h_j`` are hubs.
+  """
   folder.mkdir(parents=True, exist_ok=True)
   paths = {name: folder / f"{name}.npy" for name in ("gallery", "bank", "heldout",
                                                       "heldout_target")}
@@ -72,19 +80,18 @@ def make_data(folder: pathlib.Path, n_bank: int, n_items: int, n_heldout: int, d
   popularity = 1.0 / np.arange(1, n_concepts + 1) ** 1.1
   concept = rng.choice(n_concepts, n_items, p=popularity / popularity.sum())
   centres = _unit(rng.normal(size=(n_concepts, dim)))
-  item_spread = spread * rng.uniform(0.3, 1.0, n_items)
-  items = _unit(centres[concept] + item_spread[:, None] * rng.normal(size=(n_items, dim))
-                / np.sqrt(dim))
-  np.save(paths["gallery"], items)
+  shared = _unit(rng.normal(size=(1, dim)))[0]
+  content = (centres[concept] + rng.normal(size=(n_items, dim)) * (args.spread / np.sqrt(dim))
+             ).astype(np.float32)
+  np.save(paths["gallery"], _unit(content + rng.uniform(0, args.hub, n_items)[:, None] * shared))
 
   def queries(path, n):
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, dim))
     targets = rng.integers(0, n_items, n)
     for start in range(0, n, _ROWS):
       t = targets[start:start + _ROWS]
-      out[start:start + len(t)] = _unit(
-          items[t] + query_noise * rng.normal(size=(len(t), dim)).astype(np.float32)
-          / np.sqrt(dim))
+      noise = rng.normal(size=(len(t), dim)).astype(np.float32) * (args.query_noise / np.sqrt(dim))
+      out[start:start + len(t)] = _unit(content[t] + noise + args.query_shift * shared)
     out.flush()
     return targets
 
@@ -154,7 +161,7 @@ def _emit(record: dict) -> None:
 
 def run_sparse(args) -> None:
   paths = make_data(pathlib.Path(args.workdir) / f"sparse_{args.bank}x{args.gallery}", args.bank,
-                    args.gallery, args.heldout, args.dim, args.spread, args.query_noise)
+                    args.gallery, args.heldout, args.dim, args)
   job = dict(kind="sparse", bank=str(paths["bank"]), gallery=str(paths["gallery"]),
              temperature=args.temperature, tol=args.tol, max_iterations=args.max_iterations,
              top_k=args.top_k, out=str(pathlib.Path(args.workdir) / "sparse_biases.npy"),
@@ -189,7 +196,7 @@ def _write_sims(paths, out: pathlib.Path) -> float:
 def run_dense(args) -> None:
   root = pathlib.Path(args.workdir)
   paths = make_data(root / f"dense_{args.bank}x{args.gallery}", args.bank, args.gallery,
-                    args.heldout, args.dim, args.spread, args.query_noise)
+                    args.heldout, args.dim, args)
   sims_path = root / f"dense_{args.bank}x{args.gallery}" / "sims.npy"
   matrix_seconds = _write_sims(paths, sims_path)
   common = dict(bank=str(paths["bank"]), gallery=str(paths["gallery"]),
@@ -226,7 +233,7 @@ def run_dense(args) -> None:
 def run_serving(args) -> None:
   from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
   paths = make_data(pathlib.Path(args.workdir) / f"serving_{args.gallery}", args.gallery,
-                    args.gallery, args.queries, args.dim, args.spread, args.query_noise)
+                    args.gallery, args.queries, args.dim, args)
   gallery = np.load(paths["gallery"])
   queries = np.load(paths["heldout"])
   bias = np.random.default_rng(1).normal(scale=2.0, size=len(gallery)).astype(np.float32)
@@ -260,10 +267,12 @@ def main() -> None:
   parser.add_argument("--heldout", type=int, default=10000, help="held-out queries (R@1)")
   parser.add_argument("--queries", type=int, default=10000, help="serving: queries")
   parser.add_argument("--dim", type=int, default=256)
-  parser.add_argument("--top_k", type=int, default=64)
+  parser.add_argument("--top_k", type=int, default=128)
   parser.add_argument("--temperature", type=float, default=0.02)
-  parser.add_argument("--spread", type=float, default=1.5, help="item spread around concepts")
-  parser.add_argument("--query_noise", type=float, default=1.5, help="query noise around items")
+  parser.add_argument("--spread", type=float, default=0.6, help="items around their concept")
+  parser.add_argument("--hub", type=float, default=0.8, help="items' shared-direction range")
+  parser.add_argument("--query_noise", type=float, default=0.8, help="query noise around items")
+  parser.add_argument("--query_shift", type=float, default=0.8, help="queries' shared direction")
   parser.add_argument("--tol", type=float, default=1e-3)
   parser.add_argument("--max_iterations", type=int, default=200)
   parser.add_argument("--passes", type=int, default=4, help="dense: passes timed per method")
