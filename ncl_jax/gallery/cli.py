@@ -79,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _write_npy(path, array) -> None:
+  with open(path, "xb") as handle:
+    np.save(handle, array)
+
+
+def _write_npz(path, **arrays) -> None:
+  with open(path, "xb") as handle:
+    np.savez(handle, **arrays)
+
+
 def _progress(quiet: bool):
   if quiet:
     return None
@@ -135,7 +145,7 @@ def _biases(args) -> int:
                 temperature=args.temperature, out=args.out)
   if not writer:
     return 0
-  inputs.save_new(args.out, lambda path: np.save(open(path, "xb"), solution.bias))
+  inputs.save_new(args.out, lambda path: _write_npy(path, solution.bias))
   if not solution.converged:
     why = (f"the omitted-mass bound allows a column error of {solution.certified_error:.3g}"
            if solution.mode == "sparse" and solution.error <= args.tol else
@@ -186,8 +196,7 @@ def _search(args) -> int:
   if args.gallery:
     index.check_gallery(inputs.open_embeddings(args.gallery, "--gallery"))
   indices, scores = index.search(queries, args.k)
-  inputs.save_new(args.out, lambda path: np.savez(open(path, "xb"), indices=indices,
-                                                  scores=scores))
+  inputs.save_new(args.out, lambda path: _write_npz(path, indices=indices, scores=scores))
   return 0
 
 
