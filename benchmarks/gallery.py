@@ -132,10 +132,11 @@ def _worker(job: dict) -> dict:
 
 def _run_worker(job: dict) -> dict:
   before = _load()
+  # The worker's progress lines and errors go straight to this process's stderr.
   proc = subprocess.run([sys.executable, __file__, "_worker", json.dumps(job)], cwd=REPO,
-                        capture_output=True, text=True, check=False)
+                        stdout=subprocess.PIPE, text=True, check=False)
   if proc.returncode:
-    raise SystemExit(f"worker {job['kind']} failed:\n{proc.stderr[-3000:]}")
+    raise SystemExit(f"worker {job['kind']} failed (exit {proc.returncode}); see stderr")
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   result["load"] = {"before": before, "after": _load()}
   return result
