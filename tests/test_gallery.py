@@ -327,3 +327,15 @@ def test_two_processes_compute_the_same_biases(files, tmp_path):
   bank, items = np.load(files["bank"]), np.load(files["gallery"])
   reference = normalize.ncl_biases(bank @ items.T, temperature=0.05, tol=1e-6, stream=True)
   np.testing.assert_allclose(_centred(np.load(out)), _centred(reference.bias), atol=1e-4)
+
+
+def test_ivf_search_width_can_change_after_building(rng):
+  items = _unit(rng.normal(size=(400, 8)))
+  index = index_lib.BiasedIndex.build(items, np.zeros(400), temperature=0.05, kind="ivf",
+                                      nlist=8, nprobe=1)
+  queries = _unit(rng.normal(size=(30, 8)))
+  order, _ = _exact_ranking(queries, items, np.zeros(400), 0.05, 5)
+  index.set_search_parameters(nprobe=8)  # every list: exact
+  np.testing.assert_array_equal(index.search(queries, 5)[0], order)
+  with pytest.raises(UserError, match="ef_search does not apply to the ivf index"):
+    index.set_search_parameters(ef_search=10)

@@ -129,6 +129,21 @@ class BiasedIndex:
         "faiss_version": faiss.__version__}
     return cls(index, manifest)
 
+  def set_search_parameters(self, *, nprobe: int | None = None,
+                            ef_search: int | None = None) -> None:
+    """Changes how much an approximate index searches (ivf: ``nprobe``; hnsw: ``ef_search``)."""
+    params = dict(self.manifest["params"])
+    for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+      if value is None:
+        continue
+      if name not in params:
+        raise UserError(f"{name} does not apply to the {self.manifest['kind']} index")
+      if value < 1:
+        raise UserError(f"{name} must be positive, got {value}")
+      params[name] = int(value)
+    self.manifest = dict(self.manifest, params=params)
+    self._apply_search_parameters()
+
   def _apply_search_parameters(self) -> None:
     import faiss  # pylint: disable=g-import-not-at-top
     params = self.manifest.get("params", {})
