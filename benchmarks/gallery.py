@@ -18,8 +18,9 @@ target is the truth, and each held-out query's target item is known (R@1).
   memory-mapped; both run the same Anderson iteration, timed over ``--passes`` passes each (and
   one full solve of the dense mode), each in a fresh process for its peak RSS. Also: sparse mode
   on the same data and its held-out top-1 agreement with dense.
-* ``serving``: ``index`` kinds flat and ivf (and hnsw with ``--hnsw``) at ``--gallery`` items:
-  build time, queries/s, recall@10 against the exact NCL ranking.
+* ``serving``: ``index`` kinds flat and ivf (one build, nprobe = nlist/128 ... nlist/8; hnsw too
+  with ``--hnsw``) at ``--gallery`` items with biases of scale 2 logits: build time, queries/s
+  (batches of 4,096), recall@10 against the exact (flat) NCL ranking.
 
 Every result is one JSON line on stdout with the machine's load average before and after; data
 files are generated once per ``--workdir`` and reused.

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument("--kind", choices=("flat", "ivf", "hnsw"), default="flat",
                      help="flat: exact; ivf / hnsw: approximate (default flat)")
   index.add_argument("--nlist", type=int, help="ivf: number of lists (default ~4 sqrt(Ng))")
-  index.add_argument("--nprobe", type=int, help="ivf: lists searched (default nlist / 8)")
+  index.add_argument("--nprobe", type=int, help="ivf: lists searched (default nlist / 32)")
   index.add_argument("--hnsw_m", type=int, default=32, help="hnsw: links per node")
   index.add_argument("--ef_search", type=int, default=128, help="hnsw: candidates per search")
 

@@ -109,7 +109,7 @@ class BiasedIndex:
       index = faiss.IndexFlatIP(dim + 1)
     elif kind == "ivf":
       params["nlist"] = int(nlist or default_nlist(n_items))
-      params["nprobe"] = int(nprobe or max(1, params["nlist"] // 8))
+      params["nprobe"] = int(nprobe or max(1, params["nlist"] // 32))
       index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim + 1), dim + 1, params["nlist"],
                                  faiss.METRIC_INNER_PRODUCT)
       sample = np.sort(np.random.default_rng(0).choice(
