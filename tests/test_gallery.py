@@ -95,12 +95,20 @@ def test_gallery_uses_the_embedding_path_for_large_galleries(rng, monkeypatch):
 def test_sparse_bound_never_under_estimates_the_omitted_mass(seed, temperature, k):
   bank, items = _problem(np.random.default_rng(seed), n_bank=250, n_items=40)
   solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7)
-  scores, kept = solve.top_k_items(bank, items, k)
-  bound = tiles.omitted_mass_bound(scores, kept, 1.0 / temperature, solution.bias, len(items),
-                                   tiles.float32_score_error(bank.shape[1]))
+  found = solve.top_k_items(bank, items, k)
+  kept = found.index
+  error = tiles.float32_score_error(bank.shape[1])
+  untiered = tiles.omitted_mass_bound(found.scores, kept, 1.0 / temperature, solution.bias,
+                                      len(items), error)
+  bound = tiles.omitted_mass_bound(found.scores, kept, 1.0 / temperature, solution.bias,
+                                   len(items), error, found.tier_scores, found.tier_ranks)
   probs = _dense_probs(bank, items, solution.bias, temperature)
   outside = _omitted_probability(probs, kept)
   assert np.all(bound >= outside), (bound - outside).min()
+  assert np.all(bound <= untiered)
+  np.testing.assert_array_equal(found.tier_ranks, [r for r in (2 * k, 4 * k, 8 * k) if r <= 40])
+  if 2 * k <= len(items):  # deeper ranks' scores tighten it
+    assert np.any(bound < untiered)
   assert solution.omitted_mass_bound == pytest.approx(bound.max(), rel=1e-3)  # score margin x1.1
   # The dense problem's column error under the sparse biases is within the certified error.
   dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
@@ -114,9 +122,12 @@ def test_sparse_bound_holds_when_omitted_items_tie_with_the_last_kept():
   rng = np.random.default_rng(3)
   items = np.repeat(_unit(rng.normal(size=(2, 32))), 4, axis=0)  # 8 items, 2 distinct
   bank = _unit(items[rng.integers(0, 8, 40)] + 0.3 * rng.normal(size=(40, 32)))
-  scores, kept = solve.top_k_items(bank, items, 5)  # the 5th kept ties with the 3 omitted
+  found = solve.top_k_items(bank, items, 5)  # the 5th kept ties with the 3 omitted
+  kept = found.index
   bias = np.zeros(8, np.float32)
-  bound = tiles.omitted_mass_bound(scores, kept, 100.0, bias, 8, tiles.float32_score_error(32))
+  bound = tiles.omitted_mass_bound(found.scores, kept, 100.0, bias, 8,
+                                   tiles.float32_score_error(32), found.tier_scores,
+                                   found.tier_ranks)
   probs = _dense_probs(bank, items, bias, 0.01)
   outside = _omitted_probability(probs, kept)
   assert np.all(bound >= outside)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +50,8 @@ _MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS = 64, 4096
 # Bank rows per FAISS search call and per sparse update chunk.
 _SEARCH_ROWS = 16384
 _SPARSE_ROWS = 65536
+# The top-k search goes 2**_TIERS times deeper to bound the omitted items' scores in tiers.
+_TIERS = 3
 # Rows may deviate from unit norm by the accepted tolerance (ncl_jax.gallery.inputs), which
 # scales a dot product's rounding error by up to (1 + 1e-2)^2; 1.1 covers it with room.
 _NORM_SLACK = 1.1
@@ -237,36 +239,62 @@ def dense_biases(bank, gallery, *, temperature: float, col_marginals=None, tol: 
 # -- sparse mode -----------------------------------------------------------------------------
 
 
-def top_k_items(bank, gallery, k: int, *, progress: Progress | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+class TopK(NamedTuple):
+  """Each bank query's exact top-k items and the scores at a few deeper ranks.
+
+  Attributes:
+    scores: [Nb, k] float32 similarities, best first.
+    index: [Nb, k] int32 item ids.
+    tier_scores: [Nb, t] float32 similarity at ranks ``tier_ranks`` (1-based) of each row.
+    tier_ranks: [t] the ranks, ``2k, 4k, ...`` up to the gallery size.
+  """
+
+  scores: np.ndarray
+  index: np.ndarray
+  tier_scores: np.ndarray
+  tier_ranks: np.ndarray
+
+
+def tier_ranks(k: int, n_items: int, tiers: int = _TIERS) -> np.ndarray:
+  """Deeper ranks whose scores tighten the omitted-mass bound: ``2k, 4k, ...`` (at most n)."""
+  ranks = [k << t for t in range(1, tiers + 1)]
+  return np.asarray([r for r in ranks if r <= n_items], np.int64)
+
+
+def top_k_items(bank, gallery, k: int, *, progress: Progress | None = None) -> TopK:
   """Each bank query's exact ``k`` most similar gallery items (FAISS flat inner product).
+
+  The search goes ``2**_TIERS`` times deeper (or to the gallery size) and keeps, besides the
+  top ``k``, the score at ranks ``2k, 4k, ...``: the omitted items below each such rank score
+  at most that much, which :func:`ncl_jax.gallery.tiles.omitted_mass_bound` uses.
 
   Args:
     bank: [Nb, D] queries (array or memmap, read in chunks).
     gallery: [Ng, D] items.
     k: items per query, ``1 <= k <= Ng``.
     progress: called after each chunk of queries.
-
-  Returns:
-    ``(scores float32 [Nb, k], index int32 [Nb, k])``, best first.
   """
   import faiss  # pylint: disable=g-import-not-at-top
   index = faiss.IndexFlatIP(gallery.shape[1])
   for block, valid in normalize.host_chunks(gallery, _SEARCH_ROWS):
     index.add(block[valid])
-  n_bank = bank.shape[0]
+  n_bank, n_items = bank.shape[0], gallery.shape[0]
+  ranks = tier_ranks(k, n_items)
+  depth = int(ranks[-1]) if len(ranks) else k
   scores = np.empty((n_bank, k), np.float32)
   kept = np.empty((n_bank, k), np.int32)
+  tiers = np.empty((n_bank, len(ranks)), np.float32)
   start = time.monotonic()
   for first in range(0, n_bank, _SEARCH_ROWS):
     block = np.ascontiguousarray(bank[first:first + _SEARCH_ROWS], np.float32)
-    chunk_scores, chunk_index = index.search(block, k)
-    scores[first:first + len(block)] = chunk_scores
-    kept[first:first + len(block)] = chunk_index
+    chunk_scores, chunk_index = index.search(block, depth)
+    rows = slice(first, first + len(block))
+    scores[rows], kept[rows] = chunk_scores[:, :k], chunk_index[:, :k]
+    tiers[rows] = chunk_scores[:, ranks - 1]
     if progress:
-      done = first + len(block)
-      progress(f"top-{k} search: {done}/{n_bank} bank queries ({time.monotonic() - start:.1f} s)")
-  return scores, kept
+      progress(f"top-{k} search: {rows.stop}/{n_bank} bank queries "
+               f"({time.monotonic() - start:.1f} s)")
+  return TopK(scores, kept, tiers, ranks)
 
 
 def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginals=None,
@@ -290,7 +318,8 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
                     "dense mode to split the gallery over hosts")
   start = time.monotonic()
   n_bank, n_items = bank.shape[0], gallery.shape[0]
-  scores, kept = top_k_items(bank, gallery, top_k, progress=progress)
+  found = top_k_items(bank, gallery, top_k, progress=progress)
+  scores, kept = found.scores, found.index
   scale = 1.0 / temperature
   b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
 
@@ -308,9 +337,10 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
   bound_max, bound_sum = 0.0, 0.0
   error_per_score = tiles.float32_score_error(bank.shape[1]) * _NORM_SLACK
   for first in range(0, n_bank, _SPARSE_ROWS):
-    bound = tiles.omitted_mass_bound(scores[first:first + _SPARSE_ROWS],
-                                     kept[first:first + _SPARSE_ROWS], 1.0 / temperature,
-                                     out.bias, n_items, error_per_score)
+    rows = slice(first, first + _SPARSE_ROWS)
+    bound = tiles.omitted_mass_bound(scores[rows], kept[rows], 1.0 / temperature, out.bias,
+                                     n_items, error_per_score, found.tier_scores[rows],
+                                     found.tier_ranks)
     bound_max, bound_sum = max(bound_max, float(bound.max())), bound_sum + float(bound.sum())
   certified = out.error + 2.0 * bound_sum / n_bank
   return Solution(out.bias, "sparse", out.iterations, out.error, certified, tol,

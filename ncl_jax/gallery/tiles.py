@@ -149,7 +149,8 @@ def float32_score_error(dim: int) -> float:
   return dim * 2.0 ** -24
 
 
-def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_error=0.0):
+def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_error=0.0,
+                       tier_scores=None, tier_ranks=()):
   """Upper bound on the probability each row's full softmax puts outside its kept items, [r].
 
   Every omitted item ``j`` of row ``i`` scores at most the row's lowest kept score ``s_min``
@@ -157,9 +158,16 @@ def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_erro
   ``O_i = sum_{j omitted} exp(scale s_ij + g_j)`` is at most
   ``U_i = exp(scale s_min) sum_{j omitted} exp(g_j)``, and the omitted probability
   ``O_i / (Z_i + O_i)`` (``Z_i`` the kept sum), increasing in ``O_i``, is at most
-  ``U_i / (Z_i + U_i) = sigmoid(log U_i - log Z_i)``. Scores computed in float32 may be off
-  by ``score_error`` each way, so ``s_min`` is raised and the kept scores lowered by it, and the
-  omitted sum of biases gets a float64 rounding allowance.
+  ``U_i / (Z_i + U_i) = sigmoid(log U_i - log Z_i)``.
+
+  Tiers tighten ``U_i``: with the scores ``c_1 >= c_2 >= ...`` at deeper ranks ``R_1 < R_2 ...``
+  (``R_0 = K``, ``c_0 = s_min``), the omitted items of ranks ``(R_t, R_{t+1}]`` score at most
+  ``c_t``. Whichever items those are, their sum is largest when the largest ``exp(g)`` of the
+  whole gallery sit in the highest tiers, so ``O_i <= sum_t exp(scale c_t) (P(R_{t+1} - K) -
+  P(R_t - K))`` with ``P(n)`` the sum of the ``n`` largest ``exp(g)`` (``R_{last+1} = n_items``).
+  The smaller of the two bounds is used. Scores computed in float32 may be off by
+  ``score_error`` each way, so the caps are raised and the kept scores lowered by it; sums of
+  ``exp(g)`` get a float64 rounding allowance.
 
   Args:
     kept_scores: [r, K] similarities of each row's exact top-K items.
@@ -168,6 +176,8 @@ def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_erro
     bias: [n_items] biases.
     n_items: gallery size (K == n_items gives 0).
     score_error: largest error of a stored score (:func:`float32_score_error`).
+    tier_scores: optional [r, t] scores at ranks ``tier_ranks`` of each row.
+    tier_ranks: [t] increasing 1-based ranks, all above K and at most n_items.
 
   Returns:
     [r] float64 bounds in [0, 1].
@@ -178,13 +188,23 @@ def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_erro
   k = kept_scores.shape[1]
   if n_items == k:
     return np.zeros(kept_scores.shape[0])
-  # The omitted sum is a difference of sums of terms <= 1: allow n_items * 1e-15 of rounding,
-  # and never exceed (n_items - K) * max term.
-  rest = np.minimum(_omitted_exp_sums(index, g, n_items) + n_items * 1e-15, n_items - k)
+  allowance = n_items * 1e-15
+  rest = np.minimum(_omitted_exp_sums(index, g, n_items) + allowance, n_items - k)
+  caps = kept_scores.min(axis=1, keepdims=True)
+  log_omitted = (caps[:, 0] + score_error) * scale + np.log(rest)
+  if tier_scores is not None and len(tier_ranks):
+    caps = np.concatenate([caps, np.asarray(tier_scores, np.float64)], axis=1)
+    # Prefix sums of the largest exp(g): P(n) for n = tier boundaries - K.
+    largest = np.cumsum(np.sort(np.exp(g))[::-1])
+    bounds = np.concatenate([[k], np.asarray(tier_ranks, np.int64), [n_items]]) - k
+    counts = np.diff(np.concatenate([[0.0], largest[bounds[1:] - 1]]))
+    shifted = (caps + score_error) * scale
+    peak = shifted.max(axis=1, keepdims=True)
+    tiered = peak[:, 0] + np.log(np.exp(shifted - peak) @ (counts + allowance))
+    log_omitted = np.minimum(log_omitted, tiered)
   kept = (kept_scores - score_error) * scale + g[index]
   peak = kept.max(axis=1)
   kept_lse = peak + np.log(np.exp(kept - peak[:, None]).sum(axis=1))
-  log_omitted = (kept_scores.min(axis=1) + score_error) * scale + np.log(rest)
   return _sigmoid(log_omitted - kept_lse)
 
 
