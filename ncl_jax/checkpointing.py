@@ -86,6 +86,12 @@ _STATE = "state"
 _EXTRA = "extra"
 _DATA = "data"
 
+# Test-only hook (not a user setting): with this environment variable set to a step number N, a
+# PreemptionWatcher sends its own process a real SIGTERM right after training step N (see
+# PreemptionWatcher.after_step). Preemption tests use it so that the signal arrives at an exact
+# step whatever the machine's speed; unset, it does nothing.
+TEST_SIGTERM_ENV = "NCL_JAX_TEST_SIGTERM_AFTER_STEP"
+
 _log = logging.getLogger(__name__)
 
 
@@ -477,6 +483,18 @@ def rewind_jsonl(path: str | os.PathLike, last_step: int | None) -> None:
   os.replace(tmp, path)
 
 
+def _test_sigterm_step() -> int | None:
+  """The step of :data:`TEST_SIGTERM_ENV`, or None when it is unset or empty."""
+  value = os.environ.get(TEST_SIGTERM_ENV, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f"{TEST_SIGTERM_ENV}={value!r} is not a step number; it is a test-only "
+                    "setting, unset it") from None
+
+
 class PreemptionWatcher:
   """Turns SIGTERM (how TPU VMs and most schedulers announce preemption) into a flag.
 
@@ -514,6 +532,7 @@ class PreemptionWatcher:
     if sync_every_steps < 1:
       raise ValueError(f"sync_every_steps must be >= 1, got {sync_every_steps}")
     self._sync_every_steps = sync_every_steps
+    self._test_sigterm_step = _test_sigterm_step()
     self._calls = 0
     self._requested = False
     self._previous = {}
@@ -531,6 +550,17 @@ class PreemptionWatcher:
   def requested(self) -> bool:
     """True once this process received the signal."""
     return self._requested
+
+  def after_step(self, step: int) -> None:
+    """Test-only hook: raises a real SIGTERM in this process right after step ``$TEST_SIGTERM_ENV``.
+
+    Does nothing unless the environment variable :data:`TEST_SIGTERM_ENV` was set when the
+    watcher was created. The signal goes through the operating system to this very thread
+    (``signal.raise_signal``), and Python runs the handler before this returns, so the next
+    :meth:`should_stop` sees it: the stop is exact, not a race with the step loop.
+    """
+    if self._test_sigterm_step is not None and int(step) == self._test_sigterm_step:
+      signal.raise_signal(signal.SIGTERM)
 
   def should_stop(self, step: int | None = None) -> bool:
     """True if any process received the signal.

@@ -490,6 +490,7 @@ def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss)
       batch = sharding.host_batch_to_global(next(iterator), run.mesh)
       state, metrics = run.train_step(state, batch)
       step += 1
+      watcher.after_step(step)  # test-only SIGTERM hook, a no-op unless its variable is set
       pending.append((step, metrics))
       last = step == total
       evaluate_now = val_split is not None and (step % eval_every == 0 or last)

@@ -9,6 +9,13 @@ its peers). CPU collectives across processes use gloo, jax 0.10's default CPU im
 * Training: ``python -m ncl_jax.main`` in 2 processes x 2 devices logs the same losses as one
   process with 4 devices; a SIGTERM to one of the processes stops both at the same step with
   exit code 0, and running the same commands again resumes and finishes like the reference.
+  The SIGTERM is real but raised by process 1 itself right after a fixed step (the test-only
+  hook ``checkpointing.TEST_SIGTERM_ENV``), so the test does not depend on the machine's speed.
+
+Coordinator ports: a free port is picked by binding port 0 and releasing it, and another program
+may take it before the coordinator binds it. That race cannot be closed from outside the
+coordinator, so the workers are started again on a new port when the coordinator reports that
+it could not bind (``_run_on_free_port``). The timeouts only catch hangs.
 """
 
 import json
@@ -23,15 +30,68 @@ import time
 import numpy as np
 import pytest
 
+from ncl_jax import checkpointing
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 
 
+# What jax.distributed's coordinator (process 0) prints when its port is taken.
+PORT_TAKEN = "Failed to start RPC server"
+PORT_ATTEMPTS = 3
+TIMEOUT_S = 600  # per group of processes; only a hang gets near it
+
+
 def _free_port():
+  """A port that was free a moment ago (see the module docstring for the race)."""
   with socket.socket() as sock:
     sock.bind(("localhost", 0))
     return sock.getsockname()[1]
+
+
+def _run_on_free_port(start, log_dir, timeout=TIMEOUT_S):
+  """Runs ``start(port, logs)``'s processes to the end, on a new port if the first one was taken.
+
+  Args:
+    start: ``start(port, logs) -> [Popen]``; process 0 is the coordinator; process i must write
+      its output to the open file ``logs[i]``.
+    log_dir: where the output files go.
+    timeout: seconds for the whole group (per attempt).
+
+  Returns:
+    ``[(returncode, output)]`` of the last attempt.
+  """
+  log_dir = pathlib.Path(log_dir)
+  log_dir.mkdir(parents=True, exist_ok=True)
+  for attempt in range(PORT_ATTEMPTS):
+    paths = [log_dir / f"attempt{attempt}_process{i}.log" for i in range(NUM_PROCESSES)]
+    logs = [open(path, "w") for path in paths]
+    procs = []
+    try:
+      procs = start(_free_port(), logs)
+      taken = _wait_unless_port_taken(procs, paths[0], timeout)
+    finally:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
+      for log in logs:
+        log.close()
+    if not taken:
+      return [(proc.returncode, path.read_text()) for proc, path in zip(procs, paths)]
+  raise AssertionError(f"the coordinator's port was taken {PORT_ATTEMPTS} times in a row")
+
+
+def _wait_unless_port_taken(procs, coordinator_log, timeout):
+  """Waits for every process; returns True early if the coordinator could not bind its port."""
+  deadline = time.monotonic() + timeout
+  while any(proc.poll() is None for proc in procs):
+    if procs[0].poll() not in (None, 0) and PORT_TAKEN in coordinator_log.read_text():
+      return True
+    assert time.monotonic() < deadline, f"the processes did not finish in {timeout} s"
+    time.sleep(0.1)
+  return procs[0].returncode != 0 and PORT_TAKEN in coordinator_log.read_text()
 
 
 def _env(num_devices, cache_dir=None):
@@ -45,18 +105,37 @@ def _env(num_devices, cache_dir=None):
   return env
 
 
-def _finish_all(procs, timeout=240):
-  """Waits for every process; returns [(returncode, output)]. Kills the rest on failure."""
-  results = []
-  try:
-    for proc in procs:
-      output, _ = proc.communicate(timeout=timeout)
-      results.append((proc.returncode, output))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  return results
+# -- the port helper -----------------------------------------------------------------------------
+
+
+def _connect_worker(process_id, port):
+  """Joins the 2-process runtime and reports the process count."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=NUM_PROCESSES, process_id=process_id,
+                             initialization_timeout=60)
+  print(f"joined as {jax.process_index()} of {jax.process_count()}", flush=True)
+
+
+def test_taken_coordinator_port_is_retried_on_a_new_one(tmp_path, monkeypatch):
+  with socket.socket() as squatter:  # another program holds the first port picked
+    squatter.bind(("localhost", 0))
+    squatter.listen()
+    ports = [squatter.getsockname()[1]]
+    monkeypatch.setattr(sys.modules[__name__], "_free_port",
+                        lambda real=_free_port: ports.pop(0) if ports else real())
+
+    def start(port, logs):
+      return [subprocess.Popen([sys.executable, __file__, "connect", str(i), str(port)],
+                               cwd=REPO, env=_env(1), stdout=logs[i], stderr=subprocess.STDOUT,
+                               text=True)
+              for i in range(NUM_PROCESSES)]
+
+    results = _run_on_free_port(start, tmp_path)
+  assert PORT_TAKEN in (tmp_path / "attempt0_process0.log").read_text()
+  for i, (code, output) in enumerate(results):
+    assert code == 0, output
+    assert f"joined as {i} of {NUM_PROCESSES}" in output
 
 
 # -- checkpoints across processes (no trainer involved) -------------------------------------------
@@ -119,15 +198,16 @@ def _checkpoint_worker(process_id, port, workdir, out_path):
 
 
 def test_checkpoints_across_processes(tmp_path):
-  port = _free_port()
-  procs = [
-      subprocess.Popen(
-          [sys.executable, __file__, "checkpoint", str(i), str(port), str(tmp_path / "run"),
-           str(tmp_path / f"report{i}.json")],
-          cwd=REPO, env=_env(DEVICES_PER_PROCESS), stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT, text=True)
-      for i in range(NUM_PROCESSES)]
-  for code, output in _finish_all(procs, timeout=120):
+  def start(port, logs):
+    return [
+        subprocess.Popen(
+            [sys.executable, __file__, "checkpoint", str(i), str(port), str(tmp_path / "run"),
+             str(tmp_path / f"report{i}.json")],
+            cwd=REPO, env=_env(DEVICES_PER_PROCESS), stdout=logs[i], stderr=subprocess.STDOUT,
+            text=True)
+        for i in range(NUM_PROCESSES)]
+
+  for code, output in _run_on_free_port(start, tmp_path / "logs"):
     assert code == 0, output
   reports = [json.loads((tmp_path / f"report{i}.json").read_text()) for i in range(NUM_PROCESSES)]
   full_queue = np.concatenate([np.arange(12.0).reshape(4, 3) + 100 * i for i in range(2)])
@@ -147,7 +227,7 @@ def test_checkpoints_across_processes(tmp_path):
 # -- the real trainer ----------------------------------------------------------------------------
 
 TOTAL_STEPS = 10
-STOP_AFTER = 3
+STOP_AFTER = 3  # process 1 raises SIGTERM right after this step
 OVERRIDES = (
     f"--config.total_steps={TOTAL_STEPS}",
     "--config.eval_every_steps=0",         # one validation, at the end (62 steps per epoch)
@@ -159,77 +239,71 @@ OVERRIDES = (
 )
 
 
-def _main(workdir, num_devices, process_id=None, port=None):
+def _main(workdir, num_devices, process_id=None, port=None, log=subprocess.PIPE,
+          sigterm_after=None):
   command = [sys.executable, "-m", "ncl_jax.main", "--config=configs/synthetic.py",
              f"--workdir={workdir}", *OVERRIDES]
   if process_id is not None:
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
                 f"--process_id={process_id}"]
   cache_dir = pathlib.Path(workdir).parent / "jax_cache"
-  return subprocess.Popen(command, cwd=REPO, env=_env(num_devices, cache_dir),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env = _env(num_devices, cache_dir)
+  env.pop(checkpointing.TEST_SIGTERM_ENV, None)
+  if sigterm_after is not None:
+    env[checkpointing.TEST_SIGTERM_ENV] = str(sigterm_after)
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                          text=True)
 
 
-def _start_processes(workdir):
-  port = _free_port()
-  return [_main(workdir, DEVICES_PER_PROCESS, i, port) for i in range(NUM_PROCESSES)]
+def _run_processes(workdir, log_dir, sigterm_after=None):
+  """Both processes of one run to the end; ``sigterm_after``: process 1 signals itself then."""
+  def start(port, logs):
+    return [_main(workdir, DEVICES_PER_PROCESS, i, port, log=logs[i],
+                  sigterm_after=sigterm_after if i == 1 else None)
+            for i in range(NUM_PROCESSES)]
+  return _run_on_free_port(start, log_dir)
 
 
 def _train_records(workdir):
   path = pathlib.Path(workdir) / "metrics.jsonl"
-  if not path.is_file():
-    return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # a line being written right now
-      break
-    if "loss" in record:
-      records.append(record)
-  return records
+  records = [json.loads(line) for line in path.read_text().splitlines()]  # read after the run
+  return [r for r in records if "loss" in r]
 
 
 def _run_preempted_then_resumed(workdir):
   """2 processes; SIGTERM to process 1 only; both must stop at one step; then run again."""
-  procs = _start_processes(workdir)
-  try:
-    deadline = time.monotonic() + 180
-    while STOP_AFTER not in [r["step"] for r in _train_records(workdir)]:
-      for proc in procs:
-        assert proc.poll() is None, proc.communicate()[0]
-      assert time.monotonic() < deadline, "no training steps logged in 180 s"
-      time.sleep(0.02)
-    procs[1].send_signal(signal.SIGTERM)
-    for code, output in _finish_all(procs):
-      assert code == 0, output
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-  stopped_at = max(r["step"] for r in _train_records(workdir))
-  assert STOP_AFTER <= stopped_at < TOTAL_STEPS, f"SIGTERM came after the loop ({stopped_at})"
-  steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                 if p.name.isdigit())
-  assert steps[-1] == stopped_at
-  assert not (pathlib.Path(workdir) / "results.json").exists()
-  results = _finish_all(_start_processes(workdir))
+  logs = pathlib.Path(workdir).parent / "logs"
+  results = _run_processes(workdir, logs / "preempted", sigterm_after=STOP_AFTER)
   for code, output in results:
     assert code == 0, output
-  assert f"resumed from step {stopped_at}" in results[0][1], results[0][1]  # process 0 logs
+  assert f"received signal {int(signal.SIGTERM)}" in results[1][1], results[1][1]
+  # Process 0 got no signal but stops at the same step (and logs it).
+  assert f"stopped by SIGTERM after step {STOP_AFTER}" in results[0][1], results[0][1]
+  assert max(r["step"] for r in _train_records(workdir)) == STOP_AFTER
+  steps = sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps[-1] == STOP_AFTER
+  assert not (pathlib.Path(workdir) / "results.json").exists()
+  results = _run_processes(workdir, logs / "resumed")
+  for code, output in results:
+    assert code == 0, output
+  assert f"resumed from step {STOP_AFTER}" in results[0][1], results[0][1]  # process 0 logs
 
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_after_sigterm(tmp_path):
   reference_dir, multi_dir = tmp_path / "one_process", tmp_path / "two_processes"
-  reference = _main(reference_dir, NUM_PROCESSES * DEVICES_PER_PROCESS)
-  try:
-    _run_preempted_then_resumed(multi_dir)
-    [(code, output)] = _finish_all([reference])
-  finally:
-    if reference.poll() is None:
-      reference.kill()
-  assert code == 0, output
+  reference_log = tmp_path / "one_process.log"
+  with open(reference_log, "w") as log:
+    reference = _main(reference_dir, NUM_PROCESSES * DEVICES_PER_PROCESS, log=log)
+    try:  # the reference runs alongside the two-process runs
+      _run_preempted_then_resumed(multi_dir)
+      reference.wait(timeout=TIMEOUT_S)
+    finally:
+      if reference.poll() is None:
+        reference.kill()
+        reference.wait()
+  assert reference.returncode == 0, reference_log.read_text()
   expected, got = _train_records(reference_dir), _train_records(multi_dir)
   assert [r["step"] for r in got] == [r["step"] for r in expected] == list(
       range(1, TOTAL_STEPS + 1))
@@ -251,5 +325,7 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(tmp_path):
 if __name__ == "__main__":
   if sys.argv[1] == "checkpoint":
     _checkpoint_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+  elif sys.argv[1] == "connect":
+    _connect_worker(int(sys.argv[2]), int(sys.argv[3]))
   else:
     raise SystemExit(f"unknown worker {sys.argv[1]!r}")

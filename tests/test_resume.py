@@ -4,6 +4,11 @@ Both runs are the real command line (``python -m ncl_jax.main``) in subprocesses
 devices, so the test covers the signal handler, the forced save, exit code 0, automatic resume
 (train state, queues, RNG, data-iterator position, best-checkpoint bookkeeping) and the rewind
 of ``metrics.jsonl``.
+
+The SIGTERM is real (the operating system delivers it to the trainer's handler), but the trainer
+raises it itself right after step ``STOP_AFTER`` through the test-only hook
+``checkpointing.TEST_SIGTERM_ENV``, so the stop step does not depend on how fast the machine is.
+The timeouts only catch hangs.
 """
 
 import json
@@ -13,13 +18,16 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from ncl_jax import checkpointing
+from ncl_jax import errors
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL_STEPS = 20
-STOP_AFTER = 10  # send SIGTERM once metrics.jsonl holds this step (after the first validation)
+STOP_AFTER = 10  # SIGTERM right after this step (after the first validation, before the second)
+TIMEOUT_S = 600  # per command; only a hang gets near it (a run takes ~15-40 s)
 OVERRIDES = (
     f"--config.total_steps={TOTAL_STEPS}",
     "--config.eval_every_steps=8",         # validation at 8, 16, 20: best selection resumes too
@@ -47,9 +55,13 @@ def _env(cache_dir):
   return env
 
 
-def _start(workdir):
+def _start(workdir, sigterm_after=None):
   cache_dir = pathlib.Path(workdir).parent / "jax_cache"
-  return subprocess.Popen(_command(workdir), cwd=REPO, env=_env(cache_dir),
+  env = _env(cache_dir)
+  env.pop(checkpointing.TEST_SIGTERM_ENV, None)
+  if sigterm_after is not None:
+    env[checkpointing.TEST_SIGTERM_ENV] = str(sigterm_after)
+  return subprocess.Popen(_command(workdir), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -57,13 +69,7 @@ def _records(workdir):
   path = pathlib.Path(workdir) / "metrics.jsonl"
   if not path.is_file():
     return []
-  records = []
-  for line in path.read_text().splitlines():
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:  # a line being written right now
-      break
-  return records
+  return [json.loads(line) for line in path.read_text().splitlines()]  # read after the run
 
 
 def _train_steps(records):
@@ -75,7 +81,7 @@ def _checkpoint_steps(workdir):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def _finish(proc, timeout=240):
+def _finish(proc, timeout=TIMEOUT_S):
   output, _ = proc.communicate(timeout=timeout)
   return proc.returncode, output
 
@@ -100,26 +106,20 @@ def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path):
 
 
 def _interrupted_then_resumed(resumed_dir):
-  """Starts a run, sends SIGTERM after STOP_AFTER steps, checks the stop, runs it again."""
-  first = _start(resumed_dir)
+  """Runs until SIGTERM after step STOP_AFTER, checks the stop, then runs the same command again."""
+  first = _start(resumed_dir, sigterm_after=STOP_AFTER)
   try:
-    deadline = time.monotonic() + 180
-    while STOP_AFTER not in _train_steps(_records(resumed_dir)):
-      assert first.poll() is None, _finish(first)[1]
-      assert time.monotonic() < deadline, "the run logged no training steps in 180 s"
-      time.sleep(0.02)
-    first.send_signal(signal.SIGTERM)
     code, output = _finish(first)
   finally:
     if first.poll() is None:
       first.kill()
   assert code == 0, output
-  stopped_at = max(_train_steps(_records(resumed_dir)))
-  assert STOP_AFTER <= stopped_at < TOTAL_STEPS, (
-      f"SIGTERM arrived after the training loop (step {stopped_at}); make the run longer")
+  assert f"received signal {int(signal.SIGTERM)}" in output, output
+  assert f"stopped by SIGTERM after step {STOP_AFTER}" in output, output
+  assert max(_train_steps(_records(resumed_dir))) == STOP_AFTER
   assert not (resumed_dir / "results.json").exists()
   # The forced save holds the step the run stopped at; the log has nothing beyond it.
-  assert _checkpoint_steps(resumed_dir)[-1] == stopped_at
+  assert _checkpoint_steps(resumed_dir)[-1] == STOP_AFTER
 
   second = _start(resumed_dir)
   try:
@@ -128,4 +128,29 @@ def _interrupted_then_resumed(resumed_dir):
     if second.poll() is None:
       second.kill()
   assert code == 0, output
-  assert re.search(rf"resumed from step {stopped_at}\b", output), output
+  assert re.search(rf"resumed from step {STOP_AFTER}\b", output), output
+  assert "received signal" not in output
+
+
+def test_sigterm_hook_is_off_unless_set_and_fires_after_its_step(monkeypatch):
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+  try:
+    monkeypatch.delenv(checkpointing.TEST_SIGTERM_ENV, raising=False)
+    with checkpointing.PreemptionWatcher() as watcher:
+      for step in range(1, 6):
+        watcher.after_step(step)
+      assert not watcher.should_stop()
+    monkeypatch.setenv(checkpointing.TEST_SIGTERM_ENV, "3")
+    with checkpointing.PreemptionWatcher() as watcher:
+      stops = []
+      for step in range(1, 6):
+        watcher.after_step(step)
+        stops.append(watcher.should_stop())
+    assert stops == [False, False, True, True, True]
+    assert seen == []  # the watcher's handler took the signal, not the earlier one
+    monkeypatch.setenv(checkpointing.TEST_SIGTERM_ENV, "ten")
+    with pytest.raises(errors.UserError, match="not a step number"):
+      checkpointing.PreemptionWatcher()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
