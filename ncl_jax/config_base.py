@@ -92,7 +92,14 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # "qbnorm,is,csls,dsl"), each at hyper-parameters chosen on the validation split's R@1 with the
   # same bank (ncl_jax.evaluate.select_hyperparameters); needs a validation split.
   config.eval.methods = ""
-  # Inference-time NCL normalization: Sinkhorn biases from the training queue (the bank).
+  # Inference-time NCL normalization: Sinkhorn biases from a bank of training queries.
+  # bank "queue": the training queues as they stand (embeddings computed during training, up to
+  # queue_size / global_batch_size steps stale); "reencoded": the same training
+  # pairs (the last steps' batches) embedded again with the evaluated parameters. bank_size:
+  # pairs of a re-encoded bank, 0 = ncl.queue_size; larger reaches further back in training
+  # (capped by the pairs the run has seen).
+  config.eval.bank = "queue"
+  config.eval.bank_size = 0
   config.eval.sinkhorn_tol = 1e-4
   config.eval.sinkhorn_max_iterations = 1000
   # Multi-caption video-to-text protocol of ncl_jax.metrics ("strict" or "group_max") and the

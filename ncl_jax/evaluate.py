@@ -6,8 +6,11 @@ Steps (all queries and videos of the split, nothing dropped):
    over the devices; bring the embeddings to the host and drop the padding.
 2. Cosine similarities ``S`` [n_texts, n_videos] and the model's temperature ``1 / logit_scale``.
 3. Plain retrieval: metrics of ``S`` (text to video) and ``S^T`` (video to text).
-4. NCL-normalized retrieval (inductive): the bank is the training queue of the state (recent
-   training text embeddings for text-to-video, video embeddings for video-to-text). Sinkhorn on
+4. NCL-normalized retrieval (inductive): the bank holds training queries, text embeddings for
+   text-to-video and video embeddings for video-to-text (``config.eval.bank``, see
+   :data:`BANKS`): the training queue of the state as it stands, or the same training pairs
+   re-encoded with the evaluated parameters (:func:`bank_positions`,
+   :func:`encode_training_batches`). Sinkhorn on
    ``bank x test candidates`` gives candidate biases so that every candidate receives its
    expected share of the bank's retrieval probability (one share per caption of a video); the
    test scores become ``S / temperature + bias`` (:func:`ncl_jax.normalize.ncl`).
@@ -22,7 +25,7 @@ Steps (all queries and videos of the split, nothing dropped):
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +43,74 @@ from ncl_jax.models.dual_encoder import DualEncoder
 
 # Result modes of :func:`retrieval_results`: plain scores and NCL-normalized scores.
 EVAL_MODES = ("plain", "ncl")
+
+# Where the bank of NCL-normalized inference comes from (``config.eval.bank``):
+# "queue": the state's training queues as they stand: the embeddings of the last
+#   ``ncl.queue_size`` training pairs, each computed with the parameters of the step that
+#   trained on it (up to ``queue_size / global_batch_size`` steps older than the evaluated ones).
+# "reencoded": the same training pairs (the batches of the last steps before the evaluated
+#   state, ``eval.bank_size`` pairs, 0 = as many as the queue holds) embedded again with the
+#   evaluated parameters.
+BANKS = ("queue", "reencoded")
+
+
+def check_bank(bank: str, bank_size: int) -> None:
+  """Raises a UserError unless ``config.eval.bank`` / ``bank_size`` are valid."""
+  if bank not in BANKS:
+    raise UserError(f"config.eval.bank must be one of {', '.join(BANKS)}, got {bank!r}")
+  if int(bank_size) < 0:
+    raise UserError(f"config.eval.bank_size must be >= 0 (0: the queue's size), got {bank_size}")
+
+
+def bank_positions(step: int, global_batch_size: int, bank_size: int) -> range:
+  """Training-iterator positions of the batches that a re-encoded bank of a state holds.
+
+  The batch at position ``p`` (0-based, counted across epochs) trained step ``p + 1``, so a
+  state at ``step`` has seen positions ``0 .. step - 1``. The bank takes the most recent
+  ``ceil(bank_size / global_batch_size)`` of them, or all of them early in the run: the queue's
+  training pairs when ``bank_size`` is the queue's size.
+
+  Args:
+    step: the evaluated state's step (updates applied).
+    global_batch_size: training examples per step.
+    bank_size: training pairs wanted (> 0).
+
+  Returns:
+    The positions, oldest first (empty at step 0).
+  """
+  batches = min(int(step), -(-int(bank_size) // int(global_batch_size)))
+  return range(int(step) - batches, int(step))
+
+
+def encode_training_batches(encoders: Encoders, params, batches: Iterable[dict[str, np.ndarray]],
+                            mesh, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Text and video embeddings of training batches, as the queues would hold them.
+
+  Args:
+    encoders: :func:`make_encoders`.
+    params: the parameters to embed with.
+    batches: this host's rows of global training batches (``text_tokens`` [b, L], ``video``,
+      ``frame_mask`` [b, T]), as the training iterator yields them.
+    mesh: the device mesh ("data" axis).
+    limit: keep only the last ``limit`` pairs (the newest, when batches come oldest first).
+
+  Returns:
+    ``(text [n, E], video [n, E])`` float32 on every host, row i of both from the same pair.
+  """
+  texts, videos = [], []
+  for batch in batches:
+    inputs = sharding.host_batch_to_global(
+        {k: batch[k] for k in ("text_tokens", "video", "frame_mask")}, mesh)
+    texts.append(np.asarray(sharding.to_host(encoders.text(params, inputs["text_tokens"])),
+                            np.float32))
+    videos.append(np.asarray(sharding.to_host(
+        encoders.video(params, inputs["video"], inputs["frame_mask"])), np.float32))
+  if not texts:
+    return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+  text, video = np.concatenate(texts), np.concatenate(videos)
+  if limit is not None:
+    text, video = text[-limit:], video[-limit:]
+  return text, video
 
 
 def select_metric_mode(select_metric: str) -> str:

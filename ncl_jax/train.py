@@ -315,6 +315,17 @@ class _Run:
     self.train_step = make_train_step(self.model, self.loss_fn, self.tx, self.mesh,
                                       self.schedules)
     self.encoders = evaluate_lib.make_encoders(self.model)
+    evaluate_lib.check_bank(config.eval.bank, config.eval.bank_size)
+    self._bank_batches = None  # the training batches of a re-encoded bank, made on first use
+    self._reencoded_bank = None  # ((step, size), (text, video)) of the last re-encoded bank
+
+  def train_iterator(self, num_workers: int | None = None):
+    """This host's training batches from the start of the run (position 0); ``num_workers``
+    Grain worker processes (default ``config.data.num_workers``)."""
+    return self.dataset.train_iterator(
+        self.config.global_batch_size, seed=int(self.config.data.seed),
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=num_workers)
 
   def _state_from_params(self, params):
     return new_train_state(params, self.tx, int(self.config.ncl.queue_size), self.embed_dim,
@@ -328,24 +339,44 @@ class _Run:
     make = lambda: self._state_from_params(init_params(self.model, int(self.config.seed)))
     return jax.jit(make, out_shardings=self.shardings)()
 
+  def bank(self, state: TrainState) -> tuple[np.ndarray, np.ndarray]:
+    """The (text, video) bank of NCL-normalized inference for ``state`` (``config.eval.bank``)."""
+    if self.config.eval.bank == "queue":
+      return _queue_to_host(state.text_queue), _queue_to_host(state.video_queue)
+    size = int(self.config.eval.bank_size) or int(self.config.ncl.queue_size)
+    key = (int(state.step), size)
+    if self._reencoded_bank is None or self._reencoded_bank[0] != key:
+      # The same state is often evaluated twice (validation selection, then each test split).
+      positions = evaluate_lib.bank_positions(int(state.step), self.config.global_batch_size,
+                                              size)
+      if self._bank_batches is None:  # its own iterator, without workers: only batch_at is used
+        self._bank_batches = self.train_iterator(num_workers=0)
+      batches = (self._bank_batches.batch_at(p) for p in positions)
+      self._reencoded_bank = (key, evaluate_lib.encode_training_batches(
+          self.encoders, state.params, batches, self.mesh, limit=size))
+    return self._reencoded_bank[1]
+
   def evaluate(self, state: TrainState, split: str, plot_prefix: str | None = None,
                methods=None) -> dict[str, Any]:
-    """Plain and NCL-normalized retrieval on ``split``; bank = the state's training queues.
+    """Plain and NCL-normalized retrieval on ``split`` with the bank of :meth:`bank`.
 
     ``methods``: other normalizers with their options per direction (see
     :meth:`select_hyperparameters`), reported under ``"methods"``.
     """
-    return evaluate_lib.evaluate_split(
+    text_bank, video_bank = self.bank(state)
+    results = evaluate_lib.evaluate_split(
         self.encoders, state.params, self.dataset.eval_data(split), self.mesh,
-        text_bank=_queue_to_host(state.text_queue), video_bank=_queue_to_host(state.video_queue),
-        eval_config=self.config.eval, plot_prefix=plot_prefix, methods=methods)
+        text_bank=text_bank, video_bank=video_bank, eval_config=self.config.eval,
+        plot_prefix=plot_prefix, methods=methods)
+    results["bank"] = str(self.config.eval.bank)
+    return results
 
   def select_hyperparameters(self, state: TrainState, methods: tuple[str, ...]):
     """``config.eval.methods``' options chosen on the validation split, same bank as evaluate."""
+    text_bank, video_bank = self.bank(state)
     return evaluate_lib.select_on_split(
         self.encoders, state.params, self.dataset.eval_data(self.dataset.validation_split),
-        self.mesh, text_bank=_queue_to_host(state.text_queue),
-        video_bank=_queue_to_host(state.video_queue), eval_config=self.config.eval,
+        self.mesh, text_bank=text_bank, video_bank=video_bank, eval_config=self.config.eval,
         methods=methods)
 
 
@@ -429,9 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   try:
     # The training order is a function of (data.seed, epoch); the Grain iterator's position is
     # saved in every checkpoint and restored with the train state.
-    iterator = run.dataset.train_iterator(
-        config.global_batch_size, seed=int(config.data.seed), process_index=jax.process_index(),
-        process_count=jax.process_count())
+    iterator = run.train_iterator()
     restored = ckpt.restore_latest(run.abstract_state, data_iterator=iterator.grain_iterator)
     metrics_path = os.path.join(workdir, logging_utils.METRICS_FILE)
     if restored is None:
@@ -558,6 +587,7 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
       "loss_name": run.config.loss,
       "num_texts": main["num_texts"],
       "num_videos": main["num_videos"],
+      "bank": main["bank"],
       "bank_size": main["bank_size"],
       "splits": {s: {k: r[k] for k in ("plain", "ncl", "normalization_error")}
                  for s, r in per_split.items()},

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from ncl_jax import errors
 from ncl_jax import evaluate
 from ncl_jax import metrics as metrics_lib
 from ncl_jax import sharding
@@ -170,3 +171,41 @@ def test_encoding_is_padded_over_devices_and_drops_nothing():
   np.testing.assert_allclose(text, ref_text, atol=1e-5)
   np.testing.assert_allclose(video, ref_video, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)
+
+
+def test_bank_positions_are_the_batches_of_the_last_steps():
+  assert list(evaluate.bank_positions(0, 16, 32)) == []      # nothing trained yet: empty bank
+  assert list(evaluate.bank_positions(1, 16, 32)) == [0]     # step 1 trained on position 0
+  assert list(evaluate.bank_positions(5, 16, 32)) == [3, 4]  # the queue: the last 2 batches
+  assert list(evaluate.bank_positions(5, 16, 40)) == [2, 3, 4]  # a partial batch: one more
+  assert list(evaluate.bank_positions(5, 16, 1000)) == [0, 1, 2, 3, 4]  # capped by the run
+
+
+@pytest.mark.parametrize("bank, size", [("queues", 0), ("queue", -1)])
+def test_bad_bank_settings_are_user_errors(bank, size):
+  with pytest.raises(errors.UserError, match="config.eval.bank"):
+    evaluate.check_bank(bank, size)
+
+
+def test_reencoded_bank_holds_the_queued_pairs_embedded_with_the_evaluated_params():
+  # Learning rate 0: the parameters never change, so re-encoding the queued training pairs
+  # must give back exactly the rows the train steps wrote into the queues.
+  config = tu.tiny_config("ncl", optimizer__lr=0.0, optimizer__weight_decay=0.0)
+  with tu.fast_compile():
+    run = train._Run(config, sharding.make_mesh(jax.devices()[:1]))  # 1 device compiles faster
+    state, batches = run.initial_state(), run.train_iterator()
+    for _ in range(3):  # batch 16, queue 32: the queues hold steps 2 and 3
+      state, _ = run.train_step(state, sharding.host_batch_to_global(next(batches), run.mesh))
+    queue_text, queue_video = run.bank(state)
+    config.eval.bank = "reencoded"
+    text, video = run.bank(state)
+    assert text.shape == video.shape == queue_text.shape == (32, 16)
+    # Rows as (text, video) pairs, sorted, since the queue's slot order differs.
+    pairs = lambda t, v: np.round(np.concatenate([t, v], axis=1), 4)
+    by_rows = lambda x: x[np.lexsort(x.T[::-1])]
+    np.testing.assert_allclose(by_rows(pairs(text, video)),
+                               by_rows(pairs(queue_text, queue_video)), atol=2e-4)
+    config.eval.bank_size = 40  # reaches one batch further back, keeps the newest 40 pairs
+    more_text, _ = run.bank(state)
+    assert more_text.shape == (40, 16)
+    np.testing.assert_allclose(more_text[-32:], text, atol=1e-6)
