@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ncl_jax import errors
+from ncl_jax import logging_utils
 from ncl_jax import train
 
 import train_testutils as tu
@@ -193,3 +194,15 @@ def test_missing_config_file_is_one_line(tmp_path):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "no_such_config.py" in lines[0], proc.stderr
+
+
+def test_progress_line_fills_in_speed_and_eta(monkeypatch):
+  clock = iter([100.0, 102.0, 112.0])  # seconds at the three lines below
+  monkeypatch.setattr(logging_utils.time, "perf_counter", lambda: next(clock))
+  progress = logging_utils.Progress(total_steps=100, start_step=50)  # a resumed run
+  # The first line starts the clock (it comes after compilation), so it has no speed yet.
+  assert progress.line(51, 2.0) == "step 51/100  loss 2.0000  -- steps/s  ETA --"
+  # 10 steps in 2 s: 5 steps/s, and the 39 steps to go take 7.8 s.
+  assert progress.line(61, 1.5) == "step 61/100  loss 1.5000  5.00 steps/s  ETA 0:00:08"
+  # The speed is an average since the first line: 40 steps in 12 s; 9 to go take 2.7 s.
+  assert progress.line(91, 1.25) == "step 91/100  loss 1.2500  3.33 steps/s  ETA 0:00:03"
