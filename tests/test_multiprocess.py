@@ -89,14 +89,30 @@ def _wait_unless_port_taken(procs, coordinator_log, timeout):
   while any(proc.poll() is None for proc in procs):
     if procs[0].poll() not in (None, 0) and PORT_TAKEN in coordinator_log.read_text():
       return True
-    assert time.monotonic() < deadline, f"the processes did not finish in {timeout} s"
+    if time.monotonic() > deadline:
+      _dump_stacks(procs)
+      raise AssertionError(f"the processes did not finish in {timeout} s; their Python stacks "
+                           "are at the end of their logs")
     time.sleep(0.1)
   return procs[0].returncode != 0 and PORT_TAKEN in coordinator_log.read_text()
 
 
+def _dump_stacks(procs):
+  """SIGABRT to hung workers: faulthandler (PYTHONFAULTHANDLER, see _env) prints their stacks."""
+  for proc in procs:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGABRT)
+  for proc in procs:
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      pass
+
+
 def _env(num_devices, cache_dir=None):
   """Fake CPU devices; optionally a persistent compilation cache that later runs reuse."""
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+             PYTHONFAULTHANDLER="1")
   env.pop("XLA_FLAGS", None)
   if cache_dir is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
