@@ -42,17 +42,18 @@ def _check_results_schema(results, steps):
 
 # The 4-device CLI run below also guards learning. Its settings: the tiny demo with 32-d
 # features and embeddings, 1,000 training videos, 90 steps of batch 32 (about 3 epochs) at
-# lr 5e-3, 100 test videos. Measured on data and init seeds 0, 1, 2 (the run uses config seed 42
-# and data seed 0): test R@1 plain t2v 14, 14, __ and v2t 12, 13, __ (chance: 1.0), untrained
-# 0-1; mean relative normalization error plain 0.68-0.71, NCL-normalized 0.26-0.36.
+# lr 5e-3, 100 test videos (chance R@1: 1%). Measured with init and data seeds (0, 0), (1, 1),
+# (2, 2) (this test uses 42 and 0): test R@1 plain t2v 8, 13, 20 and v2t 9, 15, 15, untrained
+# 0-3 in either direction; mean relative normalization error plain 0.60-0.62, NCL-normalized
+# 0.28-0.37, a ratio of 0.46-0.59.
 LEARNING_OVERRIDES = dict(
     total_steps=90, eval_every_steps=30, global_batch_size=32, ncl__queue_size=64,
     optimizer__lr=5e-3, data__num_train_videos=1000, data__num_test_videos=100,
     data__feature_dim=32, model__feature_dim=32, model__embed_dim=32, model__text__width=32)
-# Thresholds with a safety margin: about half the lowest measured R@1, ...
-MIN_TRAINED_R1 = 6.0          # percent, both directions, plain; chance is 1.0
-MIN_GAIN_OVER_UNTRAINED = 4.0  # R@1 points over the same model evaluated before any step
-MAX_NCL_ERROR_RATIO = 0.7     # NCL-normalized / plain normalization error (measured <= 0.52)
+# Thresholds, each with a safety margin against the measurements above:
+MIN_TRAINED_R1 = 4.0           # plain R@1 in %, both directions: 4x chance, half the lowest (8)
+MIN_GAIN_OVER_UNTRAINED = 4.0  # R@1 points over the untrained model: half the lowest gain (8)
+MAX_NCL_ERROR_RATIO = 0.8      # NCL-normalized / plain normalization error (highest: 0.59)
 
 
 def _untrained_test_results(config):
