@@ -271,13 +271,28 @@ def _main(workdir, num_devices, process_id=None, port=None, log=subprocess.PIPE,
                           text=True)
 
 
+# Gloo (the CPU collectives between the processes) gives a peer a fixed time (its default
+# timeout; XLA exposes no setting) to connect. On a heavily oversubscribed machine (seen once at
+# load ~18 on 2 cores) that can run out, and the run fails with this message. It says nothing about the trainer,
+# so the scenario is run once more from scratch; a second such failure fails the test.
+GLOO_TIMEOUT = "Gloo context initialization failed"
+
+
+class _GlooTimeout(Exception):
+  """A run failed because Gloo's connection between the processes timed out."""
+
+
 def _run_processes(workdir, log_dir, sigterm_after=None):
   """Both processes of one run to the end; ``sigterm_after``: process 1 signals itself then."""
   def start(port, logs):
     return [_main(workdir, DEVICES_PER_PROCESS, i, port, log=logs[i],
                   sigterm_after=sigterm_after if i == 1 else None)
             for i in range(NUM_PROCESSES)]
-  return _run_on_free_port(start, log_dir)
+  results = _run_on_free_port(start, log_dir)
+  for code, output in results:
+    if code != 0 and GLOO_TIMEOUT in output:
+      raise _GlooTimeout(output)
+  return results
 
 
 def _train_records(workdir):
@@ -306,13 +321,14 @@ def _run_preempted_then_resumed(workdir):
   assert f"resumed from step {STOP_AFTER}" in results[0][1], results[0][1]  # process 0 logs
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one_and_resume_after_sigterm(tmp_path):
-  reference_dir, multi_dir = tmp_path / "one_process", tmp_path / "two_processes"
-  reference_log = tmp_path / "one_process.log"
+def _reference_and_preempted_runs(root):
+  """The one-process reference alongside the preempted and resumed two-process run."""
+  reference_dir, multi_dir = root / "one_process", root / "two_processes"
+  root.mkdir()
+  reference_log = root / "one_process.log"
   with open(reference_log, "w") as log:
     reference = _main(reference_dir, NUM_PROCESSES * DEVICES_PER_PROCESS, log=log)
-    try:  # the reference runs alongside the two-process runs
+    try:
       _run_preempted_then_resumed(multi_dir)
       reference.wait(timeout=TIMEOUT_S)
     finally:
@@ -320,6 +336,19 @@ def test_two_processes_train_like_one_and_resume_after_sigterm(tmp_path):
         reference.kill()
         reference.wait()
   assert reference.returncode == 0, reference_log.read_text()
+  return reference_dir, multi_dir
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_after_sigterm(tmp_path):
+  try:
+    reference_dir, multi_dir = _reference_and_preempted_runs(tmp_path / "attempt0")
+  except _GlooTimeout as err:  # see GLOO_TIMEOUT
+    print(f"first attempt: {GLOO_TIMEOUT}; running the scenario again:\n{str(err)[-2000:]}")
+    try:
+      reference_dir, multi_dir = _reference_and_preempted_runs(tmp_path / "attempt1")
+    except _GlooTimeout as again:
+      raise AssertionError(f"{GLOO_TIMEOUT} twice in a row:\n{again}") from None
   expected, got = _train_records(reference_dir), _train_records(multi_dir)
   assert [r["step"] for r in got] == [r["step"] for r in expected] == list(
       range(1, TOTAL_STEPS + 1))
