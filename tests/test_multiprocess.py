@@ -37,8 +37,9 @@ NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
 
 
-# What jax.distributed's coordinator (process 0) prints when its port is taken.
-PORT_TAKEN = "Failed to start RPC server"
+# What jax.distributed's coordinator (process 0) prints when its port is taken: gRPC's line,
+# followed by a JaxRuntimeError "Failed to start RPC server" or, sometimes, a segmentation fault.
+PORT_TAKEN = "Failed to add port to server"
 PORT_ATTEMPTS = 3
 TIMEOUT_S = 600  # per group of processes; only a hang gets near it
 
