@@ -54,7 +54,7 @@ import sys
 
 import numpy as np
 
-from ncl_jax import metrics
+from ncl_jax import metrics, npy_files
 from ncl_jax import normalize as norm_lib
 from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
@@ -126,19 +126,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_matrix(path: str, what: str) -> np.ndarray:
   """Memory-maps a 2-D finite float matrix from a .npy file or raises UserError."""
-  if not os.path.isfile(path):
-    raise UserError(f"{what} file {path!r} not found; give the path of a .npy file")
-  try:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err}); "
-                    f"save it with numpy.save") from None
-  if array.ndim != 2:
-    raise UserError(f"{what} must be a 2-D matrix, got shape {array.shape} from {path!r}")
+  array = npy_files.open_matrix(path, what)
   if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
     raise UserError(f"{what} must hold numbers, got dtype {array.dtype} in {path!r}")
-  if 0 in array.shape:
-    raise UserError(f"{what} is empty (shape {array.shape}) in {path!r}")
   for start in range(0, array.shape[0], _FINITE_CHECK_ROWS):
     block = np.asarray(array[start:start + _FINITE_CHECK_ROWS])
     if not np.all(np.isfinite(block)):

@@ -90,3 +90,28 @@ def random_tokens(rng: np.random.Generator, n: int, context_length: int, vocab_s
     tokens[i, 1:length + 1] = rng.integers(1, vocab_size - 2, size=length)
     tokens[i, length + 1] = vocab_size - 1
   return tokens
+
+
+def converted_feature_differences(out_dir, model, rng) -> tuple[float, float]:
+  """Max abs differences (image, text) between a converted checkpoint and the torch ``model``.
+
+  Loads ``out_dir`` with ``ncl_jax.models.load_clip`` and encodes the same two random 32x32
+  images (NHWC for Flax, NCHW for torch) and two random 10-token captions with both.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from ncl_jax.models import load_clip  # pylint: disable=g-import-not-at-top
+  flax_model, params = load_clip(out_dir)
+  images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
+  tokens = random_tokens(rng, 2, 10, 200)
+  encode = jax.jit(lambda p, x, t: (
+      flax_model.apply({"params": p}, x, method=flax_model.encode_image),
+      flax_model.apply({"params": p}, t, method=flax_model.encode_text)))
+  image, text = encode(params, images, jnp.asarray(tokens, jnp.int32))
+  with torch.no_grad():
+    want_image = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+    want_text = model.encode_text(torch.from_numpy(tokens)).numpy()
+  return (float(np.abs(np.asarray(image) - want_image).max()),
+          float(np.abs(np.asarray(text) - want_text).max()))

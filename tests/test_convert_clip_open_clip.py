@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -69,18 +68,7 @@ def numpy_state(model):
 
 
 def check_features(out_dir, model, rng) -> tuple[float, float]:
-  flax_model, params = load_clip(out_dir)
-  images = rng.standard_normal((2, 32, 32, 3)).astype(np.float32)
-  tokens = ref.random_tokens(rng, 2, 10, 200)
-  encode = jax.jit(lambda p, x, t: (
-      flax_model.apply({"params": p}, x, method=flax_model.encode_image),
-      flax_model.apply({"params": p}, t, method=flax_model.encode_text)))
-  image, text = encode(params, images, jnp.asarray(tokens, jnp.int32))
-  with torch.no_grad():
-    want_image = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
-    want_text = model.encode_text(torch.from_numpy(tokens)).numpy()
-  diffs = (float(np.abs(np.asarray(image) - want_image).max()),
-           float(np.abs(np.asarray(text) - want_text).max()))
+  diffs = ref.converted_feature_differences(out_dir, model, rng)
   assert max(diffs) <= TOLERANCE, diffs
   return diffs
 

@@ -8,22 +8,14 @@ from scipy.special import logsumexp, softmax
 from ncl_jax import metrics
 from ncl_jax import normalize as nz
 
+from normalize_testutils import hub_sims
+
 TITLES = "msrvtt_cap4video/msrvtt_titles_matrix.npy"
 VIDEO = "msrvtt_cap4video/msrvtt_video_matrix.npy"
 
 
-def _hub_sims(rng, n_rows, n_cols, dim=16):
-  """Cosine similarities where some candidates are hubs (close to a shared direction)."""
-  hubness = 2 * rng.random((n_cols, 1))
-  cands = rng.standard_normal((n_cols, dim)) + hubness * rng.standard_normal(dim)
-  cands /= np.linalg.norm(cands, axis=1, keepdims=True)
-  queries = rng.standard_normal((n_rows, dim))
-  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-  return (queries @ cands.T).astype(np.float32)
-
-
 def test_ncl_biases_match_pot_plan(rng):
-  bank = _hub_sims(rng, 40, 15)
+  bank = hub_sims(rng, 40, 15)
   temperature = 0.1
   got = nz.ncl_biases(bank, temperature=temperature, tol=1e-6)
   logits = bank.astype(np.float64) / temperature
@@ -35,7 +27,7 @@ def test_ncl_biases_match_pot_plan(rng):
 
 @pytest.mark.parametrize("marginals", [False, True])
 def test_streamed_equals_dense_iterates(rng, marginals):
-  bank = _hub_sims(rng, 150, 24)
+  bank = hub_sims(rng, 150, 24)
   col = rng.integers(1, 4, 24).astype(np.float64) if marginals else None
   kwargs = dict(temperature=0.05, col_marginals=col, tol=0.0, max_iterations=25)
   dense = nz.ncl_biases(bank, stream=False, **kwargs)
@@ -47,7 +39,7 @@ def test_streamed_equals_dense_iterates(rng, marginals):
 
 def test_streamed_reaches_expected_counts_from_memmap(rng, tmp_path):
   """Multi-caption marginals through a memory-mapped bank: each video gets its caption count."""
-  bank = _hub_sims(rng, 300, 20)
+  bank = hub_sims(rng, 300, 20)
   path = tmp_path / "bank.npy"
   np.save(path, bank)
   mapped = np.load(path, mmap_mode="r")
@@ -74,7 +66,7 @@ def test_streamed_survives_an_underflowing_column():
 
 
 def test_dsl_matches_formula(rng):
-  sims = _hub_sims(rng, 30, 12)
+  sims = hub_sims(rng, 30, 12)
   logits = sims.astype(np.float64) / 0.02
   expected = logits * 30 * softmax(logits / 2.0, axis=0)
   got = nz.dsl(sims, temperature=0.02, dsl_temperature=2.0, chunk_rows=7)
@@ -82,8 +74,8 @@ def test_dsl_matches_formula(rng):
 
 
 def test_qbnorm_matches_numpy_transcription(rng):
-  bank = _hub_sims(rng, 12, 40)
-  sims = _hub_sims(rng, 25, 40)
+  bank = hub_sims(rng, 12, 40)
+  sims = hub_sims(rng, 25, 40)
   beta, k, temperature = 5.0, 2, 0.01
   got = nz.qbnorm(sims, bank, temperature=temperature, beta=beta, k=k, chunk_rows=8)
   # QB-Norm as published: activation set = union of the bank queries' top-k candidates;
@@ -125,7 +117,7 @@ def test_normalization_error_and_expected_mass():
 
 
 def test_normalize_dispatch_and_labels(rng):
-  sims = _hub_sims(rng, 20, 20)
+  sims = hub_sims(rng, 20, 20)
   np.testing.assert_allclose(nz.normalize(sims, "none", temperature=0.5), sims / 0.5)
   with pytest.raises(ValueError, match="transductive"):
     nz.normalize(sims, "dsl", sims, temperature=0.01)
@@ -199,8 +191,8 @@ def test_real_dsl_raises_recall(shared_data_dir):
 # Inverted softmax and CSLS against numpy transcriptions of their papers' formulas.
 
 def test_inverted_softmax_matches_smith_et_al(rng):
-  bank = _hub_sims(rng, 30, 20)
-  sims = _hub_sims(rng, 12, 20)
+  bank = hub_sims(rng, 30, 20)
+  sims = hub_sims(rng, 12, 20)
   beta, temperature = 30.0, 0.02
   got = nz.inverted_softmax(sims, bank, temperature=temperature, beta=beta, chunk_rows=16)
   # Smith et al. 2017, eq. 5: P(y -> x) = exp(beta S_yx) / sum_x' exp(beta S_yx'), normalised
@@ -219,8 +211,8 @@ def test_inverted_softmax_matches_smith_et_al(rng):
 
 
 def test_csls_matches_conneau_et_al(rng):
-  bank = _hub_sims(rng, 40, 25)
-  sims = _hub_sims(rng, 15, 25)
+  bank = hub_sims(rng, 40, 25)
+  sims = hub_sims(rng, 15, 25)
   k, temperature = 4, 0.01
   got = nz.csls(sims, bank, temperature=temperature, k=k, chunk_rows=16)  # 3 chunks
   # Conneau et al. 2018, eq. 6: CSLS(x, y) = 2 cos(x, y) - r_T(x) - r_S(y), r = mean cosine of

@@ -15,18 +15,14 @@ from ncl_jax import train
 from ncl_jax.errors import UserError
 
 import train_testutils as tu
+from normalize_testutils import hub_sims
 
 TITLES = "msrvtt_cap4video/msrvtt_titles_matrix.npy"
 VIDEO = "msrvtt_cap4video/msrvtt_video_matrix.npy"
 
 
 def _hub_bank(rng, n_rows=60, n_cols=12, dim=8):
-  hubness = 2 * rng.random((n_cols, 1))
-  cands = rng.standard_normal((n_cols, dim)) + hubness * rng.standard_normal(dim)
-  cands /= np.linalg.norm(cands, axis=1, keepdims=True)
-  queries = rng.standard_normal((n_rows, dim))
-  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-  return (queries @ cands.T).astype(np.float32)
+  return hub_sims(rng, n_rows, n_cols, dim)
 
 
 def test_balance_scores_match_a_numpy_reference(rng):

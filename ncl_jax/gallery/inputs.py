@@ -12,6 +12,7 @@ import pathlib
 
 import numpy as np
 
+from ncl_jax import npy_files
 from ncl_jax.errors import UserError
 
 # Rows must have L2 norm within this of 1: float16 storage alone moves norms by ~1e-3.
@@ -22,18 +23,7 @@ _CHECK_ROWS = 65536
 
 def open_embeddings(path: str | os.PathLike, what: str) -> np.ndarray:
   """Memory-maps a non-empty [N, D] float32/float16 ``.npy`` file (nothing is read yet)."""
-  path = str(path)
-  if not os.path.isfile(path):
-    raise UserError(f"{what} file {path!r} not found; give a .npy file of embeddings [N, D]")
-  try:
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err}); save it with "
-                    "numpy.save") from None
-  if array.ndim != 2:
-    raise UserError(f"{what} {path!r} must be 2-D [N, D], got shape {array.shape}")
-  if 0 in array.shape:
-    raise UserError(f"{what} {path!r} is empty (shape {array.shape})")
+  array = npy_files.open_matrix(path, what)
   if array.dtype not in FLOAT_DTYPES:
     raise UserError(f"{what} {path!r} has dtype {array.dtype}; save it as float32 or float16")
   return array
