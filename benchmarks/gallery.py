@@ -54,6 +54,11 @@ def _load():
 
 
 def _peak_rss_gb() -> float:
+  """This process's peak RSS (VmHWM). Unlike ru_maxrss, it restarts at exec, so a worker does
+  not inherit the peak of the process that started it."""
+  for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+      return int(line.split()[1]) / 2 ** 20
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
