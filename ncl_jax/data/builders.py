@@ -226,7 +226,8 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   @classmethod
   def load_item(cls, config, entry, path: str) -> dict[str, Any]:
-    raise NotImplementedError
+    """The stored features of one item at ``path`` (the abstract hook every builder defines)."""
+    raise NotImplementedError(f"{cls.__name__} must define load_item(config, entry, path)")
 
   @staticmethod
   def _check_feature_dims(kept: list[dict[str, Any]]) -> int | None:
