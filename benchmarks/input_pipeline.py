@@ -132,19 +132,26 @@ class _Words:
     return out
 
 
+def _msrvtt_source_files(tmp: str, num_videos: int, seconds: int) -> tuple[str, str, str]:
+  """Writes MSR-VTT-layout annotations and textured videos under ``tmp``; returns the folders
+  (annotations, videos, prepared output)."""
+  manual, videos, out = (os.path.join(tmp, d) for d in ("manual", "videos", "out"))
+  os.makedirs(manual)
+  os.makedirs(videos)
+  ids = [f"video{i}" for i in range(num_videos)]
+  for i, vid in enumerate(ids):
+    _write_textured_video(os.path.join(videos, f"{vid}.mp4"), i, seconds)
+  _write_msrvtt_annotations(manual, ids)
+  return manual, videos, out
+
+
 def frames_mode(num_videos: int, seconds: int, steps: int, workers: int) -> dict:
   """prepare (decode + store) throughput, then 224 px frame batches read back."""
   from ncl_jax.data import (default_data_config, get_dataset,  # pylint: disable=g-import-not-at-top
                             prepare)
 
   with tempfile.TemporaryDirectory() as tmp:
-    manual, videos, out = (os.path.join(tmp, d) for d in ("manual", "videos", "out"))
-    os.makedirs(manual)
-    os.makedirs(videos)
-    ids = [f"video{i}" for i in range(num_videos)]
-    for i, vid in enumerate(ids):
-      _write_textured_video(os.path.join(videos, f"{vid}.mp4"), i, seconds)
-    _write_msrvtt_annotations(manual, ids)
+    manual, videos, out = _msrvtt_source_files(tmp, num_videos, seconds)
     args = prepare._parser().parse_args([  # pylint: disable=protected-access
         "msrvtt", "--manual_dir", manual, "--data_dir", out, "--videos_dir", videos,
         "--mode", "frames", "--max_frames", "12", "--max_bad_fraction", "0"])
@@ -279,13 +286,7 @@ def frames_loaders(num_videos: int, seconds: int, batch_size: int, batches: int,
   from ncl_jax.data import default_data_config, get_dataset, prepare  # pylint: disable=g-import-not-at-top
 
   with tempfile.TemporaryDirectory() as tmp:
-    manual, videos, out = (os.path.join(tmp, d) for d in ("manual", "videos", "out"))
-    os.makedirs(manual)
-    os.makedirs(videos)
-    ids = [f"video{i}" for i in range(num_videos)]
-    for i, vid in enumerate(ids):
-      _write_textured_video(os.path.join(videos, f"{vid}.mp4"), i, seconds)
-    _write_msrvtt_annotations(manual, ids)
+    manual, videos, out = _msrvtt_source_files(tmp, num_videos, seconds)
     prepare.main(["msrvtt", "--manual_dir", manual, "--data_dir", out, "--videos_dir", videos,
                   "--max_frames", "12", "--image_size", "224"])
     cfg = default_data_config("msrvtt")
