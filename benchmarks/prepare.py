@@ -2,17 +2,21 @@
 
 Writes the same synthetic MSR-VTT-format videos once, then times
 `python -m ncl_jax.data.prepare msrvtt` (frames mode, 224 px, 12 frames) built
-  * in this process (--num_workers 1, one decoding thread),
-  * with Beam's DirectRunner and 1 worker process,
-  * with Beam's DirectRunner and 2 worker processes (--num_workers 2),
+  * in this process (--num_workers 1, one video at a time),
+  * with Beam's DirectRunner and 1 worker process (FFmpeg decodes a video on all cores),
+  * the same with --decoder_threads 1 (a video decoded on one core),
+  * with Beam's DirectRunner and 2 worker processes (--num_workers 2; one core each),
 and reports videos/s: wall clock (Beam's start-up included) and while loading (first video
-started to last one done, over all worker processes), with the 2-vs-1-worker ratio of the latter.
+started to last one done, over all worker processes), with the 2-vs-1-worker ratios of the
+latter against both 1-worker builds, and the machine's own ceiling: the same ratio for 2 processes
+that only decode the same videos (and for a pure Python loop), which is below 2 where the two
+vCPUs share a physical core or a CPU quota.
 
 Then, per 224 x 224 frame: JPEG encode (prepare side) and decode (training side) time against
 reading raw uint8 frames, with the bytes each takes, on a hard-to-compress random texture and on a
 smooth frame (gradients + edges + mild noise, closer to natural video).
 
-  python benchmarks/prepare.py [--videos 24] [--seconds 15]
+  python benchmarks/prepare.py [--videos 24] [--seconds 15] [--width 320 --height 240 --fps 25]
 
 Report the machine's load (printed) beside the numbers: other jobs share the CPU.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -75,11 +80,17 @@ RUNS = {   # name: the prepare flags of the build
     "in_process_1_thread": ["--threads", "1"],
     "beam_1_worker": ["--beam_runner", "DirectRunner", "--beam_options=--direct_num_workers=1 "
                       "--direct_running_mode=multi_processing"],
+    # The same worker decoding each video on one core, as each of the 2 workers below does by
+    # default (--decoder_threads 0 = cores / workers): the scaling of the workers alone.
+    "beam_1_worker_1_decoder_thread": [
+        "--beam_runner", "DirectRunner", "--decoder_threads", "1",
+        "--beam_options=--direct_num_workers=1 --direct_running_mode=multi_processing"],
     "beam_2_workers": ["--num_workers", "2"],
 }
 
 
-def prepare_throughput(num_videos: int, seconds: int) -> dict:
+def prepare_throughput(num_videos: int, seconds: int, width: int = 320, height: int = 240,
+                       fps: int = 25) -> dict:
   """Each build on the same videos: wall-clock videos/s, and videos/s while loading (from the
   first video's start to the last one's end, over all processes: Beam's start-up, tens of
   seconds whatever the size, and the writing of records excluded), which is what a large data
@@ -90,7 +101,7 @@ def prepare_throughput(num_videos: int, seconds: int) -> dict:
     os.makedirs(videos)
     ids = [f"video{i}" for i in range(num_videos)]
     for i, vid in enumerate(ids):
-      _write_video(os.path.join(videos, f"{vid}.mp4"), i, seconds)
+      _write_video(os.path.join(videos, f"{vid}.mp4"), i, seconds, fps, width, height)
     _write_annotations(manual, ids)
     results = {}
     for name, extra in RUNS.items():
@@ -106,14 +117,60 @@ def prepare_throughput(num_videos: int, seconds: int) -> dict:
                        "s_per_video": round(summary["loading"]["busy_seconds"]
                                             / summary["loading"]["items"], 3),
                        "processes": summary["loading"]["processes"]}
+    results["machine_2_vs_1_process"] = machine_scaling(
+        [os.path.join(videos, f"{vid}.mp4") for vid in ids[:max(4, num_videos // 4)]])
     store = os.path.join(tmp, "in_process_1_thread")
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(store) for f in fs)
+  two = results["beam_2_workers"]["videos_per_s_loading"]
+  # Against the fastest one-worker build (FFmpeg threads on all cores) and against one worker
+  # that decodes on one core like each of the two does.
   results["beam_2_vs_1_worker_loading"] = round(
-      results["beam_2_workers"]["videos_per_s_loading"]
-      / results["beam_1_worker"]["videos_per_s_loading"], 2)
+      two / results["beam_1_worker"]["videos_per_s_loading"], 2)
+  results["beam_2_vs_1_worker_loading_1_decoder_thread_each"] = round(
+      two / results["beam_1_worker_1_decoder_thread"]["videos_per_s_loading"], 2)
+  # The Beam build's scaling as a fraction of what the machine gives any two processes.
+  results["beam_2_vs_1_of_machine_ceiling"] = round(
+      results["beam_2_vs_1_worker_loading_1_decoder_thread_each"]
+      / results["machine_2_vs_1_process"]["decode_videos"], 2)
   results["videos"], results["seconds_per_video"] = num_videos, seconds
+  results["video_size"] = f"{width}x{height} at {fps} fps"
   results["stored_kb_per_video_jpeg"] = round(size / 1024 / num_videos, 1)
   return results
+
+
+def _decode_all(paths: list[str]) -> None:
+  from ncl_jax.data import video  # pylint: disable=g-import-not-at-top
+  video.set_decoder_threads(1)
+  for path in paths:
+    video.decode_video(path)
+
+
+def _python_loop(steps: int) -> None:
+  total = 0
+  for i in range(steps):
+    total += i * i
+
+
+def _two_vs_one_process(target, arg) -> float:
+  """Throughput of 2 processes running ``target(arg)`` side by side over 1 process running it
+  alone: what this machine's cores give any 2 independent CPU-bound workers (2.0 on two
+  independent idle cores; less where the two vCPUs share a physical core or a CPU quota)."""
+  def timed(count):
+    start = time.perf_counter()
+    procs = [multiprocessing.Process(target=target, args=(arg,)) for _ in range(count)]
+    for proc in procs:
+      proc.start()
+    for proc in procs:
+      proc.join()
+    return time.perf_counter() - start
+  return round(2 * timed(1) / timed(2), 2)
+
+
+def machine_scaling(video_paths: list[str]) -> dict:
+  """The 2-vs-1-process ceiling of this machine: PyAV decoding (one thread, the same videos) and
+  a pure Python loop, each in fresh processes."""
+  return {"decode_videos": _two_vs_one_process(_decode_all, video_paths),
+          "python_loop": _two_vs_one_process(_python_loop, 30_000_000)}
 
 
 def _smooth_frame(size: int, rng) -> np.ndarray:
@@ -155,11 +212,14 @@ def frame_storage(size: int = 224, repeats: int = 200) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--videos", type=int, default=24)
-  parser.add_argument("--seconds", type=int, default=15, help="length of each 320x240 video")
+  parser.add_argument("--seconds", type=int, default=15, help="length of each video")
+  parser.add_argument("--width", type=int, default=320)
+  parser.add_argument("--height", type=int, default=240)
+  parser.add_argument("--fps", type=int, default=25)
   args = parser.parse_args()
   load_before = os.getloadavg()
   storage = frame_storage()
-  throughput = prepare_throughput(args.videos, args.seconds)
+  throughput = prepare_throughput(args.videos, args.seconds, args.width, args.height, args.fps)
   print(json.dumps({
       "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
       "load_avg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],

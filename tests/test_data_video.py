@@ -132,3 +132,19 @@ def test_raw_frames_round_trip_exactly_and_jpeg_still_decodes():
   np.testing.assert_array_equal(video.decode_frame(jpeg), video.decode_jpeg(jpeg))
   with pytest.raises(ValueError, match="png"):
     video.encode_frame(frame, "png")
+
+
+def test_decoder_thread_count_does_not_change_the_frames(tmp_path):
+  path = str(tmp_path / "clip.mp4")
+  dummy.write_video(path, 2, seconds=3.0, fps=10, width=64, height=48)
+  try:
+    by_threads = []
+    for threads in (0, 1, 3):
+      video.set_decoder_threads(threads)
+      by_threads.append(video.decode_video(path, size=32))
+  finally:
+    video.set_decoder_threads(0)
+  for frames in by_threads[1:]:
+    np.testing.assert_array_equal(frames, by_threads[0])
+  with pytest.raises(ValueError, match="decoder threads must be >= 0"):
+    video.set_decoder_threads(-1)

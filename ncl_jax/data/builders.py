@@ -128,9 +128,12 @@ class ItemLoader:
 
   builder_class: type
   config: Any
+  decoder_threads: int = 0   # FFmpeg threads per video (video.set_decoder_threads); 0 = auto
 
   def __call__(self, index: int, item) -> tuple[dict[str, Any], dict[str, Any] | None]:
     entry, path = item
+    # Set here, not once per process: Beam runs the loader in worker processes.
+    video_lib.set_decoder_threads(self.decoder_threads)
     item_id = self.builder_class.item_id(entry)
     status = {"index": index, "id": item_id, "captions": list(entry.captions), "path": path,
               "error": None, "feature_dim": None, "started": time.time(), "pid": os.getpid()}
@@ -167,6 +170,7 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     max_bad_fraction: fail when a larger fraction of a split is missing or unreadable.
     num_workers: decoding threads of the in-process build.
     beam: build with Apache Beam instead.
+    decoder_threads: FFmpeg threads that decode one video (0 = FFmpeg's choice).
   """
 
   VERSION = VERSION
@@ -175,12 +179,13 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
   def __init__(self, *, videos_dir: str | None = None, features_dir: str | None = None,
                max_bad_fraction: float = 0.01, num_workers: int = 2, beam: bool = False,
-               **kwargs):
+               decoder_threads: int = 0, **kwargs):
     self._videos_dir = videos_dir
     self._features_dir = features_dir
     self._max_bad_fraction = max_bad_fraction
     self._num_workers = max(int(num_workers), 1)
     self._beam = bool(beam)
+    self._decoder_threads = int(decoder_threads)
     self._beam_splits: dict[str, tuple[int, str]] = {}   # split -> (items, status folder)
     self._load_times: list[tuple[float, float, int]] = []   # (start, end, pid) per item
     super().__init__(**kwargs)
@@ -262,7 +267,7 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                       f"{skipped[0][1]})")
 
   def _loader(self) -> ItemLoader:
-    return ItemLoader(type(self), self.builder_config)
+    return ItemLoader(type(self), self.builder_config, self._decoder_threads)
 
   def _loaded(self, items) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None]]:
     """(status, example) per item in input order, loaded by a bounded thread pool."""

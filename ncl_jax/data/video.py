@@ -48,6 +48,22 @@ def resize_and_center_crop(frame: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
 
 
+# FFmpeg decoding threads per video in this process (see set_decoder_threads).
+_DECODER_THREADS = {"threads": 0}
+
+
+def set_decoder_threads(threads: int) -> None:
+  """FFmpeg decoding threads per video for this process's later ``decode_video`` calls.
+
+  0 (the default) lets FFmpeg choose, about one per core: best when one video is decoded at a
+  time. A build that decodes several videos at once (threads or worker processes) sets
+  cores / videos-at-once instead, so its decoders do not oversubscribe the cores.
+  """
+  if threads < 0:
+    raise ValueError(f"decoder threads must be >= 0 (got {threads})")
+  _DECODER_THREADS["threads"] = int(threads)
+
+
 def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int = 224,
                  start: float = 0.0, end: float | None = None) -> np.ndarray:
   """Decodes ``path`` into CLIP4Clip-style frames: uint8 [T, size, size, 3], T <= max_frames.
@@ -73,6 +89,7 @@ def decode_video(path: str, *, fps: float = 1.0, max_frames: int = 12, size: int
         raise VideoDecodeError(f"{path}: no video stream")
       stream = container.streams.video[0]
       stream.thread_type = "AUTO"
+      stream.thread_count = _DECODER_THREADS["threads"]
       # Times count from the stream's first frame, as CLIP4Clip's frame positions do: MPEG-TS
       # files (.mts/.m2ts camera videos) start at a non-zero timestamp.
       origin = (float(stream.start_time * stream.time_base)
