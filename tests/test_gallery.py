@@ -145,6 +145,85 @@ def test_sparse_mode_matches_dense_and_says_when_k_is_too_small(rng):
   assert narrow.certified_error > 1e-3 and narrow.omitted_mass_bound > 0
 
 
+def test_omitted_level_by_hand():
+  # One row, n = 10 items, k = 2 kept, the search saw ranks 3..4 (scores 0.5, 0.4) and one
+  # padded slot; 10 - 2 - 2 = 6 unseen items get at most the lowest seen score, 0.4.
+  scores = np.array([[0.9, 0.8, 0.5, 0.4, -3.4e38]])
+  ids = np.array([[4, 7, 1, 2, -1]])
+  scale = 10.0
+  expected = np.log(np.exp(5.0) + np.exp(4.0) + 6 * np.exp(4.0)) - np.log(8)
+  np.testing.assert_allclose(solve.omitted_level(scores, ids, 2, 10, scale), [expected])
+  # Nothing below rank k seen: every omitted item at the k-th score (the clipped matrix).
+  np.testing.assert_allclose(solve.omitted_level(scores[:, :2], ids[:, :2], 2, 10, scale), [8.0])
+
+
+def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
+  bank, items = _problem(rng, n_bank=600, n_items=60, dim=16)
+  dense = solve.dense_biases(bank, items, temperature=0.05, tol=1e-8)
+  sparse = solve.sparse_biases(bank, items, temperature=0.05, top_k=6, tol=1e-8)
+  found = solve.top_k_items(bank, items, 6)
+  b = normalize.balanced_marginals(None, len(bank), len(items))
+  clipped = normalize.column_fixed_point(
+      lambda g: tiles.clipped_column_sums(
+          tiles.clipped_column_mass(found.scores, found.index, 20.0, g, len(items)), g),
+      b, tol=1e-8)
+  gap = lambda g: np.abs(_centred(g) - _centred(dense.bias)).mean()
+  corr = lambda g: np.corrcoef(g, dense.bias)[0, 1]
+  # (k = 6 of 60 items at T = 0.05 leaves much of each row's mass omitted: neither is close.)
+  assert gap(sparse.bias) < 0.8 * gap(clipped.bias), (gap(sparse.bias), gap(clipped.bias))
+  assert corr(sparse.bias) > corr(clipped.bias) + 0.1, (corr(sparse.bias), corr(clipped.bias))
+
+
+def test_unscanned_lists_bound_their_items(rng):
+  bank, items = _problem(rng, n_bank=50, n_items=80, dim=16)
+  _, lists = solve._ivf_index(items, 8)
+  probed = np.stack([rng.choice(8, 3, replace=False) for _ in bank])
+  bias = rng.normal(size=len(items))
+  bound = solve.unscanned_log_mass(bank, probed, lists, 20.0, bias, 0.0)
+  g = bias - bias.max()
+  logits = 20.0 * (bank.astype(np.float64) @ items.T.astype(np.float64)) + g
+  unscanned = ~np.isin(lists.assignment[None, :], probed[:, :, None]).any(axis=1)
+  with np.errstate(divide="ignore"):   # a query that scanned every non-empty list: log 0
+    truth = np.log(np.where(unscanned, np.exp(logits), 0.0).sum(axis=1))
+  assert np.all(bound >= truth - 1e-9)
+  assert np.all(np.isfinite(bound))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
+  rng = np.random.default_rng(seed)
+  bank, items = _problem(rng, n_bank=300, n_items=120, dim=16)
+  k, temperature = 6, 0.05
+  exact = solve.top_k_items(bank, items, k)
+  found = solve.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=3)
+  assert found.probed.shape == (300, 3)
+  missed = np.mean([len(set(a) - set(b)) for a, b in zip(exact.index, found.index)])
+  assert missed > 0   # the ivf search really is approximate here
+  solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7,
+                                 search="ivf", nlist=12, nprobe=3)
+  assert solution.search == "ivf"
+  probs = _dense_probs(bank, items, solution.bias, temperature)
+  outside = _omitted_probability(probs, found.index)
+  scale = 1.0 / temperature
+  error = tiles.float32_score_error(16) * 1.1
+  unscanned = solve.unscanned_log_mass(bank, found.probed, found.lists, scale, solution.bias,
+                                       error)
+  bound = tiles.omitted_mass_bound(found.scores, found.index, scale, solution.bias, len(items),
+                                   error, found.tier_scores, found.tier_ranks, unscanned)
+  assert np.all(bound >= outside), (bound - outside).min()
+  dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
+  assert dense_error <= solution.certified_error
+
+
+def test_ivf_settings_and_their_errors():
+  assert solve.ivf_settings(100_000, 1024, None, None) == (1264, 39)
+  assert solve.ivf_settings(1000, 512, 20, None) == (20, 20)   # twice the depth: all lists
+  with pytest.raises(UserError, match="--nprobe must lie in"):
+    solve.ivf_settings(1000, 8, 10, 11)
+  with pytest.raises(UserError, match="--nlist must lie in"):
+    solve.ivf_settings(1000, 8, 2000, None)
+
+
 # -- index ---------------------------------------------------------------------------------------
 
 
@@ -257,6 +336,20 @@ def test_cli_biases_index_search_round_trip(files, tmp_path, capsys):
   assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_cli_sparse_ivf_reports_its_search(files, tmp_path, capsys):
+  out = tmp_path / "sparse.npy"
+  assert cli.main(_biases_args(files, out, "--top_k", "4", "--search", "ivf", "--nlist", "4",
+                               "--tol", "1e-3", "--json", "-")) == 0
+  captured = capsys.readouterr()
+  report = json.loads(captured.out)
+  assert report["mode"] == "sparse" and report["search"] == "ivf" and report["top_k"] == 4
+  assert report["certified_error"] >= report["error"]
+  assert report["converged"] == (report["certified_error"] <= 1e-3)
+  if not report["converged"]:
+    assert "--nprobe, or --search exact" in captured.err
+  assert np.load(out).shape == (20,)
+
+
 def _save(path, array):
   np.save(path, array)
   return str(path)
@@ -279,6 +372,9 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       (base + ["--bank", bad["empty"]], "is empty"),
       (base + ["--bank", str(files["bank"]), "--top_k", "20"], "below the gallery size 20"),
       (base + ["--bank", str(files["bank"]), "--json", str(files["bank"])], "already exists"),
+      (base + ["--bank", str(files["bank"]), "--search", "ivf"], "add --top_k K"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--search", "ivf", "--nlist",
+               "4", "--nprobe", "5"], r"--nprobe must lie in \[1, nlist = 4\]"),
   ]
   for argv, message in cases:
     with pytest.raises(UserError, match=message):

@@ -1,8 +1,8 @@
 """``python -m ncl_jax.gallery biases|index|search``: NCL for large galleries from embeddings.
 
     python -m ncl_jax.gallery biases --bank BANK.npy --gallery GALLERY.npy --temperature 0.01 \\
-        --out BIASES.npy [--top_k K] [--col_marginals M.npy] [--tol 1e-4] [--max_iterations N] \\
-        [--json PATH|-]
+        --out BIASES.npy [--top_k K [--search exact|ivf]] [--col_marginals M.npy] [--tol 1e-4] \\
+        [--max_iterations N] [--json PATH|-]
     python -m ncl_jax.gallery index --gallery GALLERY.npy --biases BIASES.npy \\
         --temperature 0.01 --out INDEX_DIR [--kind flat|ivf|hnsw]
     python -m ncl_jax.gallery search --index INDEX_DIR --queries Q.npy --k 10 --out TOPK.npz
@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
                       help="logit temperature (the model's; 0.01 for CLIP-style models)")
   biases.add_argument("--out", required=True, help="BIASES.npy to write, float32 [Ng]")
   biases.add_argument("--top_k", type=int, help="sparse mode: keep each bank query's K best items")
+  biases.add_argument("--search", choices=("exact", "ivf"), default="exact",
+                      help="sparse mode's top-k search: exact (flat, 2 Nb Ng D FLOP) or ivf "
+                           "(inverted lists: about nprobe / nlist of that; the bound covers the "
+                           "unscanned lists)")
+  biases.add_argument("--nlist", type=int, help="--search ivf: lists (default ~4 sqrt(Ng))")
+  biases.add_argument("--nprobe", type=int,
+                      help="--search ivf: lists scanned per query (default: enough for about "
+                           "twice the search depth, at least nlist / 32)")
   biases.add_argument("--col_marginals", help="M.npy [Ng]: positive target shares (default "
                       "uniform), e.g. each video's caption count")
   biases.add_argument("--tol", type=float, default=1e-4,
@@ -127,6 +135,9 @@ def _biases(args) -> int:
   if args.top_k is not None and not 1 <= args.top_k < n_items:
     raise UserError(f"--top_k must be below the gallery size {n_items} (and >= 1), got "
                     f"{args.top_k}; drop --top_k for the exact dense mode")
+  if args.top_k is None and (args.search != "exact" or args.nlist or args.nprobe):
+    raise UserError("--search, --nlist and --nprobe choose the sparse mode's search: add "
+                    "--top_k K, or drop them for the exact dense mode")
   marginals = None
   if args.col_marginals:
     marginals = inputs.load_vector(args.col_marginals, "--col_marginals", n_items, positive=True)
@@ -140,7 +151,8 @@ def _biases(args) -> int:
   if args.top_k is None:
     solution = solve.dense_biases(bank, gallery, **options)
   else:
-    solution = solve.sparse_biases(bank, gallery, top_k=args.top_k, **options)
+    solution = solve.sparse_biases(bank, gallery, top_k=args.top_k, search=args.search,
+                                   nlist=args.nlist, nprobe=args.nprobe, **options)
   report = dict(solution.report(), bank=list(bank.shape), gallery=list(gallery.shape),
                 temperature=args.temperature, out=args.out)
   if not writer:
@@ -150,8 +162,9 @@ def _biases(args) -> int:
     why = (f"the omitted-mass bound allows a column error of {solution.certified_error:.3g}"
            if solution.mode == "sparse" and solution.error <= args.tol else
            f"the column error is {solution.error:.3g} after {solution.iterations} updates")
-    hint = (f"rerun with a larger --top_k (e.g. {2 * args.top_k})" if solution.mode == "sparse"
-            else "raise --max_iterations")
+    hint = ("raise --max_iterations" if solution.mode == "dense" or solution.error > args.tol
+            else f"rerun with a larger --top_k (e.g. {2 * args.top_k})"
+            + (" or --nprobe, or --search exact" if args.search == "ivf" else ""))
     print(f"warning: not converged to --tol {args.tol:g}: {why}; {hint}", file=sys.stderr)
   text = json.dumps(report, indent=2)
   if args.json == "-":

@@ -101,8 +101,12 @@ def _omitted_exp_sums(kept_index, bias, n_items: int):
   return np.maximum(rest, (n_items - k) * shifted.min())
 
 
-def clipped_column_mass(kept_scores, kept_index, scale, bias, n_items: int):
-  """One chunk's share of the clipped plan's column sums, in two parts.
+def clipped_column_mass(kept_scores, kept_index, scale, bias, n_items: int,
+                        omitted_level=None):
+  """One chunk's share of the sparse plan's column sums, in two parts.
+
+  Row ``i`` keeps its K scores and gives each omitted item the logit ``L_i + g_j``:
+  ``L_i = scale s_iK`` (the clipped matrix, an upper bound) by default, or ``omitted_level``.
 
   Args:
     kept_scores: [r, K] float similarities of each row's exact top-K items (any order).
@@ -110,24 +114,27 @@ def clipped_column_mass(kept_scores, kept_index, scale, bias, n_items: int):
     scale: ``1 / temperature``.
     bias: [n_items] float64 biases.
     n_items: gallery size.
+    omitted_level: optional [r] ``L_i`` (logit units, before the bias).
 
   Returns:
     ``(kept_mass [n_items], row_weight [n_items], total_weight)``: the column sums are
     ``kept_mass + exp(g - max g) * (total_weight - row_weight)`` once every chunk is added up:
     ``kept_mass_j`` sums item ``j``'s probability over rows that keep it, and
-    ``w_i = exp(scale s_iK - lse_i)`` (per unit of ``exp(g - max g)``) weights the rows that omit
+    ``w_i = exp(L_i - lse_i)`` (per unit of ``exp(g - max g)``) weights the rows that omit
     it (``row_weight_j``: the sum of ``w_i`` over rows that keep ``j``).
   """
   scores = np.asarray(kept_scores, np.float64) * scale
   index = np.asarray(kept_index, np.int64)
   g = np.asarray(bias, np.float64) - np.max(bias)
   kept_logits = scores + g[index]
-  omitted_logit = scores.min(axis=1) + np.log(_omitted_exp_sums(index, g, n_items))
+  level = (scores.min(axis=1) if omitted_level is None
+           else np.asarray(omitted_level, np.float64))
+  omitted_logit = level + np.log(_omitted_exp_sums(index, g, n_items))
   peak = np.maximum(kept_logits.max(axis=1), omitted_logit)
   e = np.exp(kept_logits - peak[:, None])
   lse = peak + np.log(e.sum(axis=1) + np.exp(omitted_logit - peak))
   probs = np.exp(kept_logits - lse[:, None])
-  weight = np.exp(scores.min(axis=1) - lse)
+  weight = np.exp(level - lse)
   kept_mass = np.bincount(index.ravel(), probs.ravel(), minlength=n_items)
   row_weight = np.bincount(index.ravel(), np.repeat(weight, index.shape[1]), minlength=n_items)
   return kept_mass, row_weight, float(weight.sum())
@@ -140,6 +147,21 @@ def clipped_column_sums(parts, bias) -> np.ndarray:
   return kept_mass + np.exp(g - g.max()) * np.maximum(total_weight - row_weight, 0.0)
 
 
+def solved_omitted_probability(kept_scores, kept_index, scale, bias, n_items: int,
+                               omitted_level=None):
+  """The probability the sparse plan of :func:`clipped_column_mass` itself puts outside each
+  row's kept items, [r]."""
+  scores = np.asarray(kept_scores, np.float64) * scale
+  index = np.asarray(kept_index, np.int64)
+  g = np.asarray(bias, np.float64) - np.max(bias)
+  level = (scores.min(axis=1) if omitted_level is None
+           else np.asarray(omitted_level, np.float64))
+  kept = scores + g[index]
+  peak = kept.max(axis=1)
+  kept_lse = peak + np.log(np.exp(kept - peak[:, None]).sum(axis=1))
+  return _sigmoid(level + np.log(_omitted_exp_sums(index, g, n_items)) - kept_lse)
+
+
 def float32_score_error(dim: int) -> float:
   """Bound on the rounding error of a float32 dot product of two unit vectors of ``dim``.
 
@@ -150,7 +172,7 @@ def float32_score_error(dim: int) -> float:
 
 
 def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_error=0.0,
-                       tier_scores=None, tier_ranks=()):
+                       tier_scores=None, tier_ranks=(), unscanned_log_mass=None):
   """Upper bound on the probability each row's full softmax puts outside its kept items, [r].
 
   Every omitted item ``j`` of row ``i`` scores at most the row's lowest kept score ``s_min``
@@ -178,6 +200,10 @@ def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_erro
     score_error: largest error of a stored score (:func:`float32_score_error`).
     tier_scores: optional [r, t] scores at ranks ``tier_ranks`` of each row.
     tier_ranks: [t] increasing 1-based ranks, all above K and at most n_items.
+    unscanned_log_mass: optional [r]: when the top-K is exact only within the items a search
+      scanned (ivf), ``log`` of a bound on ``sum exp(scale s_ij + g_j - max g)`` over the items
+      it did not scan (:func:`ncl_jax.gallery.solve.unscanned_log_mass`); the caps above then
+      hold for the scanned items, and this is added.
 
   Returns:
     [r] float64 bounds in [0, 1].
@@ -202,6 +228,8 @@ def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_erro
     peak = shifted.max(axis=1, keepdims=True)
     tiered = peak[:, 0] + np.log(np.exp(shifted - peak) @ (counts + allowance))
     log_omitted = np.minimum(log_omitted, tiered)
+  if unscanned_log_mass is not None:
+    log_omitted = np.logaddexp(log_omitted, np.asarray(unscanned_log_mass, np.float64))
   kept = (kept_scores - score_error) * scale + g[index]
   peak = kept.max(axis=1)
   kept_lse = peak + np.log(np.exp(kept - peak[:, None]).sum(axis=1))
