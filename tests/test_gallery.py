@@ -174,19 +174,60 @@ def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
   assert corr(sparse.bias) > corr(clipped.bias) + 0.1, (corr(sparse.bias), corr(clipped.bias))
 
 
+def test_fast_sparse_plan_equals_the_numpy_reference(rng):
+  n_items, k = 50, 7
+  scores = rng.uniform(-0.2, 0.9, (130, k)).astype(np.float32)
+  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(130)]).astype(np.int32)
+  levels = rng.uniform(5.0, 15.0, 130)
+  bias = rng.normal(size=n_items)
+  plan = solve.SparsePlan(scores, index, levels, n_items, 20.0, rows=48)   # 3 chunks, padded
+  parts = [np.zeros(n_items), np.zeros(n_items), 0.0]
+  for first in range(0, 130, 48):
+    rows = slice(first, first + 48)
+    chunk = tiles.clipped_column_mass(scores[rows], index[rows], 20.0, bias, n_items,
+                                      levels[rows])
+    parts = [a + b for a, b in zip(parts, chunk)]
+  expected = tiles.clipped_column_sums(parts, bias)
+  np.testing.assert_allclose(plan(bias), expected, rtol=2e-5)
+  assert plan(bias).sum() == pytest.approx(130, rel=1e-5)   # each row spreads 1
+
+
 def test_unscanned_lists_bound_their_items(rng):
   bank, items = _problem(rng, n_bank=50, n_items=80, dim=16)
   _, lists = solve._ivf_index(items, 8)
-  probed = np.stack([rng.choice(8, 3, replace=False) for _ in bank])
+  scanned = np.zeros((50, 8), bool)
+  for row in scanned:
+    row[rng.choice(8, 3, replace=False)] = True
   bias = rng.normal(size=len(items))
-  bound = solve.unscanned_log_mass(bank, probed, lists, 20.0, bias, 0.0)
+  bound = solve.unscanned_log_mass(bank, scanned, lists, 20.0, bias, 0.0)
   g = bias - bias.max()
   logits = 20.0 * (bank.astype(np.float64) @ items.T.astype(np.float64)) + g
-  unscanned = ~np.isin(lists.assignment[None, :], probed[:, :, None]).any(axis=1)
+  unscanned = ~scanned[:, lists.assignment]
   with np.errstate(divide="ignore"):   # a query that scanned every non-empty list: log 0
     truth = np.log(np.where(unscanned, np.exp(logits), 0.0).sum(axis=1))
   assert np.all(bound >= truth - 1e-9)
   assert np.all(np.isfinite(bound))
+
+
+def test_ivf_search_is_exact_within_the_scanned_lists(rng):
+  bank, items = _problem(rng, n_bank=300, n_items=120, dim=16)
+  k = 6
+  found = solve.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2,
+                            temperature=0.05)
+  exact = solve.top_k_items(bank, items, k, temperature=0.05)
+  scanned = found.lists.scanned[found.scan_batch][:, found.lists.assignment]   # [Nb, Ng]
+  sims = bank.astype(np.float64) @ items.T.astype(np.float64)
+  for row in range(len(bank)):
+    visible = np.flatnonzero(scanned[row])
+    best = visible[np.argsort(-sims[row, visible], kind="stable")[:k]]
+    np.testing.assert_allclose(np.sort(sims[row, found.index[row]]),
+                               np.sort(sims[row, best]), atol=1e-5)
+    assert np.all(scanned[row, found.index[row]])
+    for rank, tier in zip(found.tier_ranks, found.tier_scores[row]):
+      if rank <= len(visible):
+        assert tier == pytest.approx(np.sort(sims[row, visible])[::-1][rank - 1], abs=1e-5)
+  missed = np.mean([len(set(a) - set(b)) for a, b in zip(exact.index, found.index)])
+  assert missed > 0   # approximate here: some true top-k items lie in unscanned lists
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -194,20 +235,16 @@ def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
   rng = np.random.default_rng(seed)
   bank, items = _problem(rng, n_bank=300, n_items=120, dim=16)
   k, temperature = 6, 0.05
-  exact = solve.top_k_items(bank, items, k)
-  found = solve.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=3)
-  assert found.probed.shape == (300, 3)
-  missed = np.mean([len(set(a) - set(b)) for a, b in zip(exact.index, found.index)])
-  assert missed > 0   # the ivf search really is approximate here
+  found = solve.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2)
   solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7,
-                                 search="ivf", nlist=12, nprobe=3)
+                                 search="ivf", nlist=12, nprobe=2)
   assert solution.search == "ivf"
   probs = _dense_probs(bank, items, solution.bias, temperature)
   outside = _omitted_probability(probs, found.index)
   scale = 1.0 / temperature
   error = tiles.float32_score_error(16) * 1.1
-  unscanned = solve.unscanned_log_mass(bank, found.probed, found.lists, scale, solution.bias,
-                                       error)
+  unscanned = solve.unscanned_log_mass(bank, found.lists.scanned[found.scan_batch],
+                                       found.lists, scale, solution.bias, error)
   bound = tiles.omitted_mass_bound(found.scores, found.index, scale, solution.bias, len(items),
                                    error, found.tier_scores, found.tier_ranks, unscanned)
   assert np.all(bound >= outside), (bound - outside).min()
@@ -216,12 +253,13 @@ def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
 
 
 def test_ivf_settings_and_their_errors():
-  assert solve.ivf_settings(100_000, 1024, None, None) == (1264, 39)
-  assert solve.ivf_settings(1000, 512, 20, None) == (20, 20)   # twice the depth: all lists
+  assert solve.ivf_settings(100_000, None, None) == (1264, 16)
+  assert solve.ivf_settings(1000, 20, None) == (20, 16)
+  assert solve.ivf_settings(1000, 10, None) == (10, 10)
   with pytest.raises(UserError, match="--nprobe must lie in"):
-    solve.ivf_settings(1000, 8, 10, 11)
+    solve.ivf_settings(1000, 10, 11)
   with pytest.raises(UserError, match="--nlist must lie in"):
-    solve.ivf_settings(1000, 8, 2000, None)
+    solve.ivf_settings(1000, 2000, None)
 
 
 # -- index ---------------------------------------------------------------------------------------

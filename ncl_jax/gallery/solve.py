@@ -12,14 +12,16 @@ Anderson-accelerated update loop (:func:`ncl_jax.normalize.column_fixed_point`).
   (:mod:`ncl_jax.gallery.tiles`), the row normalisers over the whole gallery are combined with
   one ``pmax`` and one ``psum`` of [chunk] vectors, and the column sums stay on their device. One
   pass over the bank costs ``2 Nb Ng D`` FLOP and ``Nb Ng`` exp, split over the devices.
-* **Sparse** (:func:`sparse_biases`): each bank query keeps its exact top-K items (a FAISS flat
-  inner-product search, one pass of ``2 Nb Ng D`` FLOP), and NCL is solved on the *clipped*
-  matrix that keeps those scores and gives every omitted item the row's K-th score
-  (:func:`ncl_jax.gallery.tiles.clipped_column_mass`), at ``Nb K`` work per pass. The clipped
-  matrix is never below the true one, so the probability it puts outside a row's kept items
-  bounds the true omitted probability (:func:`ncl_jax.gallery.tiles.omitted_mass_bound`); the
-  dense problem's column error is then at most the clipped one plus twice the mean bound, and
-  the result only claims convergence when that certified error meets ``tol``.
+* **Sparse** (:func:`sparse_biases`): each bank query keeps its top-K items from a FAISS
+  search (exact: one pass of ``2 Nb Ng D`` FLOP; or ivf: the exact top-K of the inverted lists
+  it scans, at a fraction of that), and NCL is solved on a matrix stored in ``Nb K`` numbers:
+  the kept scores, and for the omitted items of a row the mass its deeper search saw below rank
+  K (:func:`omitted_level`; :func:`ncl_jax.gallery.tiles.clipped_column_mass`), at ``Nb K``
+  work per pass. The probability each row's true softmax puts outside its kept items is bounded
+  (:func:`ncl_jax.gallery.tiles.omitted_mass_bound`, plus :func:`unscanned_log_mass` after an
+  ivf search); the dense problem's column error is then at most the solved one plus twice the
+  mean of the larger of that bound and the solved plan's own omitted probability, and the
+  result only claims convergence when that certified error meets ``tol``.
 
 Inputs are numpy arrays or ``np.load(..., mmap_mode="r")`` memmaps of float32 or float16
 L2-normalised rows (:mod:`ncl_jax.gallery.inputs` checks files).
@@ -50,6 +52,9 @@ _MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS = 64, 4096
 # Bank rows per FAISS search call and per sparse update chunk.
 _SEARCH_ROWS = 16384
 _SPARSE_ROWS = 65536
+# ivf search: queries per batch, and lists a batch scans (this many times nprobe at most).
+_IVF_BATCH = 2048
+_IVF_UNION = 8
 # The top-k search goes 2**_TIERS times deeper to bound the omitted items' scores in tiers.
 _TIERS = 3
 # Rows may deviate from unit norm by the accepted tolerance (ncl_jax.gallery.inputs), which
@@ -250,11 +255,14 @@ class IvfLists(NamedTuple):
     radius: [nlist] float64, the largest ``|v - c|`` over each list's items: an item ``v`` of
       list ``c`` scores ``q.v <= q.c + radius_c`` for any unit query ``q``.
     assignment: [Ng] int64 list of each item.
+    scanned: [n_batches, nlist] bool, the lists each batch of queries scanned (filled by the
+      search; see :attr:`TopK.scan_batch`).
   """
 
   centroids: np.ndarray
   radius: np.ndarray
   assignment: np.ndarray
+  scanned: np.ndarray | None = None
 
 
 class TopK(NamedTuple):
@@ -265,7 +273,8 @@ class TopK(NamedTuple):
     index: [Nb, k] int32 item ids.
     tier_scores: [Nb, t] float32 similarity at ranks ``tier_ranks`` (1-based) of each row.
     tier_ranks: [t] the ranks, ``2k, 4k, ...`` up to the gallery size.
-    probed: ivf search only: [Nb, nprobe] int32 lists each query scanned (exact within them).
+    scan_batch: ivf search only: [Nb] int32, the batch each query was scanned in; the query's
+      top-k is exact within that batch's lists (``lists.scanned[scan_batch]``).
     lists: ivf search only: the lists (:class:`IvfLists`).
     omitted_level: with a temperature: [Nb] float64 logit level the sparse solve gives each
       omitted item of a row (:func:`omitted_level`).
@@ -275,7 +284,7 @@ class TopK(NamedTuple):
   index: np.ndarray
   tier_scores: np.ndarray
   tier_ranks: np.ndarray
-  probed: np.ndarray | None = None
+  scan_batch: np.ndarray | None = None
   lists: IvfLists | None = None
   omitted_level: np.ndarray | None = None
 
@@ -289,13 +298,13 @@ def tier_ranks(k: int, n_items: int, tiers: int = _TIERS) -> np.ndarray:
   return np.asarray([r for r in ranks if r <= n_items], np.int64)
 
 
-def ivf_settings(n_items: int, depth: int, nlist: int | None, nprobe: int | None):
-  """(nlist, nprobe) of the ivf search: ~4 sqrt(Ng) lists, and enough probed lists to hold
-  about twice the search depth (at least nlist / 32)."""
+def ivf_settings(n_items: int, nlist: int | None, nprobe: int | None):
+  """(nlist, nprobe) of the ivf search: ~4 sqrt(Ng) lists (at most Ng / 39, FAISS's training
+  minimum), and each query's nearest 16 (at most nlist) for its batch to scan."""
   nlist = nlist or int(min(max(1, 4 * np.sqrt(n_items)), max(1, n_items // 39)))
   if not 1 <= nlist <= n_items:
     raise UserError(f"--nlist must lie in [1, {n_items}] (the gallery size), got {nlist}")
-  nprobe = nprobe or int(min(nlist, max(nlist // 32, np.ceil(2 * depth * nlist / n_items))))
+  nprobe = nprobe or min(nlist, 16)
   if not 1 <= nprobe <= nlist:
     raise UserError(f"--nprobe must lie in [1, nlist = {nlist}], got {nprobe}")
   return nlist, nprobe
@@ -360,15 +369,145 @@ def omitted_level(deep_scores, deep_index, k: int, n_items: int, scale: float) -
   return total - np.log(n_items - k)
 
 
+def _select(scores, ids, k: int, ranks, depth: int):
+  """The top ``depth`` of each row of ``scores`` [m, u] (ids [m, u] or None: column numbers):
+  (scores [m, depth], ids [m, depth]) with the top ``k`` sorted first, the exact values at
+  ``ranks`` (1-based) in place, and rows with fewer than ``depth`` candidates padded with
+  -inf / -1."""
+  m, u = scores.shape
+  if u <= depth:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    top = np.take_along_axis(scores, order, axis=1)
+    top_ids = order if ids is None else np.take_along_axis(ids, order, axis=1)
+    pad = depth - u
+    return (np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf),
+            np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1))
+  kth = sorted({k - 1, *(int(r) - 1 for r in ranks), depth - 1})
+  order = np.argpartition(-scores, kth, axis=1)[:, :depth]
+  top = np.take_along_axis(scores, order, axis=1)
+  first = np.argsort(-top[:, :k], axis=1, kind="stable")
+  top[:, :k] = np.take_along_axis(top[:, :k], first, axis=1)
+  order[:, :k] = np.take_along_axis(order[:, :k], first, axis=1)
+  return top, (order if ids is None else np.take_along_axis(ids, order, axis=1))
+
+
+class _Rows:
+  """The per-row outputs of a top-k search, filled batch by batch."""
+
+  def __init__(self, n_bank, n_items, k, ranks, temperature):
+    self.k, self.ranks, self.n_items = k, ranks, n_items
+    self.scores = np.empty((n_bank, k), np.float32)
+    self.index = np.empty((n_bank, k), np.int32)
+    self.tiers = np.empty((n_bank, len(ranks)), np.float32)
+    self.scale = None if temperature is None else 1.0 / temperature
+    self.levels = None if temperature is None or k >= n_items else np.empty(n_bank)
+
+  def put(self, rows, deep_scores, deep_index):
+    """Rows ``rows`` from their top-``depth`` results (top k first; any order after)."""
+    if (deep_index[:, :self.k] < 0).any():
+      raise UserError(f"some bank queries' scanned lists hold fewer than top_k = {self.k} "
+                      "items; raise --nprobe or lower --top_k")
+    deep_scores = _fill_missing(deep_scores, deep_index)
+    if self.levels is not None:
+      self.levels[rows] = omitted_level(deep_scores, deep_index, self.k, self.n_items,
+                                        self.scale)
+    self.scores[rows] = deep_scores[:, :self.k]
+    self.index[rows] = deep_index[:, :self.k]
+    self.tiers[rows] = deep_scores[:, self.ranks - 1]
+
+
+def _exact_search(bank, gallery, out: _Rows, depth: int, progress, start) -> None:
+  import faiss  # pylint: disable=g-import-not-at-top
+  index = faiss.IndexFlatIP(gallery.shape[1])
+  for block, valid in normalize.host_chunks(gallery, _SEARCH_ROWS):
+    index.add(block[valid])
+  n_bank = bank.shape[0]
+  for first in range(0, n_bank, _SEARCH_ROWS):
+    block = np.ascontiguousarray(bank[first:first + _SEARCH_ROWS], np.float32)
+    rows = slice(first, first + len(block))
+    out.put(rows, *index.search(block, depth))
+    if progress:
+      progress(f"top-{out.k} search: {rows.stop}/{n_bank} bank queries "
+               f"({time.monotonic() - start:.1f} s)")
+
+
+def _nearest_lists(bank, centroids, nprobe: int) -> np.ndarray:
+  """[Nb, nprobe] int32: each query's nprobe lists of largest centroid score, nearest first."""
+  out = np.empty((bank.shape[0], nprobe), np.int32)
+  for first in range(0, bank.shape[0], _SEARCH_ROWS):
+    block = np.asarray(bank[first:first + _SEARCH_ROWS], np.float32)
+    scores = block @ centroids.T
+    top = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    out[first:first + len(block)] = np.take_along_axis(top, order, axis=1)
+  return out
+
+
+def _ivf_search(bank, gallery, out: _Rows, depth: int, nlist: int, nprobe: int, progress,
+                start) -> tuple[np.ndarray, IvfLists]:
+  """Inverted lists, scanned in batches of queries that share their nearest list.
+
+  FAISS's k-means makes the lists. Each query's nearest ``nprobe`` lists are found; queries
+  are grouped by their nearest list (batches of at most ``_IVF_BATCH``), and each batch scans
+  the union of its members' lists (at most ``_IVF_UNION`` x ``nprobe`` lists, the most often
+  wanted first) with one matrix product, so the items are read once per batch, not once per
+  query as FAISS's own IVF scan does (memory-bound: ~3x slower here). Every query's top-k is
+  exact within its batch's lists, which the result records for the bound.
+
+  Returns:
+    ([Nb] int32 batch of each query, the lists with ``scanned`` filled in).
+  """
+  t0 = time.monotonic()
+  index, lists = _ivf_index(gallery, nlist)
+  del index
+  items_by_list = np.argsort(lists.assignment, kind="stable")
+  list_end = np.cumsum(np.bincount(lists.assignment, minlength=nlist))
+  list_start = list_end - np.bincount(lists.assignment, minlength=nlist)
+  sorted_items = np.ascontiguousarray(np.asarray(gallery, np.float32)[items_by_list])
+  nearest = _nearest_lists(bank, lists.centroids, nprobe)
+  if progress:
+    progress(f"ivf lists: {nlist}, each query's {nprobe} nearest found "
+             f"({time.monotonic() - t0:.1f} s)")
+  by_nearest = np.argsort(nearest[:, 0], kind="stable")
+  group_end = np.cumsum(np.bincount(nearest[:, 0], minlength=nlist))
+  batch_of = np.empty(bank.shape[0], np.int32)
+  scanned = []
+  done, reported, n_bank = 0, time.monotonic(), bank.shape[0]
+  for group in range(nlist):
+    members = by_nearest[group_end[group - 1] if group else 0:group_end[group]]
+    for first in range(0, len(members), _IVF_BATCH):
+      rows = np.sort(members[first:first + _IVF_BATCH])
+      wanted, counts = np.unique(nearest[rows], return_counts=True)
+      chosen = wanted[np.argsort(-counts, kind="stable")[:_IVF_UNION * nprobe]]
+      mask = np.zeros(nlist, bool)
+      mask[chosen] = True
+      positions = np.concatenate([np.arange(list_start[c], list_end[c]) for c in chosen])
+      queries = np.asarray(bank[rows], np.float32)   # sorted rows: one memmap read each
+      similarities = queries @ sorted_items[positions].T
+      top, top_positions = _select(similarities, None, out.k, out.ranks, depth)
+      ids = np.where(top_positions >= 0, items_by_list[positions][top_positions], -1)
+      out.put(rows, top, ids.astype(np.int32))
+      batch_of[rows] = len(scanned)
+      scanned.append(mask)
+      done += len(rows)
+      if progress and time.monotonic() - reported >= 10:
+        reported = time.monotonic()
+        progress(f"top-{out.k} ivf search: {done}/{n_bank} bank queries "
+                 f"({reported - start:.1f} s)")
+  return batch_of, lists._replace(scanned=np.stack(scanned))
+
+
 def top_k_items(bank, gallery, k: int, *, search: str = "exact", nlist: int | None = None,
                 nprobe: int | None = None, temperature: float | None = None,
                 progress: Progress | None = None) -> TopK:
-  """Each bank query's ``k`` most similar gallery items, by FAISS.
+  """Each bank query's ``k`` most similar gallery items.
 
-  ``search="exact"``: a flat inner-product search, the exact top ``k`` (one pass of
-  ``2 Nb Ng D`` FLOP). ``search="ivf"``: inverted lists (``nlist`` lists, ``nprobe`` scanned
-  per query): the exact top ``k`` of the scanned lists, at about ``nprobe / nlist`` of the cost;
-  the result records the lists so that the omitted-mass bound can cover the unscanned ones.
+  ``search="exact"``: a FAISS flat inner-product search, the exact top ``k`` (one pass of
+  ``2 Nb Ng D`` FLOP). ``search="ivf"``: inverted lists (``nlist``; FAISS k-means) scanned in
+  batches of queries that share their nearest list, each batch scanning its members' ``nprobe``
+  nearest lists (:func:`_ivf_search`): the exact top ``k`` of the scanned lists at a fraction
+  of the cost; the result records what each query scanned so that the omitted-mass bound can
+  cover the rest.
 
   The search goes ``2**_TIERS`` times deeper (or to the gallery size) and keeps, besides the
   top ``k``, the score at ranks ``2k, 4k, ...``: the omitted (scanned) items below each such
@@ -381,65 +520,32 @@ def top_k_items(bank, gallery, k: int, *, search: str = "exact", nlist: int | No
     search: "exact" or "ivf".
     nlist, nprobe: ivf settings (default :func:`ivf_settings`).
     temperature: when given, also each row's :func:`omitted_level`.
-    progress: called after each chunk of queries.
+    progress: called with progress lines.
   """
-  import faiss  # pylint: disable=g-import-not-at-top
   if search not in SEARCH_KINDS:
     raise UserError(f"search must be one of {SEARCH_KINDS}, got {search!r}")
   n_bank, n_items = bank.shape[0], gallery.shape[0]
   ranks = tier_ranks(k, n_items)
   depth = int(ranks[-1]) if len(ranks) else k
-  lists = probed = None
-  if search == "exact":
-    index = faiss.IndexFlatIP(gallery.shape[1])
-    for block, valid in normalize.host_chunks(gallery, _SEARCH_ROWS):
-      index.add(block[valid])
-  else:
-    nlist, nprobe = ivf_settings(n_items, depth, nlist, nprobe)
-    start = time.monotonic()
-    index, lists = _ivf_index(gallery, nlist)
-    index.nprobe = nprobe
-    if progress:
-      progress(f"ivf index: {nlist} lists, {nprobe} scanned per query "
-               f"({time.monotonic() - start:.1f} s)")
-    probed = np.empty((n_bank, nprobe), np.int32)
-  scores = np.empty((n_bank, k), np.float32)
-  kept = np.empty((n_bank, k), np.int32)
-  tiers = np.empty((n_bank, len(ranks)), np.float32)
-  levels = None if temperature is None or k >= n_items else np.empty(n_bank)
+  out = _Rows(n_bank, n_items, k, ranks, temperature)
   start = time.monotonic()
-  for first in range(0, n_bank, _SEARCH_ROWS):
-    block = np.ascontiguousarray(bank[first:first + _SEARCH_ROWS], np.float32)
-    rows = slice(first, first + len(block))
-    if search == "exact":
-      chunk_scores, chunk_index = index.search(block, depth)
-    else:
-      centroid_scores, lists_scanned = index.quantizer.search(block, nprobe)
-      probed[rows] = lists_scanned
-      chunk_scores, chunk_index = index.search_preassigned(block, depth, lists_scanned,
-                                                           centroid_scores)
-      if (chunk_index[:, :k] < 0).any():
-        raise UserError(f"the {nprobe} scanned lists of some bank queries hold fewer than "
-                        f"top_k = {k} items; raise --nprobe or lower --top_k")
-      chunk_scores = _fill_missing(chunk_scores, chunk_index)
-    if levels is not None:
-      levels[rows] = omitted_level(chunk_scores, chunk_index, k, n_items, 1.0 / temperature)
-    scores[rows], kept[rows] = chunk_scores[:, :k], chunk_index[:, :k]
-    tiers[rows] = chunk_scores[:, ranks - 1]
-    if progress:
-      progress(f"top-{k} search: {rows.stop}/{n_bank} bank queries "
-               f"({time.monotonic() - start:.1f} s)")
-  return TopK(scores, kept, tiers, ranks, probed, lists, levels)
+  batch_of = lists = None
+  if search == "exact":
+    _exact_search(bank, gallery, out, depth, progress, start)
+  else:
+    nlist, nprobe = ivf_settings(n_items, nlist, nprobe)
+    batch_of, lists = _ivf_search(bank, gallery, out, depth, nlist, nprobe, progress, start)
+  return TopK(out.scores, out.index, out.tiers, ranks, batch_of, lists, out.levels)
 
 
-def unscanned_log_mass(block, probed, lists: IvfLists, scale: float, bias,
+def unscanned_log_mass(block, scanned, lists: IvfLists, scale: float, bias,
                        score_error: float) -> np.ndarray:
   """log of an upper bound on ``sum exp(scale q.v_j + g_j - max g)`` over the items of the
   lists a query did not scan, [r]: an item of list ``c`` scores at most ``q.c + radius_c``.
 
   Args:
     block: [r, D] the queries.
-    probed: [r, nprobe] the lists each one scanned.
+    scanned: [r, nlist] bool, the lists each one scanned.
     lists: :class:`IvfLists`.
     scale: ``1 / temperature``.
     bias: [Ng] biases.
@@ -450,13 +556,93 @@ def unscanned_log_mass(block, probed, lists: IvfLists, scale: float, bias,
   caps = np.asarray(block, np.float64) @ lists.centroids.T.astype(np.float64)
   logits = (caps + lists.radius + score_error) * scale + np.log(np.maximum(per_list, 1e-300))
   logits[:, per_list == 0] = -np.inf     # empty lists hold nothing
-  np.put_along_axis(logits, np.asarray(probed, np.int64), -np.inf, axis=1)
+  logits[np.asarray(scanned, bool)] = -np.inf
   peak = logits.max(axis=1)
   finite = np.isfinite(peak)
   out = np.full(len(logits), -np.inf)
   out[finite] = peak[finite] + np.log(
       np.exp(logits[finite] - peak[finite, None]).sum(axis=1))
   return out
+
+
+@jax.jit
+def _sparse_row_probs(scores, index, level, log_rest, bias, scale):
+  """The sparse plan's kept probabilities [r, K] and omitted weights [r] of one chunk of rows:
+  :func:`ncl_jax.gallery.tiles.clipped_column_mass`'s per-row part, fused in float32 (gather,
+  exp and row sums in one loop, no temporaries the size of the chunk)."""
+  kept = scores * scale + bias[index]
+  omitted = level + log_rest
+  peak = jnp.maximum(kept.max(axis=1), omitted)
+  lse = peak + jnp.log(jnp.exp(kept - peak[:, None]).sum(axis=1) + jnp.exp(omitted - peak))
+  return jnp.exp(kept - lse[:, None]), jnp.exp(level - lse)
+
+
+class SparsePlan:
+  """Column sums of the sparse plan over all bank rows, one pass per call, fast.
+
+  Equal to summing :func:`ncl_jax.gallery.tiles.clipped_column_mass` over row chunks, then
+  :func:`ncl_jax.gallery.tiles.clipped_column_sums` (tested), but ~4x faster on CPU: the per-row
+  softmax runs jitted in float32, and the scatter of [r, K] values into item columns is a
+  transposed sparse-matrix product over each chunk's fixed kept pattern (scipy CSR, float64
+  sums). The omitted sums ``sum_{j omitted} exp(g_j)`` stay float64 (differences of large sums).
+
+  Args:
+    scores: [Nb, K] float32 kept similarities.
+    index: [Nb, K] int32 kept item ids.
+    levels: [Nb] float64 omitted logit levels (:func:`omitted_level`).
+    n_items: gallery size.
+    scale: ``1 / temperature``.
+  """
+
+  def __init__(self, scores, index, levels, n_items: int, scale: float,
+               rows: int = _SPARSE_ROWS):
+    import scipy.sparse  # pylint: disable=g-import-not-at-top  (a JAX dependency)
+    self._n_items, self._scale = n_items, np.float32(scale)
+    self._chunks = []
+    k = index.shape[1]
+    for first in range(0, len(index), rows):
+      ids = np.ascontiguousarray(index[first:first + rows], np.int32)
+      n = len(ids)
+      pattern = scipy.sparse.csr_matrix(
+          (np.ones(n * k, np.float32), ids.ravel(), np.arange(0, n * k + 1, k)),
+          shape=(n, n_items))
+      pad = rows - n   # one compiled shape for every chunk
+      self._chunks.append((
+          pattern,
+          np.pad(np.asarray(scores[first:first + rows], np.float32), ((0, pad), (0, 0))),
+          np.pad(ids, ((0, pad), (0, 0))),
+          np.pad(np.asarray(levels[first:first + rows], np.float32), (0, pad)), n))
+
+  def __call__(self, bias) -> np.ndarray:
+    """Column sums [n_items] float64 of the plan under biases ``bias`` [n_items]."""
+    g = np.asarray(bias, np.float64)
+    g = g - g.max()
+    e = np.exp(g)
+    total = e.sum()
+    smallest = e.min()
+    g32 = jnp.asarray(g, jnp.float32)
+    kept_mass = np.zeros(self._n_items)
+    row_weight = np.zeros(self._n_items)
+    weight_sum = 0.0
+    for pattern, scores, ids, levels, n in self._chunks:
+      rest = np.maximum(total - pattern @ e, smallest)   # float64 [n]
+      log_rest = np.pad(np.log(rest), (0, len(levels) - n)).astype(np.float32)
+      probs, weight = _sparse_row_probs(scores, ids, levels, log_rest, g32, self._scale)
+      probs = np.asarray(probs)[:n]
+      weight = np.asarray(weight, np.float64)[:n]
+      kept_mass += _transposed_product(pattern, probs)
+      row_weight += pattern.T @ weight
+      weight_sum += weight.sum()
+    return kept_mass + e * np.maximum(weight_sum - row_weight, 0.0)
+
+
+def _transposed_product(pattern, values) -> np.ndarray:
+  """``sum_i values[i, c] e_{index[i, c]}``: the column sums of a CSR matrix with the pattern's
+  structure and ``values`` [n, K] as its data, in float64."""
+  import scipy.sparse  # pylint: disable=g-import-not-at-top
+  filled = scipy.sparse.csr_matrix((values.ravel(), pattern.indices, pattern.indptr),
+                                   shape=pattern.shape)
+  return filled.T @ np.ones(pattern.shape[0])
 
 
 def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginals=None,
@@ -497,16 +683,7 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
   scale = 1.0 / temperature
   b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
 
-  def column_mass(g):
-    parts = [np.zeros(n_items), np.zeros(n_items), 0.0]
-    for first in range(0, n_bank, _SPARSE_ROWS):
-      rows = slice(first, first + _SPARSE_ROWS)
-      chunk = tiles.clipped_column_mass(scores[rows], kept[rows], scale, g, n_items,
-                                        levels[rows])
-      parts = [total + part for total, part in zip(parts, chunk)]
-    return tiles.clipped_column_sums(parts, g)
-
-  counted, passes = _counting(column_mass, progress, start)
+  counted, passes = _counting(SparsePlan(scores, kept, levels, n_items, scale), progress, start)
   out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
                                      max_iterations=max_iterations, anderson=anderson)
   bound_max, bound_sum, gap_sum = 0.0, 0.0, 0.0
@@ -515,8 +692,9 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
     rows = slice(first, first + _SPARSE_ROWS)
     unscanned = None
     if found.lists is not None:
-      unscanned = unscanned_log_mass(bank[rows], found.probed[rows], found.lists, scale,
-                                     out.bias, error_per_score)
+      scanned = found.lists.scanned[found.scan_batch[rows]]
+      unscanned = unscanned_log_mass(bank[rows], scanned, found.lists, scale, out.bias,
+                                     error_per_score)
     bound = tiles.omitted_mass_bound(scores[rows], kept[rows], scale, out.bias, n_items,
                                      error_per_score, found.tier_scores[rows],
                                      found.tier_ranks, unscanned)

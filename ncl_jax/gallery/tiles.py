@@ -83,13 +83,14 @@ def column_mass(logits, row_valid):
 
 # -- sparse: each bank query's exact top-K items ---------------------------------------------
 #
-# The sparse problem is NCL on the *clipped* matrix ``M``: ``M_ij = s_ij`` for the K kept items
-# of row ``i`` and ``M_ij = s_iK`` (the row's lowest kept score) for every other item. ``M`` is
-# dense, so Sinkhorn on it is always feasible and every bias stays finite, yet it is stored in
-# O(Nb K): a row's omitted items enter only through ``rest_i = sum_{j omitted} exp(g_j)``. Since
-# the kept items are the exact top-K, ``M`` is never below the true scores, so the probability
-# ``M``'s softmax puts on the omitted items bounds the true one from above. These functions use
-# float64 numpy: the omitted sums are differences of large sums.
+# The sparse problem keeps, for each bank row ``i``, its exact top-K scores and gives every
+# omitted item ``j`` the logit ``L_i + g_j``, with one level ``L_i`` per row: the K-th score
+# (the *clipped* matrix, never below the true scores) or an estimate from a deeper search
+# (:func:`ncl_jax.gallery.solve.omitted_level`). Either way the matrix is dense, so Sinkhorn on
+# it is always feasible and every bias stays finite, yet it is stored in O(Nb K): a row's
+# omitted items enter only through ``rest_i = sum_{j omitted} exp(g_j)``. The bound on the true
+# omitted probability uses only the kept scores and the deeper ranks' scores. These functions
+# use float64 numpy: the omitted sums are differences of large sums.
 
 
 def _omitted_exp_sums(kept_index, bias, n_items: int):
