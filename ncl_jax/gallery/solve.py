@@ -597,21 +597,24 @@ class SparsePlan:
   def __init__(self, scores, index, levels, n_items: int, scale: float,
                rows: int = _SPARSE_ROWS):
     import scipy.sparse  # pylint: disable=g-import-not-at-top  (a JAX dependency)
-    self._n_items, self._scale = n_items, np.float32(scale)
+    self._n_items, self._scale, self._rows = n_items, np.float32(scale), rows
     self._chunks = []
     k = index.shape[1]
     for first in range(0, len(index), rows):
+      # Views of the caller's arrays where they are already int32 / float32 (1e6 x 128 rows
+      # are 0.5 GB each); the pattern shares the ids and stores 1-byte ones.
       ids = np.ascontiguousarray(index[first:first + rows], np.int32)
       n = len(ids)
       pattern = scipy.sparse.csr_matrix(
-          (np.ones(n * k, np.float32), ids.ravel(), np.arange(0, n * k + 1, k)),
+          (np.ones(n * k, bool), ids.reshape(-1), np.arange(0, n * k + 1, k)),
           shape=(n, n_items))
-      pad = rows - n   # one compiled shape for every chunk
-      self._chunks.append((
-          pattern,
-          np.pad(np.asarray(scores[first:first + rows], np.float32), ((0, pad), (0, 0))),
-          np.pad(ids, ((0, pad), (0, 0))),
-          np.pad(np.asarray(levels[first:first + rows], np.float32), (0, pad)), n))
+      self._chunks.append((pattern, np.ascontiguousarray(scores[first:first + rows], np.float32),
+                           ids, np.asarray(levels[first:first + rows], np.float32)))
+
+  def _padded(self, array):
+    """One compiled shape for every chunk: the last one is padded to ``rows``."""
+    pad = self._rows - len(array)
+    return array if not pad else np.pad(array, ((0, pad),) + ((0, 0),) * (array.ndim - 1))
 
   def __call__(self, bias) -> np.ndarray:
     """Column sums [n_items] float64 of the plan under biases ``bias`` [n_items]."""
@@ -624,10 +627,12 @@ class SparsePlan:
     kept_mass = np.zeros(self._n_items)
     row_weight = np.zeros(self._n_items)
     weight_sum = 0.0
-    for pattern, scores, ids, levels, n in self._chunks:
+    for pattern, scores, ids, levels in self._chunks:
+      n = len(ids)
       rest = np.maximum(total - pattern @ e, smallest)   # float64 [n]
-      log_rest = np.pad(np.log(rest), (0, len(levels) - n)).astype(np.float32)
-      probs, weight = _sparse_row_probs(scores, ids, levels, log_rest, g32, self._scale)
+      probs, weight = _sparse_row_probs(
+          self._padded(scores), self._padded(ids), self._padded(levels),
+          self._padded(np.log(rest).astype(np.float32)), g32, self._scale)
       probs = np.asarray(probs)[:n]
       weight = np.asarray(weight, np.float64)[:n]
       kept_mass += _transposed_product(pattern, probs)
@@ -688,8 +693,9 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
                                      max_iterations=max_iterations, anderson=anderson)
   bound_max, bound_sum, gap_sum = 0.0, 0.0, 0.0
   error_per_score = tiles.float32_score_error(bank.shape[1]) * _NORM_SLACK
-  for first in range(0, n_bank, _SPARSE_ROWS):
-    rows = slice(first, first + _SPARSE_ROWS)
+  bound_rows = _SPARSE_ROWS // 8   # the ivf term holds [rows, nlist] float64 arrays
+  for first in range(0, n_bank, bound_rows):
+    rows = slice(first, first + bound_rows)
     unscanned = None
     if found.lists is not None:
       scanned = found.lists.scanned[found.scan_batch[rows]]
