@@ -47,12 +47,12 @@ def _parser() -> argparse.ArgumentParser:
   biases.add_argument("--top_k", type=int, help="sparse mode: keep each bank query's K best items")
   biases.add_argument("--search", choices=("exact", "ivf"), default="exact",
                       help="sparse mode's top-k search: exact (flat, 2 Nb Ng D FLOP) or ivf "
-                           "(inverted lists: about nprobe / nlist of that; the bound covers the "
-                           "unscanned lists)")
+                           "(inverted lists scanned in batches of queries: a fraction of that; "
+                           "the bound covers the unscanned lists)")
   biases.add_argument("--nlist", type=int, help="--search ivf: lists (default ~4 sqrt(Ng))")
   biases.add_argument("--nprobe", type=int,
-                      help="--search ivf: lists scanned per query (default: enough for about "
-                           "twice the search depth, at least nlist / 32)")
+                      help="--search ivf: each query's nearest lists that its batch scans "
+                           "(default 16)")
   biases.add_argument("--col_marginals", help="M.npy [Ng]: positive target shares (default "
                       "uniform), e.g. each video's caption count")
   biases.add_argument("--tol", type=float, default=1e-4,
