@@ -141,17 +141,17 @@ def test_bad_beam_arguments_are_one_error_line(msvd_videos, tmp_path, capfd, mon
 def test_decoder_threads_share_the_host_cores_between_concurrent_videos(monkeypatch):
   monkeypatch.setattr(prepare, "_host_cores", lambda: 8)
 
-  def threads(*argv, beam):
+  def threads(*argv):
     args = prepare._parser().parse_args(["msvd", "--manual_dir", "m", "--data_dir", "d", *argv])
-    return prepare.decoder_threads(args, beam)
+    return prepare.decoder_threads(args, prepare._beam_settings(args))
 
-  assert threads(beam=False) == 4                                  # default --threads 2
-  assert threads("--threads", "16", beam=False) == 1               # never below one
-  assert threads("--num_workers", "2", beam=True) == 4
+  assert threads() == 4                                            # in process, --threads 2
+  assert threads("--threads", "16") == 1                           # never below one
+  assert threads("--num_workers", "2") == 4
   assert threads("--beam_runner", "DirectRunner",
-                 "--beam_options=--direct_num_workers=8", beam=True) == 1
-  assert threads("--beam_runner", "DataflowRunner", beam=True) == 0   # FFmpeg decides there
-  assert threads("--num_workers", "2", "--decoder_threads", "3", beam=True) == 3
+                 "--beam_options=--direct_num_workers=8") == 1
+  assert threads("--beam_runner", "DataflowRunner") == 0           # FFmpeg decides there
+  assert threads("--num_workers", "2", "--decoder_threads", "3") == 3
 
 
 def test_negative_decoder_threads_is_one_error_line(msvd_videos, tmp_path, capfd):

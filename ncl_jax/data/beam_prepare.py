@@ -50,7 +50,7 @@ def pipeline_settings(num_workers: int, runner_name: str | None, options: str | 
   except ValueError as err:
     raise UserError(f"--beam_options {options!r} cannot be split like a shell line ({err})") \
         from err
-  is_direct = "Direct" in type(runner).__name__
+  is_direct = _is_direct(runner)
   if num_workers > 1:
     if not is_direct:
       raise UserError(f"--num_workers sizes the local DirectRunner; size a {runner_name} run "
@@ -66,6 +66,18 @@ def pipeline_settings(num_workers: int, runner_name: str | None, options: str | 
     # --beam_options "--default_sdk_harness_log_level=INFO" shows the workers' logs again.
     args.append("--default_sdk_harness_log_level=CRITICAL")
   return runner, PipelineOptions(args)
+
+
+def _is_direct(runner) -> bool:
+  return "Direct" in type(runner).__name__
+
+
+def local_worker_count(runner, options: PipelineOptions) -> int | None:
+  """Worker processes the DirectRunner of :func:`pipeline_settings` starts on this host, or None
+  for a runner whose workers live elsewhere."""
+  if not _is_direct(runner):
+    return None
+  return max(1, int(options.get_all_options().get("direct_num_workers") or 1))
 
 
 @contextlib.contextmanager

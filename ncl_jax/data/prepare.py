@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import sys
 
 from ncl_jax.errors import UserError, run_cli
@@ -117,23 +116,24 @@ def _host_cores() -> int:
     return os.cpu_count() or 1
 
 
-def decoder_threads(args: argparse.Namespace, beam: bool) -> int:
+def decoder_threads(args: argparse.Namespace, beam_settings) -> int:
   """FFmpeg threads per video: --decoder_threads, or when 0 the host's cores shared by the videos
-  decoded at once, so that N decoders do not each start a thread per core (which made 2 Beam
-  workers on 2 cores only 1.4x as fast as 1). On a remote runner the workers' cores are not
-  known here: 0 leaves the choice to FFmpeg."""
+  decoded at once (--threads in process; the DirectRunner's worker processes with Beam), so that
+  N decoders do not each start a thread per core (which made 2 Beam workers on 2 cores only
+  1.4x as fast as 1). On a remote runner the workers' cores are not known here: 0 leaves the
+  choice to FFmpeg.
+
+  Args:
+    args: the parsed command line.
+    beam_settings: (runner, options) of :func:`_beam_settings`, or None in process.
+  """
   if args.decoder_threads:
     return args.decoder_threads
-  if not beam:
+  if beam_settings is None:
     return max(1, _host_cores() // args.threads)
-  if args.beam_runner and "Direct" not in args.beam_runner:
-    return 0
-  workers = args.num_workers
-  for option in shlex.split(args.beam_options or ""):   # valid: checked by _beam_settings
-    name, _, value = option.partition("=")
-    if name == "--direct_num_workers" and value.isdigit() and int(value) > 0:
-      workers = int(value)
-  return max(1, _host_cores() // workers)
+  from ncl_jax.data import beam_prepare  # pylint: disable=g-import-not-at-top
+  workers = beam_prepare.local_worker_count(*beam_settings)
+  return 0 if workers is None else max(1, _host_cores() // workers)
 
 
 def prepare(args: argparse.Namespace) -> dict:
@@ -167,7 +167,7 @@ def prepare(args: argparse.Namespace) -> dict:
       videos_dir=args.videos_dir, features_dir=args.features_dir,
       max_bad_fraction=args.max_bad_fraction, num_workers=args.threads,
       beam=beam_settings is not None,
-      decoder_threads=decoder_threads(args, beam_settings is not None))
+      decoder_threads=decoder_threads(args, beam_settings))
   runner, options = beam_settings or (None, None)
   with _quiet_beam() if beam_settings else contextlib.nullcontext():
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

@@ -16,8 +16,7 @@ Anderson-accelerated update loop (:func:`ncl_jax.normalize.column_fixed_point`).
   search (exact: one pass of ``2 Nb Ng D`` FLOP; or ivf: the exact top-K of the inverted lists
   it scans, at a fraction of that), and NCL is solved on a matrix stored in ``Nb K`` numbers:
   the kept scores, and for the omitted items of a row the mass its deeper search saw below rank
-  K (:func:`omitted_level`; :func:`ncl_jax.gallery.tiles.clipped_column_mass`), at ``Nb K``
-  work per pass. The probability each row's true softmax puts outside its kept items is bounded
+  K (:func:`omitted_level`; :class:`SparsePlan`), at ``Nb K`` work per pass. The probability each row's true softmax puts outside its kept items is bounded
   (:func:`ncl_jax.gallery.tiles.omitted_mass_bound`, plus :func:`unscanned_log_mass` after an
   ivf search); the dense problem's column error is then at most the solved one plus twice the
   mean of the larger of that bound and the solved plan's own omitted probability, and the
@@ -310,32 +309,20 @@ def ivf_settings(n_items: int, nlist: int | None, nprobe: int | None):
   return nlist, nprobe
 
 
-def _ivf_index(gallery, nlist: int):
-  """A FAISS inner-product IVF index of the gallery, and its :class:`IvfLists`."""
+def _ivf_lists(gallery, nlist: int) -> IvfLists:
+  """The gallery's inverted lists: FAISS's k-means centres (inner product), each item's list
+  and each list's radius."""
   import faiss  # pylint: disable=g-import-not-at-top
   items = np.ascontiguousarray(gallery, np.float32)
   quantizer = faiss.IndexFlatIP(items.shape[1])
-  index = faiss.IndexIVFFlat(quantizer, items.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-  index.train(items)
-  index.add(items)
+  faiss.IndexIVFFlat(quantizer, items.shape[1], nlist, faiss.METRIC_INNER_PRODUCT).train(items)
   centroids = quantizer.reconstruct_n(0, nlist)
-  _, assigned = quantizer.search(items, 1)  # the list add() put each item in
+  _, assigned = quantizer.search(items, 1)   # the list FAISS's IVF would put each item in
   assignment = assigned[:, 0].astype(np.int64)
   distance = np.linalg.norm(items.astype(np.float64) - centroids[assignment], axis=1)
   radius = np.zeros(nlist)
   np.maximum.at(radius, assignment, distance)
-  return index, IvfLists(centroids, radius, assignment)
-
-
-def _fill_missing(scores, index):
-  """Rows where the scanned lists held fewer items than asked: FAISS pads them with id -1 at
-  the end. Each padded score becomes the row's last real one (no scanned item lies below it),
-  so the tier scores stay valid caps."""
-  missing = index < 0
-  if not missing.any():
-    return scores
-  real = np.where(missing, np.inf, scores)
-  return np.where(missing, np.minimum.accumulate(real, axis=1), scores)
+  return IvfLists(centroids, radius, assignment)
 
 
 def omitted_level(deep_scores, deep_index, k: int, n_items: int, scale: float) -> np.ndarray:
@@ -373,14 +360,14 @@ def _select(scores, ids, k: int, ranks, depth: int):
   """The top ``depth`` of each row of ``scores`` [m, u] (ids [m, u] or None: column numbers):
   (scores [m, depth], ids [m, depth]) with the top ``k`` sorted first, the exact values at
   ``ranks`` (1-based) in place, and rows with fewer than ``depth`` candidates padded with
-  -inf / -1."""
+  their lowest score (no candidate lies below it, so tier scores stay valid caps) and id -1."""
   m, u = scores.shape
   if u <= depth:
     order = np.argsort(-scores, axis=1, kind="stable")
     top = np.take_along_axis(scores, order, axis=1)
     top_ids = order if ids is None else np.take_along_axis(ids, order, axis=1)
     pad = depth - u
-    return (np.pad(top, ((0, 0), (0, pad)), constant_values=-np.inf),
+    return (np.pad(top, ((0, 0), (0, pad)), mode="edge"),
             np.pad(top_ids, ((0, 0), (0, pad)), constant_values=-1))
   kth = sorted({k - 1, *(int(r) - 1 for r in ranks), depth - 1})
   order = np.argpartition(-scores, kth, axis=1)[:, :depth]
@@ -407,7 +394,6 @@ class _Rows:
     if (deep_index[:, :self.k] < 0).any():
       raise UserError(f"some bank queries' scanned lists hold fewer than top_k = {self.k} "
                       "items; raise --nprobe or lower --top_k")
-    deep_scores = _fill_missing(deep_scores, deep_index)
     if self.levels is not None:
       self.levels[rows] = omitted_level(deep_scores, deep_index, self.k, self.n_items,
                                         self.scale)
@@ -458,8 +444,7 @@ def _ivf_search(bank, gallery, out: _Rows, depth: int, nlist: int, nprobe: int, 
     ([Nb] int32 batch of each query, the lists with ``scanned`` filled in).
   """
   t0 = time.monotonic()
-  index, lists = _ivf_index(gallery, nlist)
-  del index
+  lists = _ivf_lists(gallery, nlist)
   items_by_list = np.argsort(lists.assignment, kind="stable")
   list_end = np.cumsum(np.bincount(lists.assignment, minlength=nlist))
   list_start = list_end - np.bincount(lists.assignment, minlength=nlist)
@@ -567,9 +552,10 @@ def unscanned_log_mass(block, scanned, lists: IvfLists, scale: float, bias,
 
 @jax.jit
 def _sparse_row_probs(scores, index, level, log_rest, bias, scale):
-  """The sparse plan's kept probabilities [r, K] and omitted weights [r] of one chunk of rows:
-  :func:`ncl_jax.gallery.tiles.clipped_column_mass`'s per-row part, fused in float32 (gather,
-  exp and row sums in one loop, no temporaries the size of the chunk)."""
+  """The sparse plan's kept probabilities [r, K] and omitted weights ``w_i = exp(L_i - lse_i)``
+  [r] of one chunk of rows (``lse_i`` the row's log-normaliser over kept and omitted items),
+  fused in float32: gather, exp and row sums in one loop, no temporaries the size of the
+  chunk."""
   kept = scores * scale + bias[index]
   omitted = level + log_rest
   peak = jnp.maximum(kept.max(axis=1), omitted)
@@ -578,13 +564,15 @@ def _sparse_row_probs(scores, index, level, log_rest, bias, scale):
 
 
 class SparsePlan:
-  """Column sums of the sparse plan over all bank rows, one pass per call, fast.
+  """Column sums of the sparse plan over all bank rows, one pass per call.
 
-  Equal to summing :func:`ncl_jax.gallery.tiles.clipped_column_mass` over row chunks, then
-  :func:`ncl_jax.gallery.tiles.clipped_column_sums` (tested), but ~4x faster on CPU: the per-row
-  softmax runs jitted in float32, and the scatter of [r, K] values into item columns is a
-  transposed sparse-matrix product over each chunk's fixed kept pattern (scipy CSR, float64
-  sums). The omitted sums ``sum_{j omitted} exp(g_j)`` stay float64 (differences of large sums).
+  Row ``i`` keeps its K scores and gives each omitted item ``j`` the logit ``L_i + g_j``
+  (``L_i`` from :func:`omitted_level`), so item ``j``'s column sum is its probability over the
+  rows that keep it plus ``exp(g_j)`` times the omitted weights ``w_i`` of the rows that do not.
+  The per-row softmax runs jitted in float32; the scatter of [r, K] values into item columns is
+  a transposed sparse-matrix product over each chunk's fixed kept pattern (scipy CSR, float64
+  sums). The omitted sums ``sum_{j omitted} exp(g_j)`` stay float64 (differences of large
+  sums). A numpy reference of the same plan is in the tests.
 
   Args:
     scores: [Nb, K] float32 kept similarities.
@@ -599,7 +587,7 @@ class SparsePlan:
     import scipy.sparse  # pylint: disable=g-import-not-at-top  (a JAX dependency)
     self._n_items, self._scale, self._rows = n_items, np.float32(scale), rows
     self._chunks = []
-    k = index.shape[1]
+    k = self._k = index.shape[1]
     for first in range(0, len(index), rows):
       # Views of the caller's arrays where they are already int32 / float32 (1e6 x 128 rows
       # are 0.5 GB each); the pattern shares the ids and stores 1-byte ones.
@@ -622,14 +610,14 @@ class SparsePlan:
     g = g - g.max()
     e = np.exp(g)
     total = e.sum()
-    smallest = e.min()
+    floor = (self._n_items - self._k) * e.min()   # no omitted sum is below this
     g32 = jnp.asarray(g, jnp.float32)
     kept_mass = np.zeros(self._n_items)
     row_weight = np.zeros(self._n_items)
     weight_sum = 0.0
     for pattern, scores, ids, levels in self._chunks:
       n = len(ids)
-      rest = np.maximum(total - pattern @ e, smallest)   # float64 [n]
+      rest = np.maximum(total - pattern @ e, floor)   # float64 [n]
       probs, weight = _sparse_row_probs(
           self._padded(scores), self._padded(ids), self._padded(levels),
           self._padded(np.log(rest).astype(np.float32)), g32, self._scale)

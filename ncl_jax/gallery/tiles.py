@@ -89,8 +89,9 @@ def column_mass(logits, row_valid):
 # (:func:`ncl_jax.gallery.solve.omitted_level`). Either way the matrix is dense, so Sinkhorn on
 # it is always feasible and every bias stays finite, yet it is stored in O(Nb K): a row's
 # omitted items enter only through ``rest_i = sum_{j omitted} exp(g_j)``. The bound on the true
-# omitted probability uses only the kept scores and the deeper ranks' scores. These functions
-# use float64 numpy: the omitted sums are differences of large sums.
+# omitted probability uses only the kept scores and the deeper ranks' scores
+# (:class:`ncl_jax.gallery.solve.SparsePlan` sums the plan's columns). These functions use
+# float64 numpy: the omitted sums are differences of large sums.
 
 
 def _omitted_exp_sums(kept_index, bias, n_items: int):
@@ -102,56 +103,12 @@ def _omitted_exp_sums(kept_index, bias, n_items: int):
   return np.maximum(rest, (n_items - k) * shifted.min())
 
 
-def clipped_column_mass(kept_scores, kept_index, scale, bias, n_items: int,
-                        omitted_level=None):
-  """One chunk's share of the sparse plan's column sums, in two parts.
-
-  Row ``i`` keeps its K scores and gives each omitted item the logit ``L_i + g_j``:
-  ``L_i = scale s_iK`` (the clipped matrix, an upper bound) by default, or ``omitted_level``.
-
-  Args:
-    kept_scores: [r, K] float similarities of each row's exact top-K items (any order).
-    kept_index: [r, K] int item ids.
-    scale: ``1 / temperature``.
-    bias: [n_items] float64 biases.
-    n_items: gallery size.
-    omitted_level: optional [r] ``L_i`` (logit units, before the bias).
-
-  Returns:
-    ``(kept_mass [n_items], row_weight [n_items], total_weight)``: the column sums are
-    ``kept_mass + exp(g - max g) * (total_weight - row_weight)`` once every chunk is added up:
-    ``kept_mass_j`` sums item ``j``'s probability over rows that keep it, and
-    ``w_i = exp(L_i - lse_i)`` (per unit of ``exp(g - max g)``) weights the rows that omit
-    it (``row_weight_j``: the sum of ``w_i`` over rows that keep ``j``).
-  """
-  scores = np.asarray(kept_scores, np.float64) * scale
-  index = np.asarray(kept_index, np.int64)
-  g = np.asarray(bias, np.float64) - np.max(bias)
-  kept_logits = scores + g[index]
-  level = (scores.min(axis=1) if omitted_level is None
-           else np.asarray(omitted_level, np.float64))
-  omitted_logit = level + np.log(_omitted_exp_sums(index, g, n_items))
-  peak = np.maximum(kept_logits.max(axis=1), omitted_logit)
-  e = np.exp(kept_logits - peak[:, None])
-  lse = peak + np.log(e.sum(axis=1) + np.exp(omitted_logit - peak))
-  probs = np.exp(kept_logits - lse[:, None])
-  weight = np.exp(level - lse)
-  kept_mass = np.bincount(index.ravel(), probs.ravel(), minlength=n_items)
-  row_weight = np.bincount(index.ravel(), np.repeat(weight, index.shape[1]), minlength=n_items)
-  return kept_mass, row_weight, float(weight.sum())
-
-
-def clipped_column_sums(parts, bias) -> np.ndarray:
-  """Column sums [n_items] from the chunk results of :func:`clipped_column_mass` added up."""
-  kept_mass, row_weight, total_weight = parts
-  g = np.asarray(bias, np.float64)
-  return kept_mass + np.exp(g - g.max()) * np.maximum(total_weight - row_weight, 0.0)
-
-
 def solved_omitted_probability(kept_scores, kept_index, scale, bias, n_items: int,
                                omitted_level=None):
-  """The probability the sparse plan of :func:`clipped_column_mass` itself puts outside each
-  row's kept items, [r]."""
+  """The probability the sparse plan itself puts outside each row's kept items, [r]: row ``i``
+  keeps its K scores and gives each omitted item ``j`` the logit ``L_i + g_j``, with
+  ``L_i = scale s_iK`` by default (the clipped matrix) or ``omitted_level`` [r]
+  (:class:`ncl_jax.gallery.solve.SparsePlan` sums its columns)."""
   scores = np.asarray(kept_scores, np.float64) * scale
   index = np.asarray(kept_index, np.int64)
   g = np.asarray(bias, np.float64) - np.max(bias)
