@@ -73,7 +73,7 @@ def features_mode(steps: int) -> dict:
   plain = get_dataset(data_config).train_iterator(batch_size, seed=0)
   batch_s = _time_batches(plain, steps)
 
-  run = train._Run(config)  # pylint: disable=protected-access
+  run = train.Run(config)
   state = run.initial_state()
   iterator = dataset.train_iterator(batch_size, seed=0)
   batches = [sharding.host_batch_to_global(next(iterator), run.mesh) for _ in range(steps + 3)]
