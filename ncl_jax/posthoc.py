@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
@@ -139,43 +138,20 @@ def _load_matrix(path: str, what: str) -> np.ndarray:
 
 
 def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
-  """Loads and checks a caption->video index map."""
-  if not os.path.isfile(path):
-    raise UserError(f"--gt file {path!r} not found; give a .npy array of video indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"--gt file {path!r} is not a readable .npy array ({err})") from None
-  if mapping.ndim != 1 or mapping.shape[0] != n_texts:
-    raise UserError(f"--gt must be a 1-D array with one entry per text row ({n_texts}), "
-                    f"got shape {mapping.shape}")
-  if not np.issubdtype(mapping.dtype, np.integer):
-    raise UserError(f"--gt must hold integer video indices, got dtype {mapping.dtype}")
-  if mapping.min() < 0 or mapping.max() >= n_videos:
-    raise UserError(f"--gt entries must lie in [0, {n_videos - 1}] (one per video column), "
-                    f"got range [{mapping.min()}, {mapping.max()}]")
+  """Loads and checks a caption->video index map that covers every video."""
+  mapping = npy_files.load_index_map(path, "--gt", n_texts, n_videos, row="text row",
+                                     target="video")
   missing = np.flatnonzero(np.bincount(mapping, minlength=n_videos) == 0)
   if missing.size:
     raise UserError(f"{missing.size} videos have no caption in --gt (first: {missing[0]}); "
                     f"every video column needs at least one text row")
-  return mapping.astype(np.int64)
+  return mapping
 
 
 def _load_bank_map(path: str, bank: np.ndarray, flag: str) -> np.ndarray:
   """Loads a bank's row -> correct candidate map ([n_bank] int in [0, n_candidates))."""
-  if not os.path.isfile(path):
-    raise UserError(f"{flag} file {path!r} not found; give a .npy array of candidate indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{flag} file {path!r} is not a readable .npy array ({err})") from None
   n_rows, n_cols = bank.shape
-  if mapping.shape != (n_rows,) or not np.issubdtype(mapping.dtype, np.integer):
-    raise UserError(f"{flag} must be {n_rows} integers (one per bank row), got "
-                    f"{mapping.dtype} {mapping.shape}")
-  if mapping.min() < 0 or mapping.max() >= n_cols:
-    raise UserError(f"{flag} entries must lie in [0, {n_cols - 1}] (the bank's columns)")
-  return mapping.astype(np.int64)
+  return npy_files.load_index_map(path, flag, n_rows, n_cols, row="bank row", target="candidate")
 
 
 def demo_matrix(n: int = 400, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -347,15 +323,6 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
   return "\n".join(lines)
 
 
-def _check_output(path: str | None, flag: str) -> None:
-  if path and path != "-" and os.path.exists(path):
-    raise UserError(f"{flag} {path!r} already exists; choose a new file name")
-  if path and path != "-":
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-      raise UserError(f"{flag} directory {parent!r} does not exist")
-
-
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   if args.demo == bool(args.sims):
@@ -385,8 +352,8 @@ def main(argv=None) -> int:
                       f"(the test queries' labels are never used for selection)")
   if args.plot and args.plot.lower().endswith(".png") is False:
     raise UserError(f"--plot must name a .png file, got {args.plot!r}")
-  _check_output(args.plot, "--plot")
-  _check_output(args.json, "--json")
+  npy_files.check_new_output(args.plot, "--plot")
+  npy_files.check_new_output(args.json, "--json")
 
   sims = demo_matrix() if args.demo else _load_matrix(args.sims, "SIMS")
   n_texts, n_videos = sims.shape
@@ -431,8 +398,7 @@ def main(argv=None) -> int:
     if args.json == "-":
       print(text)
     else:
-      with open(args.json, "x", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+      npy_files.save_new_text(args.json, text + "\n")
   return 0
 
 
