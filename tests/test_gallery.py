@@ -462,7 +462,7 @@ def test_cli_error_is_one_line_with_exit_code_2(files, tmp_path):
 
 def test_two_processes_compute_the_same_biases(files, tmp_path):
   # The coordinator-port retry of the training tests (a picked port can be taken before use).
-  from test_multiprocess import _env, _run_on_free_port  # pylint: disable=g-import-not-at-top
+  from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
   # 20 items over 4 devices: each process reads 10 gallery rows.
   out = tmp_path / "two.npy"
 
@@ -471,10 +471,10 @@ def test_two_processes_compute_the_same_biases(files, tmp_path):
         [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(files, out, "--tol", "1e-6"),
          "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
          str(i), "--json", str(tmp_path / f"report{i}.json")],
-        cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
 
-  for code, output in _run_on_free_port(start, tmp_path / "logs", timeout=180):
+  for code, output in run_on_free_port(start, tmp_path / "logs", timeout=180):
     assert code == 0, output
   report = json.loads((tmp_path / "report0.json").read_text())
   assert report["processes"] == 2 and report["devices"] == 4 and report["converged"]
