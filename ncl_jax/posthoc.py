@@ -54,7 +54,7 @@ import sys
 
 import numpy as np
 
-from ncl_jax import metrics, npy_files
+from ncl_jax import logit_range, metrics, npy_files
 from ncl_jax import normalize as norm_lib
 from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
@@ -140,12 +140,7 @@ def _load_matrix(path: str, what: str) -> np.ndarray:
 
 def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
   """Loads and checks a caption->video index map."""
-  if not os.path.isfile(path):
-    raise UserError(f"--gt file {path!r} not found; give a .npy array of video indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"--gt file {path!r} is not a readable .npy array ({err})") from None
+  mapping = npy_files.load_array(path, "--gt")
   if mapping.ndim != 1 or mapping.shape[0] != n_texts:
     raise UserError(f"--gt must be a 1-D array with one entry per text row ({n_texts}), "
                     f"got shape {mapping.shape}")
@@ -163,12 +158,7 @@ def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
 
 def _load_bank_map(path: str, bank: np.ndarray, flag: str) -> np.ndarray:
   """Loads a bank's row -> correct candidate map ([n_bank] int in [0, n_candidates))."""
-  if not os.path.isfile(path):
-    raise UserError(f"{flag} file {path!r} not found; give a .npy array of candidate indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{flag} file {path!r} is not a readable .npy array ({err})") from None
+  mapping = npy_files.load_array(path, flag)
   n_rows, n_cols = bank.shape
   if mapping.shape != (n_rows,) or not np.issubdtype(mapping.dtype, np.integer):
     raise UserError(f"{flag} must be {n_rows} integers (one per bank row), got "
@@ -412,6 +402,8 @@ def main(argv=None) -> int:
                       f"it must score video queries against the same test captions")
     v2t_shape = v2t_bank.shape
 
+  logit_range.check_temperature(args.temperature, *logit_range.score_range(sims, bank, v2t_bank),
+                                source="the similarities (SIMS and bank files)")
   bank_gts = {
       "t2v": _load_bank_map(args.bank_gt, bank, "--bank-gt") if args.bank_gt else None,
       "v2t": _load_bank_map(args.v2t_bank_gt, v2t_bank, "--v2t-bank-gt")

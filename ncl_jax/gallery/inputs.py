@@ -67,13 +67,7 @@ def check_same_dimension(a, a_what: str, b, b_what: str) -> None:
 
 def load_vector(path, what: str, length: int, *, positive: bool = False) -> np.ndarray:
   """Loads a finite float [length] ``.npy`` vector (biases, target shares)."""
-  path = str(path)
-  if not os.path.isfile(path):
-    raise UserError(f"{what} file {path!r} not found")
-  try:
-    vector = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
+  vector = npy_files.load_array(path, what)
   if vector.shape != (length,) or not np.issubdtype(vector.dtype, np.number):
     raise UserError(f"{what} {path!r} must be {length} numbers (one per gallery item), got "
                     f"shape {vector.shape} and dtype {vector.dtype}")
