@@ -1,10 +1,8 @@
 """TFDS builders, the prepare command and the prepared-data reader, on the dummy data in the
 real formats with small real videos written by PyAV."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,22 +10,14 @@ import pytest
 from ncl_jax.data import default_data_config, get_dataset, prepare, sample_frame_indices
 from ncl_jax.errors import UserError, run_cli
 
-from data_testutils import WordTokenizer
+from data_testutils import DUMMY, SIZE, WordTokenizer, dummy, write_dummy_videos
 
-DUMMY = pathlib.Path(__file__).resolve().parents[1] / "ncl_jax" / "data" / "dummy_data"
-_spec = importlib.util.spec_from_file_location("make_dummy_data", DUMMY / "make_dummy_data.py")
-dummy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dummy)
-
-SIZE = 16          # Frame side in these tests (224 in real use).
 TOLERANCE = 10     # Codec + JPEG error on solid colours.
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-  root = tmp_path_factory.mktemp("videos")
-  return {name: (str(root / name), dummy.write_videos(name, str(root / name)))
-          for name in ("msrvtt", "msvd", "activitynet", "didemo")}
+  return write_dummy_videos(tmp_path_factory.mktemp("videos"))
 
 
 def _prepare(capsys, dataset, out, *extra):

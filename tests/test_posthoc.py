@@ -129,7 +129,7 @@ def files(tmp_path, rng):
     (["{sims}", "--method", "csls", "--temperature", "1e-45"], "1e-45 is too small"),
     (["{sims}", "--method", "is", "--temperature", "1e-30"], "1e-30 is too small"),
     (["{sims}", "--qb-beta", "nan"], "--qb-beta must be a positive number"),
-    (["{sims}", "--method", "ncl", "--max-iterations", "0"], "--max-iterations >= 1"),
+    (["{sims}", "--method", "ncl", "--max-iterations", "0"], "--max-iterations must be an integer >= 1"),
     (["{sims}", "--method", "sinkhorn"], "invalid choice"),
     (["{sims}", "--method", "qbnorm", "--qb-k", "9"], "k must lie in"),
     (["{sims}", "--method", "csls", "--csls-k", "7"], "k must lie in \\[1, 6\\]"),
