@@ -1,9 +1,9 @@
 """Checked file input and output for the command-line tools.
 
-Input: ``.npy`` matrices (memory-mapped), vectors and index maps, checked so that every tool
-names a missing, unreadable, misshapen or out-of-range input the same way, in one error line.
-Shared by the post-hoc CLI (similarity matrices, ground-truth maps), the gallery tools
-(embeddings, biases, target shares) and ``tools/embed.py``.
+Input: ``.npy`` matrices (memory-mapped), vectors and index maps, checked before numpy parses
+them, so that every tool names a missing, empty, foreign, unreadable, misshapen or out-of-range
+input the same way, in one error line. Shared by the post-hoc CLI (similarity matrices,
+ground-truth maps) and the gallery tools (embeddings, biases, target shares).
 
 Output: one rule, "a new file, never overwritten, never half-written":
 :func:`check_new_output` before the work starts, :func:`save_new` (or its ``.npy``, ``.npz`` and
@@ -20,6 +20,47 @@ import numpy as np
 
 from ncl_jax.errors import UserError
 
+# Every .npy file starts with these bytes (numpy's format specification); checking them first
+# turns "pickled (object) data ... allow_pickle" for a text or CSV file into a plain answer.
+_MAGIC = np.lib.format.MAGIC_PREFIX
+
+
+def check_npy_file(path: str | os.PathLike, what: str) -> str:
+  """Raises UserError unless ``path`` is a file that starts like a ``.npy`` file.
+
+  Args:
+    path: the file.
+    what: how messages name it (a flag such as ``--bank``).
+
+  Returns:
+    ``path`` as a string.
+  """
+  path = str(path)
+  if not os.path.isfile(path):
+    raise UserError(f"{what} file {path!r} not found; give the path of a .npy file")
+  try:
+    with open(path, "rb") as handle:
+      head = handle.read(len(_MAGIC))
+  except OSError as err:
+    raise UserError(f"{what} file {path!r} cannot be read ({err.strerror})") from None
+  if not head:
+    raise UserError(f"{what} file {path!r} is empty (0 bytes); it was not written completely: "
+                    "save it again with numpy.save")
+  if head != _MAGIC:
+    raise UserError(f"{what} file {path!r} is not a .npy file (it does not start with numpy's "
+                    "format header); save the array with numpy.save")
+  return path
+
+
+def load_array(path: str | os.PathLike, what: str) -> np.ndarray:
+  """Reads a whole ``.npy`` array (no pickled objects) or raises UserError."""
+  path = check_npy_file(path, what)
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as err:
+    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err}); "
+                    "save it again with numpy.save") from None
+
 
 def open_matrix(path: str | os.PathLike, what: str) -> np.ndarray:
   """Memory-maps a non-empty 2-D ``.npy`` array (nothing is read yet) or raises UserError.
@@ -31,14 +72,12 @@ def open_matrix(path: str | os.PathLike, what: str) -> np.ndarray:
   Returns:
     The read-only memory map, shape [rows, cols], in the file's dtype.
   """
-  path = str(path)
-  if not os.path.isfile(path):
-    raise UserError(f"{what} file {path!r} not found; give the path of a .npy file")
+  path = check_npy_file(path, what)
   try:
     array = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (ValueError, OSError) as err:
+  except (ValueError, OSError, EOFError) as err:
     raise UserError(f"{what} file {path!r} is not a readable .npy array ({err}); "
-                    "save it with numpy.save") from None
+                    "save it again with numpy.save") from None
   if array.ndim != 2:
     raise UserError(f"{what} must be a 2-D matrix, got shape {array.shape} from {path!r}")
   if 0 in array.shape:
@@ -46,20 +85,9 @@ def open_matrix(path: str | os.PathLike, what: str) -> np.ndarray:
   return array
 
 
-def _load_array(path: str | os.PathLike, what: str, hint: str = "") -> np.ndarray:
-  """Reads a whole ``.npy`` array (no pickles) or raises UserError."""
-  path = str(path)
-  if not os.path.isfile(path):
-    raise UserError(f"{what} file {path!r} not found{'; ' + hint if hint else ''}")
-  try:
-    return np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{what} file {path!r} is not a readable .npy array ({err})") from None
-
-
 def load_vector(path, what: str, length: int, *, positive: bool = False) -> np.ndarray:
   """Loads a finite float [length] ``.npy`` vector (biases, target shares) as float64."""
-  vector = _load_array(path, what)
+  vector = load_array(path, what)
   if vector.shape != (length,) or not np.issubdtype(vector.dtype, np.number):
     raise UserError(f"{what} {str(path)!r} must be {length} numbers (one per gallery item), got "
                     f"shape {vector.shape} and dtype {vector.dtype}")
@@ -82,7 +110,7 @@ def load_index_map(path, what: str, length: int, n_targets: int, *, row: str = "
     n_targets: the number of valid indices.
     row, target: how messages name one row and one indexed item.
   """
-  mapping = _load_array(path, what, f"give a .npy array of {target} indices")
+  mapping = load_array(path, what)
   if mapping.shape != (length,):
     raise UserError(f"{what} must be a 1-D array with one entry per {row} ({length}), "
                     f"got shape {mapping.shape}")

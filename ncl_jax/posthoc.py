@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ncl_jax import metrics, npy_files
+from ncl_jax import logit_range, metrics, npy_files
 from ncl_jax import normalize as norm_lib
 from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
@@ -387,6 +387,8 @@ def _load_inputs(args) -> _Inputs:
   v2t_bank = _load_bank(args.v2t_bank, "--v2t-bank", n_texts,
                         f"SIMS has {n_texts} texts; it must score video queries against the same "
                         f"test captions")
+  logit_range.check_temperature(args.temperature, *logit_range.score_range(sims, bank, v2t_bank),
+                                source="the similarities (SIMS and bank files)")
   bank_gts = {
       "t2v": _load_bank_map(args.bank_gt, bank, "--bank-gt") if args.bank_gt else None,
       "v2t": _load_bank_map(args.v2t_bank_gt, v2t_bank, "--v2t-bank-gt")

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from ncl_jax import logit_range
 from ncl_jax import npy_files
 from ncl_jax.errors import UserError, run_cli
 from ncl_jax.gallery import inputs
@@ -122,6 +123,8 @@ def _biases(args) -> int:
   bank = inputs.load_checked(args.bank, "--bank")
   gallery = inputs.load_checked(args.gallery, "--gallery")
   inputs.check_same_dimension(bank, "--bank", gallery, "--gallery")
+  logit_range.check_temperature(args.temperature, *logit_range.embedding_score_range(
+      bank, gallery, 1 + inputs.UNIT_NORM_TOLERANCE), source="bank x gallery scores (sampled)")
   n_items = gallery.shape[0]
   if args.top_k is not None and not 1 <= args.top_k < n_items:
     raise UserError(f"--top_k must be below the gallery size {n_items} (and >= 1), got "
