@@ -7,7 +7,7 @@ topology on any host, a CPU-only one included, with ``libtpu`` installed
 whether the config fits the chip's HBM and how many FLOPs a step takes, before anyone pays for
 the chips (the approach of MaxText's ``train_compile.py``).
 
-The chip table also gives the trainer its peak FLOP/s for MFU (:func:`chip_of_device_kind`).
+Memory and peak FLOP/s of the chips come from :mod:`ncl_jax.chips`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
+from ncl_jax import chips
 from ncl_jax import errors
 from ncl_jax import sharding
+from ncl_jax import train
 
-GIB = 2**30
+GIB = chips.GIB
 # The fraction of peak FLOP/s the estimated step time assumes (a typical MFU of a
 # well-fed vision-language train step; the real one is measured when training).
 ASSUMED_UTILIZATION = 0.4
@@ -35,38 +37,32 @@ EXIT_DOES_NOT_FIT = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class Chip:
-  """One TPU chip as JAX sees it (megacore chips are one device).
+class TpuHost:
+  """How a TPU generation's slices are described to ``get_topology_desc``.
 
   Attributes:
-    name: the generation in topology names ("v5e").
-    device_kind: ``jax.Device.device_kind`` of its devices.
-    hbm_bytes: high-bandwidth memory per device (vendor datasheet).
-    peak_flops: dense bfloat16 FLOP/s per device (vendor datasheet).
-    topology_prefix: the generation as ``get_topology_desc`` spells it.
+    chip: the chip (memory, peak FLOP/s).
+    topology_prefix: the generation as topology names spell it ("v5" for v5p).
     chip_config: "megacore" (two TensorCores as one device) or "default".
-    chips_per_host: ``chips_per_host_bounds`` of a host of the slice's VMs.
+    chips_per_host: ``chips_per_host_bounds`` of one host (VM) of the slice.
   """
 
-  name: str
-  device_kind: str
-  hbm_bytes: int
-  peak_flops: float
+  chip: chips.Chip
   topology_prefix: str
   chip_config: str
   chips_per_host: tuple[int, int, int]
 
 
-# Datasheet values: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}.
-CHIPS = {
-    "v4": Chip("v4", "TPU v4", 32 * GIB, 275e12, "v4", "megacore", (2, 2, 1)),
-    "v5e": Chip("v5e", "TPU v5 lite", 16 * GIB, 197e12, "v5e", "default", (2, 4, 1)),
-    "v5p": Chip("v5p", "TPU v5", 95 * GIB, 459e12, "v5", "megacore", (2, 2, 1)),
-    "v6e": Chip("v6e", "TPU v6 lite", 32 * GIB, 918e12, "v6e", "default", (2, 4, 1)),
+# v5e and v6e hosts hold 8 chips (the single-host v5e-8 and v6e-8 VMs; MaxText models them as
+# 4-chip hosts, which changes nothing per device), so v5e-16 spans two hosts; v4 and v5p hosts
+# hold 4 chips (8 TensorCores: "v4-8").
+TPU_HOSTS = {
+    "v4": TpuHost(chips.CHIPS["v4"], "v4", "megacore", (2, 2, 1)),
+    "v5e": TpuHost(chips.CHIPS["v5e"], "v5e", "default", (2, 4, 1)),
+    "v5p": TpuHost(chips.CHIPS["v5p"], "v5", "megacore", (2, 2, 1)),
+    "v6e": TpuHost(chips.CHIPS["v6e"], "v6e", "default", (2, 4, 1)),
 }
-# Slice names -> (chip, topology). v5e and v6e hosts hold 8 chips (the single-host v5e-8 and
-# v6e-8 VMs; MaxText models them as 4-chip hosts, which changes nothing per device), so
-# v5e-16 spans two hosts; v4 and v5p hosts hold 4 chips (8 TensorCores: "v4-8").
+# Slice names -> (generation, topology).
 TOPOLOGIES = {
     "v5e-4": ("v5e", "2x2"), "v5e-8": ("v5e", "2x4"), "v5e-16": ("v5e", "4x4"),
     "v5e-32": ("v5e", "4x8"), "v6e-4": ("v6e", "2x2"), "v6e-8": ("v6e", "2x4"),
@@ -76,30 +72,22 @@ TOPOLOGIES = {
 }
 
 
-def chip_of_device_kind(device_kind: str) -> Chip | None:
-  """The chip whose devices report ``device_kind``; None for CPUs, GPUs and unknown TPUs."""
-  for chip in CHIPS.values():
-    if chip.device_kind == device_kind:
-      return chip
-  return None
-
-
-def resolve_topology(name: str) -> tuple[Chip, str]:
-  """(chip, topology) of a slice name such as "v5e-8" or a raw topology such as "v5e:2x4"."""
+def resolve_topology(name: str) -> tuple[TpuHost, str]:
+  """(generation, shape) of a slice name such as "v5e-8" or a raw topology such as "v5e:2x4"."""
   if name in TOPOLOGIES:
-    chip_name, shape = TOPOLOGIES[name]
-    return CHIPS[chip_name], shape
+    generation, shape = TOPOLOGIES[name]
+    return TPU_HOSTS[generation], shape
   match = re.fullmatch(r"(v\w+):(\d+(?:x\d+){1,2})", name)
-  if match and match.group(1) in CHIPS:
-    return CHIPS[match.group(1)], match.group(2)
+  if match and match.group(1) in TPU_HOSTS:
+    return TPU_HOSTS[match.group(1)], match.group(2)
   errors.fail(f"unknown --topology {name!r}; use one of {', '.join(TOPOLOGIES)} or a "
-              f"topology such as v5e:2x4 or v4:2x2x1 (chips: {', '.join(CHIPS)})")
+              f"topology such as v5e:2x4 or v4:2x2x1 (chips: {', '.join(TPU_HOSTS)})")
 
 
-def _host_bounds(chip: Chip, shape: str) -> tuple[int, int, int]:
-  """Chips per host: the chip's usual host, or the whole slice when it is smaller."""
+def _host_bounds(host: TpuHost, shape: str) -> tuple[int, int, int]:
+  """Chips per host: the generation's usual host, or the whole slice when it is smaller."""
   dims = [int(d) for d in shape.split("x")] + [1]
-  return tuple(min(h, d) for h, d in zip(chip.chips_per_host, dims[:3]))
+  return tuple(min(h, d) for h, d in zip(host.chips_per_host, dims[:3]))
 
 
 def _require_libtpu() -> None:
@@ -113,19 +101,19 @@ def _require_libtpu() -> None:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
-def topology_devices(name: str) -> tuple[Chip, str, list[Any]]:
+def topology_devices(name: str) -> tuple[chips.Chip, str, list[Any]]:
   """(chip, topology, devices) of a TPU slice, described without TPUs attached."""
-  chip, shape = resolve_topology(name)
+  host, shape = resolve_topology(name)
   _require_libtpu()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  topology = f"{chip.topology_prefix}:{shape}"
+  topology = f"{host.topology_prefix}:{shape}"
   try:
     description = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology, chip_config_name=chip.chip_config,
-        chips_per_host_bounds=_host_bounds(chip, shape), num_slices=1)
+        platform="tpu", topology_name=topology, chip_config_name=host.chip_config,
+        chips_per_host_bounds=_host_bounds(host, shape), num_slices=1)
   except Exception as err:  # libtpu rejects shapes it does not know with a runtime error
     errors.fail(f"libtpu cannot describe the topology {topology}: {str(err).splitlines()[0]}")
-  return chip, topology, list(description.devices)
+  return host.chip, topology, list(description.devices)
 
 
 class DoesNotFitError(errors.UserError):
@@ -180,7 +168,6 @@ def _out_of_memory(err: Exception) -> dict[str, int] | None:
 
 
 def _eval_shapes(config, mesh) -> tuple[dict, dict]:
-  from ncl_jax import train  # pylint: disable=g-import-not-at-top
   shapes = train.batch_shapes(config, mesh, rows=int(config.eval.batch_size))
   return ({"tokens": shapes["text_tokens"]},
           {"video": shapes["video"], "frame_mask": shapes["frame_mask"]})
@@ -196,7 +183,6 @@ def compile_steps(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   Raises:
     DoesNotFitError: the train step needs more memory than a device has.
   """
-  from ncl_jax import train  # pylint: disable=g-import-not-at-top
   total_steps = max(int(config.total_steps), 1)  # only the schedule's constants depend on it
   program = train.build_program(config, mesh, total_steps)
   lowered = program.train_step.lower(program.abstract_state, train.batch_shapes(config, mesh))

@@ -49,6 +49,7 @@ from ncl_jax import errors
 from ncl_jax import evaluate as evaluate_lib
 from ncl_jax import logging_utils
 from ncl_jax import losses
+from ncl_jax import runs
 from ncl_jax import sharding
 from ncl_jax.data import get_dataset, normalize_frames
 from ncl_jax.models import dual_encoder
@@ -57,7 +58,6 @@ from ncl_jax.train_state import (LOGIT_SCALE_NAME, TrainState, clamp_logit_scale
                                  make_optimizer)
 
 DATA = sharding.DATA_AXIS
-RESULTS_FILE = "results.json"
 # Runs this short log every step, whatever log_every_steps says.
 LOG_EVERY_STEP_UP_TO = 100
 
@@ -615,7 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     # saved in every checkpoint and restored with the train state.
     iterator = run.train_iterator()
     restored = ckpt.restore_latest(run.abstract_state, data_iterator=iterator.grain_iterator)
-    metrics_path = os.path.join(workdir, logging_utils.METRICS_FILE)
+    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
     if restored is None:
       state, last_loss = run.initial_state(), None
       checkpointing.rewind_jsonl(metrics_path, None)
@@ -747,7 +747,7 @@ def _final_evaluation(run: Run, state: TrainState, ckpt, writer, workdir: str, l
       "num_devices": int(run.mesh.devices.size),
       "num_processes": jax.process_count(),
   }
-  _write_json(os.path.join(workdir, RESULTS_FILE), payload)
+  _write_json(os.path.join(workdir, runs.RESULTS_FILE), payload)
   writer.flush()
-  log(f"wrote {os.path.join(workdir, RESULTS_FILE)}")
+  log(f"wrote {os.path.join(workdir, runs.RESULTS_FILE)}")
   return payload

@@ -13,7 +13,7 @@ import pytest
 
 from ncl_jax import inference, normalize, sharding
 from ncl_jax.errors import UserError
-from ncl_jax.gallery import cli, inputs, solve, tiles
+from ncl_jax.gallery import cli, inputs, search, solve, sparse
 from ncl_jax.gallery import index as index_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,12 +109,12 @@ def test_gallery_uses_the_embedding_path_for_large_galleries(rng, monkeypatch):
 def test_sparse_bound_never_under_estimates_the_omitted_mass(seed, temperature, k):
   bank, items = _problem(np.random.default_rng(seed), n_bank=250, n_items=40)
   solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7)
-  found = solve.top_k_items(bank, items, k)
+  found = search.top_k_items(bank, items, k)
   kept = found.index
-  error = tiles.float32_score_error(bank.shape[1])
-  untiered = tiles.omitted_mass_bound(found.scores, kept, 1.0 / temperature, solution.bias,
+  error = sparse.float32_score_error(bank.shape[1])
+  untiered = sparse.omitted_mass_bound(found.scores, kept, 1.0 / temperature, solution.bias,
                                       len(items), error)
-  bound = tiles.omitted_mass_bound(found.scores, kept, 1.0 / temperature, solution.bias,
+  bound = sparse.omitted_mass_bound(found.scores, kept, 1.0 / temperature, solution.bias,
                                    len(items), error, found.tier_scores, found.tier_ranks)
   probs = _dense_probs(bank, items, solution.bias, temperature)
   outside = _omitted_probability(probs, kept)
@@ -136,11 +136,11 @@ def test_sparse_bound_holds_when_omitted_items_tie_with_the_last_kept():
   rng = np.random.default_rng(3)
   items = np.repeat(_unit(rng.normal(size=(2, 32))), 4, axis=0)  # 8 items, 2 distinct
   bank = _unit(items[rng.integers(0, 8, 40)] + 0.3 * rng.normal(size=(40, 32)))
-  found = solve.top_k_items(bank, items, 5)  # the 5th kept ties with the 3 omitted
+  found = search.top_k_items(bank, items, 5)  # the 5th kept ties with the 3 omitted
   kept = found.index
   bias = np.zeros(8, np.float32)
-  bound = tiles.omitted_mass_bound(found.scores, kept, 100.0, bias, 8,
-                                   tiles.float32_score_error(32), found.tier_scores,
+  bound = sparse.omitted_mass_bound(found.scores, kept, 100.0, bias, 8,
+                                   sparse.float32_score_error(32), found.tier_scores,
                                    found.tier_ranks)
   probs = _dense_probs(bank, items, bias, 0.01)
   outside = _omitted_probability(probs, kept)
@@ -166,16 +166,16 @@ def test_omitted_level_by_hand():
   ids = np.array([[4, 7, 1, 2, -1]])
   scale = 10.0
   expected = np.log(np.exp(5.0) + np.exp(4.0) + 6 * np.exp(4.0)) - np.log(8)
-  np.testing.assert_allclose(solve.omitted_level(scores, ids, 2, 10, scale), [expected])
+  np.testing.assert_allclose(sparse.omitted_level(scores, ids, 2, 10, scale), [expected])
   # Nothing below rank k seen: every omitted item at the k-th score (the clipped matrix).
-  np.testing.assert_allclose(solve.omitted_level(scores[:, :2], ids[:, :2], 2, 10, scale), [8.0])
+  np.testing.assert_allclose(sparse.omitted_level(scores[:, :2], ids[:, :2], 2, 10, scale), [8.0])
 
 
 def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
   bank, items = _problem(rng, n_bank=600, n_items=60, dim=16)
   dense = solve.dense_biases(bank, items, temperature=0.05, tol=1e-8)
   sparse = solve.sparse_biases(bank, items, temperature=0.05, top_k=6, tol=1e-8)
-  found = solve.top_k_items(bank, items, 6)
+  found = search.top_k_items(bank, items, 6)
   b = normalize.balanced_marginals(None, len(bank), len(items))
   clipped = normalize.column_fixed_point(
       lambda g: _reference_column_sums(found.scores, found.index, 20.0, g, len(items)),
@@ -193,7 +193,7 @@ def test_sparse_plan_equals_its_definition(rng):
   index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(130)]).astype(np.int32)
   levels = rng.uniform(5.0, 15.0, 130)
   bias = rng.normal(size=n_items)
-  plan = solve.SparsePlan(scores, index, levels, n_items, 20.0, rows=48)   # 3 chunks, padded
+  plan = sparse.SparsePlan(scores, index, levels, n_items, 20.0, rows=48)   # 3 chunks, padded
   expected = _reference_column_sums(scores, index, 20.0, bias, n_items, levels)
   np.testing.assert_allclose(plan(bias), expected, rtol=2e-5)
   assert plan(bias).sum() == pytest.approx(130, rel=1e-5)   # each row spreads 1
@@ -201,12 +201,12 @@ def test_sparse_plan_equals_its_definition(rng):
 
 def test_unscanned_lists_bound_their_items(rng):
   bank, items = _problem(rng, n_bank=50, n_items=80, dim=16)
-  lists = solve._ivf_lists(items, 8)
+  lists = search._ivf_lists(items, 8)
   scanned = np.zeros((50, 8), bool)
   for row in scanned:
     row[rng.choice(8, 3, replace=False)] = True
   bias = rng.normal(size=len(items))
-  bound = solve.unscanned_log_mass(bank, scanned, lists, 20.0, bias, 0.0)
+  bound = sparse.unscanned_log_mass(bank, scanned, lists, 20.0, bias, 0.0)
   g = bias - bias.max()
   logits = 20.0 * (bank.astype(np.float64) @ items.T.astype(np.float64)) + g
   unscanned = ~scanned[:, lists.assignment]
@@ -219,9 +219,9 @@ def test_unscanned_lists_bound_their_items(rng):
 def test_ivf_search_is_exact_within_the_scanned_lists(rng):
   bank, items = _problem(rng, n_bank=300, n_items=120, dim=16)
   k = 6
-  found = solve.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2,
+  found = search.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2,
                             temperature=0.05)
-  exact = solve.top_k_items(bank, items, k, temperature=0.05)
+  exact = search.top_k_items(bank, items, k, temperature=0.05)
   scanned = found.lists.scanned[found.scan_batch][:, found.lists.assignment]   # [Nb, Ng]
   sims = bank.astype(np.float64) @ items.T.astype(np.float64)
   for row in range(len(bank)):
@@ -242,17 +242,17 @@ def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
   rng = np.random.default_rng(seed)
   bank, items = _problem(rng, n_bank=300, n_items=120, dim=16)
   k, temperature = 6, 0.05
-  found = solve.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2)
+  found = search.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2)
   solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7,
                                  search="ivf", nlist=12, nprobe=2)
   assert solution.search == "ivf"
   probs = _dense_probs(bank, items, solution.bias, temperature)
   outside = _omitted_probability(probs, found.index)
   scale = 1.0 / temperature
-  error = tiles.float32_score_error(16) * 1.1
-  unscanned = solve.unscanned_log_mass(bank, found.lists.scanned[found.scan_batch],
+  error = sparse.float32_score_error(16) * 1.1
+  unscanned = sparse.unscanned_log_mass(bank, found.lists.scanned[found.scan_batch],
                                        found.lists, scale, solution.bias, error)
-  bound = tiles.omitted_mass_bound(found.scores, found.index, scale, solution.bias, len(items),
+  bound = sparse.omitted_mass_bound(found.scores, found.index, scale, solution.bias, len(items),
                                    error, found.tier_scores, found.tier_ranks, unscanned)
   assert np.all(bound >= outside), (bound - outside).min()
   dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
@@ -260,13 +260,13 @@ def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
 
 
 def test_ivf_settings_and_their_errors():
-  assert solve.ivf_settings(100_000, None, None) == (1264, 16)
-  assert solve.ivf_settings(1000, 20, None) == (20, 16)
-  assert solve.ivf_settings(1000, 10, None) == (10, 10)
+  assert search.ivf_settings(100_000, None, None) == (1264, 16)
+  assert search.ivf_settings(1000, 20, None) == (20, 16)
+  assert search.ivf_settings(1000, 10, None) == (10, 10)
   with pytest.raises(UserError, match="--nprobe must lie in"):
-    solve.ivf_settings(1000, 10, 11)
+    search.ivf_settings(1000, 10, 11)
   with pytest.raises(UserError, match="--nlist must lie in"):
-    solve.ivf_settings(1000, 2000, None)
+    search.ivf_settings(1000, 2000, None)
 
 
 # -- index ---------------------------------------------------------------------------------------
@@ -407,7 +407,9 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       "nan": _save(tmp_path / "nan.npy", np.where(np.arange(8) == 2, np.nan, bank[:4])),
       "long": _save(tmp_path / "long.npy", bank * np.float32(1.25)),
       "empty": _save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32)),
+      "zero_bytes": str(tmp_path / "zero_bytes.npy"),
   }
+  pathlib.Path(bad["zero_bytes"]).write_bytes(b"")
   out = str(tmp_path / "b.npy")
   base = ["biases", "--gallery", str(files["gallery"]), "--temperature", "0.05", "--out", out]
   cases = [
@@ -415,6 +417,11 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       (base + ["--bank", bad["nan"]], "row 0 contains NaN or Inf"),
       (base + ["--bank", bad["long"]], r"has norm 1\.25 \(off by 0\.25"),
       (base + ["--bank", bad["empty"]], "is empty"),
+      (base + ["--bank", bad["zero_bytes"]], r"--bank file .* is empty \(0 bytes\)"),
+      (base[:-4] + ["--bank", str(files["bank"]), "--temperature", "1e-30", "--out", out],
+       "--temperature 1e-30 is too small for float32 logits"),
+      (base[:-4] + ["--bank", str(files["bank"]), "--temperature", "1e30", "--out", out],
+       "--temperature 1e\\+30 is too large for float32 logits"),
       (base + ["--bank", str(files["bank"]), "--top_k", "20"], "below the gallery size 20"),
       (base + ["--bank", str(files["bank"]), "--json", str(files["bank"])], "already exists"),
       (base + ["--bank", str(files["bank"]), "--search", "ivf"], "add --top_k K"),
@@ -462,7 +469,7 @@ def test_cli_error_is_one_line_with_exit_code_2(files, tmp_path):
 
 def test_two_processes_compute_the_same_biases(files, tmp_path):
   # The coordinator-port retry of the training tests (a picked port can be taken before use).
-  from test_multiprocess import _env, _run_on_free_port  # pylint: disable=g-import-not-at-top
+  from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
   # 20 items over 4 devices: each process reads 10 gallery rows.
   out = tmp_path / "two.npy"
 
@@ -471,10 +478,10 @@ def test_two_processes_compute_the_same_biases(files, tmp_path):
         [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(files, out, "--tol", "1e-6"),
          "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
          str(i), "--json", str(tmp_path / f"report{i}.json")],
-        cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
 
-  for code, output in _run_on_free_port(start, tmp_path / "logs", timeout=180):
+  for code, output in run_on_free_port(start, tmp_path / "logs", timeout=180):
     assert code == 0, output
   report = json.loads((tmp_path / "report0.json").read_text())
   assert report["processes"] == 2 and report["devices"] == 4 and report["converged"]

@@ -1,7 +1,9 @@
 """Ahead-of-time compiles for Cloud TPU topologies (``main --compile_only``) and the chip table.
 
-The compile tests need libtpu (``pip install -e '.[tpu-compile]'``) and are skipped without it;
-no TPU is needed: libtpu describes the topology and compiles on the CPU host.
+The compile tests need libtpu (``pip install -e '.[tpu-compile]'``, part of ``.[test-all]``):
+without it they skip locally and fail under NCL_JAX_REQUIRE_ALL=1. No TPU is needed: libtpu
+describes the topology and compiles on the CPU host. The module carries the ``tpu`` marker
+(tests/conftest.py).
 """
 
 import importlib.util
@@ -13,11 +15,15 @@ import sys
 import pytest
 
 import train_testutils as tu
-from ncl_jax import errors, sharding, tpu
+from suite_testutils import unavailable
+from ncl_jax import chips, errors, sharding, tpu
 
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install -e '.[tpu-compile]')")
+
+
+@pytest.fixture
+def libtpu():
+  if importlib.util.find_spec("libtpu") is None:
+    unavailable("libtpu is not installed (pip install -e '.[tpu-compile]')")
 
 
 def _compile_cli(tmp_path, topology, *overrides, report=True):
@@ -33,7 +39,7 @@ def _compile_cli(tmp_path, topology, *overrides, report=True):
   return proc, (json.loads(path.read_text()) if report and path.exists() else None)
 
 
-@needs_libtpu
+@pytest.mark.usefixtures("libtpu")
 @pytest.mark.slow
 def test_tiny_config_compiles_for_a_v5e_topology_and_reports_per_device(tmp_path):
   proc, report = _compile_cli(tmp_path, "v5e:2x2")
@@ -59,7 +65,7 @@ def test_tiny_config_compiles_for_a_v5e_topology_and_reports_per_device(tmp_path
   assert "fits" in proc.stdout and "FLOPs per step per device" in proc.stdout
 
 
-@needs_libtpu
+@pytest.mark.usefixtures("libtpu")
 @pytest.mark.slow
 def test_config_that_exceeds_hbm_exits_3_with_one_error_line(tmp_path):
   # 2^28 queue slots x 16 dims in float32: each device gathers the whole 16 GiB queue.
@@ -73,7 +79,7 @@ def test_config_that_exceeds_hbm_exits_3_with_one_error_line(tmp_path):
   assert report["needed_bytes"] > report["available_bytes"] > 15 * 2**30
 
 
-@needs_libtpu
+@pytest.mark.usefixtures("libtpu")
 def test_named_slices_describe_their_devices_and_hosts():
   for name, devices, hosts, kind in (("v5e-8", 8, 1, "TPU v5 lite"), ("v5e-16", 16, 2,
                                                                      "TPU v5 lite"),
@@ -83,10 +89,10 @@ def test_named_slices_describe_their_devices_and_hosts():
     assert len(found) == devices, name
     assert len({d.process_index for d in found}) == hosts, name
     assert {d.device_kind for d in found} == {kind} == {chip.device_kind}, name
-    assert tpu.chip_of_device_kind(kind) is chip
+    assert chips.chip_of_device_kind(kind) is chip
 
 
-@needs_libtpu
+@pytest.mark.usefixtures("libtpu")
 def test_divisibility_counts_the_topologys_hosts_not_this_process():
   _, _, devices = tpu.topology_devices("v5e-16")
   mesh = sharding.make_mesh(devices)
@@ -99,9 +105,9 @@ def test_divisibility_counts_the_topologys_hosts_not_this_process():
 def test_unknown_topology_is_a_user_error_listing_the_names():
   with pytest.raises(errors.UserError, match=r"unknown --topology 'v9-8'.*v5e-8"):
     tpu.resolve_topology("v9-8")
-  chip, shape = tpu.resolve_topology("v5e:2x4")
-  assert chip.name == "v5e" and shape == "2x4"
-  assert tpu.chip_of_device_kind("cpu") is None
+  host, shape = tpu.resolve_topology("v5e:2x4")
+  assert host.chip.name == "v5e" and shape == "2x4"
+  assert chips.peak_flops_of("cpu") is None
 
 
 def test_missing_libtpu_is_one_clear_error(tmp_path):
