@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ncl_jax import checkpointing
+from ncl_jax import chips
 from ncl_jax import errors
 from ncl_jax import evaluate as evaluate_lib
 from ncl_jax import logging_utils
@@ -58,6 +59,8 @@ from ncl_jax.train_state import (LOGIT_SCALE_NAME, TrainState, clamp_logit_scale
                                  make_optimizer)
 
 DATA = sharding.DATA_AXIS
+# jax.profiler traces of config.profile_steps, under the workdir.
+PROFILE_DIR = "profile"
 # Runs this short log every step, whatever log_every_steps says.
 LOG_EVERY_STEP_UP_TO = 100
 
@@ -469,6 +472,10 @@ class Run:
     self.abstract_state, self.train_step = program.abstract_state, program.train_step
     self.encoders = program.encoders
     self.embed_dim = int(config.model.embed_dim)
+    self.workdir = ""  # set by train_and_evaluate
+    # MFU: FLOPs per step from the compiled step (first step), peak from the chip table.
+    self.throughput = logging_utils.Throughput(
+        peak_flops=chips.peak_flops_of(self.mesh.devices.flat[0].device_kind))
     evaluate_lib.check_bank(config.eval.bank, config.eval.bank_size)
     self._bank_batches = None  # the training batches of a re-encoded bank, made on first use
     self._reencoded_bank = None  # ((step, size), (text, video)) of the last re-encoded bank
@@ -593,6 +600,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     UserError: bad config, missing data, a workdir holding another run, or a non-finite loss.
   """
   run = Run(config, mesh)
+  run.workdir = workdir
   best_mode = evaluate_lib.select_metric_mode(config.eval.select_metric)  # checks the key early
   if evaluate_lib.extra_methods(config.eval) and run.dataset.validation_split is None:
     errors.fail(f"config.eval.methods chooses each normalizer's hyper-parameters on the "
@@ -638,6 +646,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     ckpt.close()
 
 
+def check_finite(step: int, values: Mapping[str, float]) -> None:
+  """UserError naming the step when its loss or gradient norm is NaN or infinite.
+
+  Runs before the step's state can be saved, so the last checkpoint stays the last good one.
+  """
+  for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+    if key in values and not math.isfinite(values[key]):
+      errors.fail(f"the training {name} is not finite at step {step} "
+                  f"({key} = {values[key]}); the run stopped. Lower config.optimizer.lr or "
+                  "check the data; the last checkpoint is kept")
+
+
+def step_flops_per_device(train_step, state: TrainState, batch) -> float | None:
+  """FLOPs of one train step on one device, from the compiled step's cost analysis.
+
+  Compiling here fills jit's cache, so the first real call does not compile again. XLA counts
+  a loop body once (Sinkhorn's while_loop is undercounted), so this is a lower bound.
+  """
+  cost = train_step.lower(state, batch).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get("flops", 0.0))
+  return flops if flops > 0 else None
+
+
+class ProfileWindow:
+  """A jax.profiler trace of steps ``first..last`` (``config.profile_steps``) in WORKDIR/profile.
+
+  Open it with TensorBoard's profile plugin or XProf. ``()`` traces nothing.
+  """
+
+  def __init__(self, steps, workdir: str):
+    steps = tuple(steps or ())
+    if steps and (len(steps) != 2 or not 1 <= int(steps[0]) <= int(steps[1])):
+      errors.fail(f"config.profile_steps must be (first, last) with 1 <= first <= last, or (), "
+                  f"got {steps}")
+    self._steps = tuple(int(s) for s in steps)
+    self._dir = os.path.join(workdir, PROFILE_DIR)
+    self._tracing = False
+
+  def __enter__(self):
+    return self
+
+  def before_step(self, step: int) -> None:
+    if self._steps and not self._tracing and self._steps[0] <= step <= self._steps[1]:
+      jax.profiler.start_trace(self._dir)
+      self._tracing = True
+
+  def after_step(self, step: int, metrics) -> None:
+    if self._tracing and step >= self._steps[1]:
+      jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
+      self._stop()
+      log(f"profile of steps {self._steps[0]}-{self._steps[1]} written to {self._dir}")
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._tracing = False
+
+  def __exit__(self, *exc):
+    if self._tracing:
+      self._stop()
+    return False
+
+
 def _train_loop(run: Run, state: TrainState, iterator, ckpt, writer, last_loss):
   """Runs the steps; returns (final state, last loss), or (None, loss) after SIGTERM."""
   config = run.config
@@ -649,15 +721,15 @@ def _train_loop(run: Run, state: TrainState, iterator, ckpt, writer, last_loss):
   step = int(state.step)
   progress = logging_utils.Progress(total, step)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
+  counted_flops = False
 
   def flush():
     nonlocal last_loss
     for s, metrics in pending:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(values["loss"]):
-        errors.fail(f"the training loss is not finite at step {s} (loss = {values['loss']}); "
-                    "the run stopped. Lower config.optimizer.lr or check the data; the last "
-                    "checkpoint is kept")
+      check_finite(s, values)
+      if s == pending[-1][0]:
+        values.update(run.throughput.report(s))
       writer.write(s, values)
       last_loss = values["loss"]
     if pending:
@@ -667,11 +739,17 @@ def _train_loop(run: Run, state: TrainState, iterator, ckpt, writer, last_loss):
   def extra():
     return {"last_loss": last_loss, "seed": int(config.seed)}
 
-  with checkpointing.PreemptionWatcher() as watcher:
+  with checkpointing.PreemptionWatcher() as watcher, ProfileWindow(
+      config.profile_steps, run.workdir) as profile:
     while step < total:
       batch = sharding.host_batch_to_global(next(iterator), run.mesh)
+      if not counted_flops:
+        run.throughput.flops = step_flops_per_device(run.train_step, state, batch)
+        counted_flops = True
+      profile.before_step(step + 1)
       state, metrics = run.train_step(state, batch)
       step += 1
+      profile.after_step(step, metrics)
       watcher.after_step(step)  # test-only SIGTERM hook, a no-op unless its variable is set
       pending.append((step, metrics))
       last = step == total
@@ -746,6 +824,8 @@ def _final_evaluation(run: Run, state: TrainState, ckpt, writer, workdir: str, l
                  for s, r in per_split.items()},
       "num_devices": int(run.mesh.devices.size),
       "num_processes": jax.process_count(),
+      "device_kind": run.mesh.devices.flat[0].device_kind,
+      "throughput": run.throughput.summary(),
   }
   _write_json(os.path.join(workdir, runs.RESULTS_FILE), payload)
   writer.flush()
