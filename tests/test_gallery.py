@@ -407,7 +407,9 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       "nan": _save(tmp_path / "nan.npy", np.where(np.arange(8) == 2, np.nan, bank[:4])),
       "long": _save(tmp_path / "long.npy", bank * np.float32(1.25)),
       "empty": _save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32)),
+      "zero_bytes": str(tmp_path / "zero_bytes.npy"),
   }
+  pathlib.Path(bad["zero_bytes"]).write_bytes(b"")
   out = str(tmp_path / "b.npy")
   base = ["biases", "--gallery", str(files["gallery"]), "--temperature", "0.05", "--out", out]
   cases = [
@@ -415,6 +417,11 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       (base + ["--bank", bad["nan"]], "row 0 contains NaN or Inf"),
       (base + ["--bank", bad["long"]], r"has norm 1\.25 \(off by 0\.25"),
       (base + ["--bank", bad["empty"]], "is empty"),
+      (base + ["--bank", bad["zero_bytes"]], r"--bank file .* is empty \(0 bytes\)"),
+      (base[:-4] + ["--bank", str(files["bank"]), "--temperature", "1e-30", "--out", out],
+       "--temperature 1e-30 is too small for float32 logits"),
+      (base[:-4] + ["--bank", str(files["bank"]), "--temperature", "1e30", "--out", out],
+       "--temperature 1e\\+30 is too large for float32 logits"),
       (base + ["--bank", str(files["bank"]), "--top_k", "20"], "below the gallery size 20"),
       (base + ["--bank", str(files["bank"]), "--json", str(files["bank"])], "already exists"),
       (base + ["--bank", str(files["bank"]), "--search", "ivf"], "add --top_k K"),
