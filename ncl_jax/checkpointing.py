@@ -57,6 +57,7 @@ from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 from ncl_jax import runs
+from ncl_jax.data import pipeline
 from ncl_jax.errors import UserError
 
 # Config leaf names that may differ between the run in a workdir and the command that resumes it:
@@ -437,9 +438,21 @@ class Checkpointer:
         raise UserError(f"checkpoint {self.directory / str(int(step))} holds no data-iterator "
                         "state (it was written before the Grain input pipeline); start a new run "
                         "in a new --workdir")
+      self._check_data_workers(int(step), data_iterator)
       items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
     restored = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
     return restored[runs.STATE_ITEM], dict(restored[_EXTRA])
+
+  def _check_data_workers(self, step: int, data_iterator: Any) -> None:
+    """Refuses an iterator whose worker count differs from the one the checkpoint saved."""
+    saved_file = (self.directory / str(step) / _DATA /
+                  f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    try:
+      saved = json.loads(saved_file.read_text())
+    except (OSError, json.JSONDecodeError):
+      return  # a missing or damaged file is the restore's own error to report
+    pipeline.check_state_workers(saved, pipeline.state_worker_count(data_iterator.get_state()),
+                                 where=f"checkpoint {self.directory / str(step)}")
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any = None
                      ) -> tuple[Any, dict[str, Any]] | None:

@@ -50,13 +50,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from typing import NamedTuple
 
 import numpy as np
 
-from ncl_jax import metrics, npy_files
+from ncl_jax import logit_range, metrics, npy_files
 from ncl_jax import normalize as norm_lib
 from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
@@ -178,43 +177,20 @@ def _load_matrix(path: str, what: str) -> np.ndarray:
 
 
 def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
-  """Loads and checks a caption->video index map."""
-  if not os.path.isfile(path):
-    raise UserError(f"--gt file {path!r} not found; give a .npy array of video indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"--gt file {path!r} is not a readable .npy array ({err})") from None
-  if mapping.ndim != 1 or mapping.shape[0] != n_texts:
-    raise UserError(f"--gt must be a 1-D array with one entry per text row ({n_texts}), "
-                    f"got shape {mapping.shape}")
-  if not np.issubdtype(mapping.dtype, np.integer):
-    raise UserError(f"--gt must hold integer video indices, got dtype {mapping.dtype}")
-  if mapping.min() < 0 or mapping.max() >= n_videos:
-    raise UserError(f"--gt entries must lie in [0, {n_videos - 1}] (one per video column), "
-                    f"got range [{mapping.min()}, {mapping.max()}]")
+  """Loads and checks a caption->video index map that covers every video."""
+  mapping = npy_files.load_index_map(path, "--gt", n_texts, n_videos, row="text row",
+                                     target="video")
   missing = np.flatnonzero(np.bincount(mapping, minlength=n_videos) == 0)
   if missing.size:
     raise UserError(f"{missing.size} videos have no caption in --gt (first: {missing[0]}); "
                     f"every video column needs at least one text row")
-  return mapping.astype(np.int64)
+  return mapping
 
 
 def _load_bank_map(path: str, bank: np.ndarray, flag: str) -> np.ndarray:
   """Loads a bank's row -> correct candidate map ([n_bank] int in [0, n_candidates))."""
-  if not os.path.isfile(path):
-    raise UserError(f"{flag} file {path!r} not found; give a .npy array of candidate indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{flag} file {path!r} is not a readable .npy array ({err})") from None
   n_rows, n_cols = bank.shape
-  if mapping.shape != (n_rows,) or not np.issubdtype(mapping.dtype, np.integer):
-    raise UserError(f"{flag} must be {n_rows} integers (one per bank row), got "
-                    f"{mapping.dtype} {mapping.shape}")
-  if mapping.min() < 0 or mapping.max() >= n_cols:
-    raise UserError(f"{flag} entries must lie in [0, {n_cols - 1}] (the bank's columns)")
-  return mapping.astype(np.int64)
+  return npy_files.load_index_map(path, flag, n_rows, n_cols, row="bank row", target="candidate")
 
 
 def demo_matrix(n: int = 400, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -425,15 +401,6 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
   return "\n".join(lines)
 
 
-def _check_output(path: str | None, flag: str) -> None:
-  if path and path != "-" and os.path.exists(path):
-    raise UserError(f"{flag} {path!r} already exists; choose a new file name")
-  if path and path != "-":
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-      raise UserError(f"{flag} directory {parent!r} does not exist")
-
-
 class _Inputs(NamedTuple):
   """The loaded test matrix, its ground truth and the banks (None: the test queries)."""
 
@@ -473,8 +440,8 @@ def _check_args(args) -> None:
   _check_gallery_bank_args(args, row)
   if args.plot and args.plot.lower().endswith(".png") is False:
     raise UserError(f"--plot must name a .png file, got {args.plot!r}")
-  _check_output(args.plot, "--plot")
-  _check_output(args.json, "--json")
+  npy_files.check_new_output(args.plot, "--plot")
+  npy_files.check_new_output(args.json, "--json")
 
 
 def _check_val_args(args) -> None:
@@ -540,6 +507,8 @@ def _load_inputs(args) -> _Inputs:
   v2t_bank = _load_bank(args.v2t_bank, "--v2t-bank", n_texts,
                         f"SIMS has {n_texts} texts; it must score video queries against the same "
                         f"test captions")
+  logit_range.check_temperature(args.temperature, *logit_range.score_range(sims, bank, v2t_bank),
+                                source="the similarities (SIMS and bank files)")
   bank_gts = {
       "t2v": _load_bank_map(args.bank_gt, bank, "--bank-gt") if args.bank_gt else None,
       "v2t": _load_bank_map(args.v2t_bank_gt, v2t_bank, "--v2t-bank-gt")
@@ -613,8 +582,7 @@ def _write_outputs(args, result: dict, errors: dict, inputs: _Inputs) -> None:
     if args.json == "-":
       print(text)
     else:
-      with open(args.json, "x", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+      npy_files.save_new_text(args.json, text + "\n")
 
 
 def main(argv=None) -> int:
