@@ -176,13 +176,13 @@ def _load_matrix(path: str, what: str) -> np.ndarray:
   return array
 
 
-def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
+def _load_map(path: str, n_texts: int, n_videos: int, flag: str = "--gt") -> np.ndarray:
   """Loads and checks a caption->video index map that covers every video."""
-  mapping = npy_files.load_index_map(path, "--gt", n_texts, n_videos, row="text row",
+  mapping = npy_files.load_index_map(path, flag, n_texts, n_videos, row="text row",
                                      target="video")
   missing = np.flatnonzero(np.bincount(mapping, minlength=n_videos) == 0)
   if missing.size:
-    raise UserError(f"{missing.size} videos have no caption in --gt (first: {missing[0]}); "
+    raise UserError(f"{missing.size} videos have no caption in {flag} (first: {missing[0]}); "
                     f"every video column needs at least one text row")
   return mapping
 
@@ -521,10 +521,10 @@ def _load_inputs(args) -> _Inputs:
 
 
 def _load_ground_truth(path: str | None, shape: tuple, what: str) -> np.ndarray | None:
-  """A text -> video map, or None for the diagonal of a square matrix."""
+  """A text -> video map (``what``-gt), or None for the diagonal of a square matrix."""
   n_texts, n_videos = shape
   if path:
-    return _load_map(path, n_texts, n_videos)
+    return _load_map(path, n_texts, n_videos, f"{what}-gt")
   if n_texts != n_videos:
     raise UserError(f"{what} is {n_texts} x {n_videos}, not square, so the ground truth cannot be "
                     f"the diagonal; give a map with each text's video index")
