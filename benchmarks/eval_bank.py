@@ -25,6 +25,7 @@ import ml_collections
 
 from ncl_jax import checkpointing
 from ncl_jax import evaluate
+from ncl_jax import runs
 from ncl_jax import train
 
 DIRECTIONS = ("t2v", "v2t")
@@ -33,8 +34,8 @@ DIRECTIONS = ("t2v", "v2t")
 def evaluate_banks(workdir: pathlib.Path, bank_size: int = 0) -> dict[str, dict]:
   """Test results of the run's selected checkpoint with each bank of ``evaluate.BANKS`` (and a
   re-encoded bank of ``bank_size`` pairs, under the key ``"reencoded_<bank_size>"``)."""
-  config = ml_collections.ConfigDict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
-  finished = json.loads((workdir / train.RESULTS_FILE).read_text())
+  config = ml_collections.ConfigDict(json.loads((workdir / runs.CONFIG_FILE).read_text()))
+  finished = json.loads((workdir / runs.RESULTS_FILE).read_text())
   if config.eval.bank != "queue" or not config.eval.select_metric.startswith("plain/"):
     raise SystemExit(f"{workdir}: train with eval.bank='queue' and a plain select_metric")
   run = train._Run(config)  # pylint: disable=protected-access

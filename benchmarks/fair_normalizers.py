@@ -76,7 +76,7 @@ def inductive(matrix: np.ndarray) -> dict:
                           "R@1": r_at_1(queries, method, bank, chosen.values, gt)}
       knob, fixed = SWEEPS[method]
       row["sweep"] = {str(value): r_at_1(queries, method, bank, {knob: value, **fixed}, gt)
-                      for value in selection.GRIDS[method][knob]}
+                      for value in selection.grid(method)[knob]}
     rows[method] = row
   return rows
 
@@ -137,7 +137,7 @@ def markdown(results: dict) -> str:
   lines += ["", "**Sensitivity** (inductive half split, test R@1 t2v / v2t at each knob value; "
             "reads the test labels, a diagnostic only):", ""]
   for method, (knob, fixed) in SWEEPS.items():
-    grid = selection.GRIDS[method][knob]
+    grid = selection.grid(method)[knob]
     title = f"{method} {'T_dsl' if knob == 'dsl_temperature' else knob}" + (
         f" ({_values(fixed)})" if fixed else "")
     lines.append(f"| {title} | " + " | ".join(f"{v:g}" for v in grid) + " |")

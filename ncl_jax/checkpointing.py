@@ -1,6 +1,8 @@
 """Checkpoints, automatic resume, the workdir config guard and SIGTERM (preemption) handling.
 
-This is the only module that imports orbax (and Grain's orbax support). A run directory (``workdir``) looks like::
+This is the only module that writes checkpoints with orbax (:mod:`ncl_jax.runs` reads them back
+without model code). A run directory (``workdir``, layout constants in :mod:`ncl_jax.runs`) looks
+like::
 
   workdir/config.json            the run's config, written on first use
   workdir/checkpoints/<step>/    one orbax step directory per checkpoint:
@@ -54,13 +56,9 @@ import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
+from ncl_jax import runs
+from ncl_jax.data import pipeline
 from ncl_jax.errors import UserError
-
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-# Files a trainer writes into the workdir: finding them without a config.json means the directory
-# holds something this module cannot vouch for, so it is not taken over without ``overwrite``.
-RUN_FILES = ("metrics.jsonl", "results.json")
 
 # Config leaf names that may differ between the run in a workdir and the command that resumes it:
 # the run's length, how many checkpoints to keep, the overwrite flag itself, and the prefetch
@@ -82,7 +80,6 @@ RESUMABLE_KEYS = frozenset({
 # Suffixes of leaf names that only set a frequency (log_every_steps, eval_every_steps, ...).
 RESUMABLE_SUFFIXES = ("_every_steps", "_every_epochs")
 
-_STATE = "state"
 _EXTRA = "extra"
 _DATA = "data"
 
@@ -214,8 +211,8 @@ class Checkpointer:
         best one is kept in addition to the last ``max_to_keep``. None: no best tracking.
       best_mode: "max" or "min": whether a larger or a smaller ``best_metric`` is better.
       overwrite: allow replacing a run in ``workdir`` whose config differs, or run files
-        (checkpoints, :data:`RUN_FILES`) without a readable ``config.json``: its checkpoints are
-        deleted and the caller starts its logs afresh. A run with the same config is always
+        (checkpoints, :data:`ncl_jax.runs.RUN_FILES`) without a readable ``config.json``: its
+        checkpoints are deleted and the caller starts its logs afresh. A run with the same config is always
         resumed, never deleted.
       save_interval_steps: :meth:`save` without ``force`` saves only steps divisible by this.
         The default 1 saves whenever it is called.
@@ -236,7 +233,7 @@ class Checkpointer:
       raise UserError(f"workdir {workdir} is a URL; ncl_jax writes its run directory with local "
                       "file operations: mount the bucket (e.g. gcsfuse) and pass the mounted path")
     self.workdir = pathlib.Path(workdir).resolve()
-    self.directory = self.workdir / CHECKPOINT_DIR
+    self.directory = self.workdir / runs.CHECKPOINT_DIR
     self._best_metric = best_metric
     self._best_mode = best_mode
     self._save_interval_steps = save_interval_steps
@@ -247,7 +244,7 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=self._manager_options(max_to_keep, save_interval_steps),
-        item_names=(_STATE, _EXTRA, _DATA),
+        item_names=(runs.STATE_ITEM, _EXTRA, _DATA),
     )
 
   def _manager_options(self, max_to_keep: int, save_interval_steps: int):
@@ -281,19 +278,19 @@ class Checkpointer:
 
   def _guard_workdir(self, overwrite: bool, overwrite_hint: str) -> None:
     """Compares ``config`` with the run stored in the workdir, then records ``config``."""
-    config_path = self.workdir / CONFIG_FILE
+    config_path = self.workdir / runs.CONFIG_FILE
     stored, problem = None, None
     if config_path.is_file():
       try:
         stored = json.loads(config_path.read_text())
       except json.JSONDecodeError as err:
         problem = f"{config_path} is not valid JSON ({err}), so the run there cannot be resumed"
-    run_files = [name for name in RUN_FILES if (self.workdir / name).exists()]
+    run_files = [name for name in runs.RUN_FILES if (self.workdir / name).exists()]
     if self.directory.is_dir() and any(self.directory.iterdir()):
-      run_files.insert(0, CHECKPOINT_DIR)
+      run_files.insert(0, runs.CHECKPOINT_DIR)
     if stored is None and problem is None and run_files:
-      problem = (f"workdir {self.workdir} holds {', '.join(run_files)} but no {CONFIG_FILE}, so "
-                 "it cannot be resumed safely")
+      problem = (f"workdir {self.workdir} holds {', '.join(run_files)} but no "
+                 f"{runs.CONFIG_FILE}, so it cannot be resumed safely")
     elif stored is not None:
       differing = config_differences(stored, self._config)
       if differing:
@@ -370,7 +367,7 @@ class Checkpointer:
       # save it again with them so that it takes part in best-checkpoint selection.
       self._mngr.wait_until_finished()
       self._mngr.delete(step)
-    items = {_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}
+    items = {runs.STATE_ITEM: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(extra)}
     if data_iterator is not None:
       items[_DATA] = grain_checkpoint.CheckpointSave(data_iterator)
     args = ocp.args.Composite(**items)
@@ -435,15 +432,27 @@ class Checkpointer:
     """
     self.wait()  # a checkpoint still being written is not readable yet
     target = jax.tree.map(_abstract_leaf, abstract_state)
-    items = {_STATE: ocp.args.StandardRestore(target), _EXTRA: ocp.args.JsonRestore()}
+    items = {runs.STATE_ITEM: ocp.args.StandardRestore(target), _EXTRA: ocp.args.JsonRestore()}
     if data_iterator is not None:
       if not (self.directory / str(int(step)) / _DATA).is_dir():
         raise UserError(f"checkpoint {self.directory / str(int(step))} holds no data-iterator "
                         "state (it was written before the Grain input pipeline); start a new run "
                         "in a new --workdir")
+      self._check_data_workers(int(step), data_iterator)
       items[_DATA] = grain_checkpoint.CheckpointRestore(data_iterator)
     restored = self._mngr.restore(int(step), args=ocp.args.Composite(**items))
-    return restored[_STATE], dict(restored[_EXTRA])
+    return restored[runs.STATE_ITEM], dict(restored[_EXTRA])
+
+  def _check_data_workers(self, step: int, data_iterator: Any) -> None:
+    """Refuses an iterator whose worker count differs from the one the checkpoint saved."""
+    saved_file = (self.directory / str(step) / _DATA /
+                  f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    try:
+      saved = json.loads(saved_file.read_text())
+    except (OSError, json.JSONDecodeError):
+      return  # a missing or damaged file is the restore's own error to report
+    pipeline.check_state_workers(saved, pipeline.state_worker_count(data_iterator.get_state()),
+                                 where=f"checkpoint {self.directory / str(step)}")
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any = None
                      ) -> tuple[Any, dict[str, Any]] | None:

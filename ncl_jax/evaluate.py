@@ -298,9 +298,10 @@ def _direction_score(direction: str, caption_to_video, protocol: str, tie: str) 
 def _method_metrics(method: str, problem, options, caption_to_video, temperature: float,
                     direction: str, protocol: str, tie: str) -> dict:
   queries, bank = problem
-  if len(bank) == 0 and method != "dsl":  # no training step yet: nothing to normalize with
+  if len(bank) == 0 and normalize.normalizer(method).uses_bank:  # no training step yet
     return _direction_score(direction, caption_to_video, protocol, tie)(queries)
-  scores = normalize.normalize(queries, method, None if method == "dsl" else bank,
+  scores = normalize.normalize(queries, method,
+                               bank if normalize.normalizer(method).uses_bank else None,
                                temperature=temperature, **options)
   return _direction_score(direction, caption_to_video, protocol, tie)(scores)
 
@@ -311,7 +312,7 @@ def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
                            eval_config) -> tuple[dict[str, Any], dict[str, Any]]:
   """Each method's options chosen on a *validation* split's labels, per direction.
 
-  The grid of :data:`ncl_jax.selection.GRIDS` is scored by validation R@1 (ties: lower mean
+  The registry's grid (:func:`ncl_jax.selection.grid`) is scored by validation R@1 (ties: lower mean
   rank) with the training bank, as :func:`retrieval_results` will use it on the test split
   (:func:`ncl_jax.selection.select_on_queries`). With an empty bank (no training step yet)
   the bank methods have nothing to normalize with and report plain scores, so their choice is
@@ -321,7 +322,7 @@ def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
     text_emb, video_emb, caption_to_video: the validation split's embeddings and labels.
     logit_scale: the model's inverse temperature.
     text_bank, video_bank: [n_bank, E] training text / video embeddings (the banks).
-    methods: normalizer names (``ncl_jax.normalize.METHODS``).
+    methods: normalizer names (``ncl_jax.normalize.method_names()``).
     eval_config: ``config.eval`` (``v2t_protocol``, ``tie``).
 
   Returns:
@@ -336,7 +337,7 @@ def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
   for method in methods:
     chosen[method], report[method] = {}, {}
     for direction, (queries, bank) in problems.items():
-      if len(bank) == 0 and method != "dsl":
+      if len(bank) == 0 and normalize.normalizer(method).uses_bank:
         chosen[method][direction], report[method][direction] = {}, None
         continue
       metrics_of = _direction_score(direction, caption_to_video, protocol, tie)
@@ -382,7 +383,7 @@ def extra_methods(eval_config) -> tuple[str, ...]:
     UserError: an unknown name, or ``none``/``ncl`` (always reported).
   """
   names = tuple(n.strip() for n in str(eval_config.get("methods", "")).split(",") if n.strip())
-  allowed = tuple(m for m in normalize.METHODS if m not in ("none", "ncl"))
+  allowed = tuple(m for m in normalize.method_names() if m not in ("none", "ncl"))
   for name in names:
     if name not in allowed:
       raise UserError(f"config.eval.methods: unknown normalizer {name!r}; use a comma-separated "

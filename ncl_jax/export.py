@@ -29,7 +29,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +37,10 @@ import ml_collections
 import numpy as np
 
 from ncl_jax import inference
+from ncl_jax import runs
 from ncl_jax.errors import UserError
 
 PLATFORMS = ("cpu", "cuda", "tpu")
-RESULTS_FILE = "results.json"
-RUN_CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
-STATE_ITEM = "state"   # ncl_jax.checkpointing saves the train state under this item name
 # Verification thresholds: embeddings through the exported functions vs the training code path,
 # and metric equality (R@K are percentages of counts, MdR/MnR ranks: equal up to float noise).
 EMBEDDING_TOLERANCE = 1e-5
@@ -51,88 +48,6 @@ METRIC_TOLERANCE = 1e-9
 DEPLOYMENT_NOTE = ("embed_*.jax_exported are jax.export serializations for deployment, not "
                    "archival: newer JAX releases may refuse them. params/ + config.json are the "
                    "durable copy.")
-
-
-class RunCheckpoint(NamedTuple):
-  """What a bundle needs from a run: config, step, parameters, banks, results (or None)."""
-
-  config: ml_collections.ConfigDict
-  step: int
-  params: Any
-  text_bank: np.ndarray
-  video_bank: np.ndarray
-  results: dict | None
-
-
-def _workdir(workdir: str | os.PathLike) -> pathlib.Path:
-  path = pathlib.Path(workdir).expanduser()
-  if not (path / RUN_CONFIG_FILE).is_file() or not (path / CHECKPOINT_DIR).is_dir():
-    raise UserError(f"--workdir {path} is not a training run (it needs {RUN_CONFIG_FILE} and "
-                    f"{CHECKPOINT_DIR}/, as python -m ncl_jax.main --workdir writes them)")
-  return path
-
-
-def read_results(workdir: str | os.PathLike) -> dict | None:
-  """The run's results.json, or None if the run has not finished."""
-  path = pathlib.Path(workdir).expanduser() / RESULTS_FILE
-  return json.loads(path.read_text()) if path.is_file() else None
-
-
-def available_steps(workdir: pathlib.Path) -> list[int]:
-  """Steps of the complete checkpoints in the run, ascending."""
-  root = workdir / CHECKPOINT_DIR
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and (p / STATE_ITEM).is_dir())
-
-
-def select_step(workdir: pathlib.Path, results: dict | None, step: int | None = None) -> int:
-  """The checkpoint to export: ``step`` if given, else the run's selected (best) step, else the
-  newest checkpoint of an unfinished run."""
-  steps = available_steps(workdir)
-  if not steps:
-    raise UserError(f"{workdir / CHECKPOINT_DIR} holds no checkpoint yet; train first")
-  if step is None:
-    step = int(results["selected_step"]) if results and "selected_step" in results else steps[-1]
-  if step not in steps:
-    raise UserError(f"no checkpoint of step {step} in {workdir / CHECKPOINT_DIR} (kept: "
-                    f"{', '.join(map(str, steps))}); pass one of them with --step")
-  return step
-
-
-def _valid_rows(queue: dict) -> np.ndarray:
-  embeddings = np.asarray(queue["embeddings"], np.float32)
-  return embeddings[np.asarray(queue["valid"], bool)]
-
-
-def restore_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
-  """Reads a run's config, results and one checkpoint's parameters and query queues.
-
-  Raises:
-    UserError: ``workdir`` is not a run, has no checkpoint, or lacks ``step``.
-  """
-  path = _workdir(workdir)
-  config = ml_collections.ConfigDict(json.loads((path / RUN_CONFIG_FILE).read_text()))
-  results = read_results(path)
-  step = select_step(path, results, step)
-  state = inference.restore_params(path / CHECKPOINT_DIR / str(step) / STATE_ITEM,
-                                   keys=("params", "text_queue", "video_queue"))
-  return RunCheckpoint(config, step, state["params"], _valid_rows(state["text_queue"]),
-                       _valid_rows(state["video_queue"]), results)
-
-
-def find_vocabulary(config: ml_collections.ConfigDict) -> pathlib.Path | None:
-  """CLIP's vocabulary file for a real-data run: next to its CLIP weights, else the installed
-  reference package's copy (what the trainer's default tokenizer used). None for the synthetic
-  set, whose captions are token ids."""
-  if config.data.name == "synthetic":
-    return None
-  from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
-  for candidate in ([config.clip_dir] if config.get("clip_dir") else []) + [None]:
-    try:
-      return tokenizer.find_vocab(os.path.expanduser(candidate) if candidate else None)
-    except UserError:
-      continue
-  return None
 
 
 def exported_functions(config: ml_collections.ConfigDict, params: Any,
@@ -188,13 +103,13 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
   if out.exists():
     raise UserError(f"--out {out} already exists; choose a new folder (bundles are never "
                     "overwritten)")
-  run = restore_run(workdir, step)
-  vocab = find_vocabulary(run.config)
+  run = runs.restore_run(workdir, step)
+  vocab = runs.find_vocabulary(run.config)
   text_exp, video_exp = exported_functions(run.config, run.params, platforms)
   video_shape, video_dtype = inference.video_input_shape(run.config)
   results = run.results or {}
   manifest = {
-      "format": inference.BUNDLE_FORMAT,
+      "format": runs.BUNDLE_FORMAT,
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "jax_version": jax.__version__,
       "jaxlib_version": _jaxlib_version(),
@@ -211,7 +126,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
       "logit_scale": float(np.exp(np.asarray(jax.device_get(run.params["logit_scale"]),
                                              np.float64))),
       "bank_size": {"text": int(len(run.text_bank)), "video": int(len(run.video_bank))},
-      "exported": {"text": inference.TEXT_FN_FILE, "video": inference.VIDEO_FN_FILE,
+      "exported": {"text": runs.TEXT_FN_FILE, "video": runs.VIDEO_FN_FILE,
                    "platforms": list(text_exp.platforms),
                    "calling_convention_version": int(text_exp.calling_convention_version)},
       "tokenizer": vocab.name if vocab else None,
@@ -223,16 +138,17 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
     shutil.rmtree(tmp)  # our own leftover from a crashed export of this process id
   tmp.mkdir(parents=True)
   try:
-    _save_params(tmp / inference.PARAMS_DIR, run.params)
-    np.savez(tmp / inference.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
-    (tmp / inference.TEXT_FN_FILE).write_bytes(text_exp.serialize())
-    (tmp / inference.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
+    _save_params(tmp / runs.PARAMS_DIR, run.params)
+    np.savez(tmp / runs.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
+    (tmp / runs.TEXT_FN_FILE).write_bytes(text_exp.serialize())
+    (tmp / runs.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
     if vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
       from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
       for path in tokenizer.vocab_files(vocab):
         shutil.copyfile(path, tmp / path.name)
-    (tmp / inference.CONFIG_FILE).write_text(json.dumps(run.config.to_dict(), indent=2) + "\n")
-    (tmp / inference.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    config_json = json.dumps(run.config.to_dict(), indent=2) + "\n"
+    (tmp / runs.BUNDLE_CONFIG_FILE).write_text(config_json)
+    (tmp / runs.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
       raise UserError(f"--out {out} appeared while exporting; nothing was overwritten")
     os.rename(tmp, out)
@@ -267,12 +183,12 @@ def verify_bundle(workdir: str | os.PathLike, bundle_dir: str | os.PathLike) -> 
   from ncl_jax.data import get_dataset  # pylint: disable=g-import-not-at-top
   from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
 
-  results = read_results(workdir)
+  results = runs.read_results(workdir)
   if results is None:
-    raise UserError(f"--verify needs {pathlib.Path(workdir) / RESULTS_FILE}, which a finished "
-                    "run writes; let the run finish (or export without --verify)")
+    raise UserError(f"--verify needs {pathlib.Path(workdir) / runs.RESULTS_FILE}, which a "
+                    "finished run writes; let the run finish (or export without --verify)")
   bundle = inference.load_bundle(bundle_dir, backend="exported")
-  run = restore_run(workdir, int(bundle.manifest["step"]))
+  run = runs.restore_run(workdir, int(bundle.manifest["step"]))
   config = run.config
   dataset = get_dataset(config.data, bundle.tokenizer)
   split = results.get("split", dataset.eval_splits[-1])

@@ -37,43 +37,12 @@ import ml_collections
 import numpy as np
 
 from ncl_jax import normalize
+from ncl_jax import runs
 from ncl_jax.data.pipeline import sample_frame_indices
 from ncl_jax.errors import UserError
 
-BUNDLE_FORMAT = "ncl_jax-bundle-v1"
-MANIFEST_FILE = "manifest.json"
-CONFIG_FILE = "config.json"
-PARAMS_DIR = "params"
-BANK_FILE = "bank.npz"
-TEXT_FN_FILE = "embed_text.jax_exported"
-VIDEO_FN_FILE = "embed_video.jax_exported"
 BACKENDS = ("flax", "exported")
 NORMALIZATIONS = ("plain", "ncl")
-
-
-def restore_params(path: str | os.PathLike, keys: Sequence[str] | None = None) -> Any:
-  """Restores an orbax pytree checkpoint (or its top-level ``keys`` only) onto the first device.
-
-  The target is built from the checkpoint's own metadata, so no model code is needed and the
-  device count at save time does not matter. With ``keys`` (e.g. the parameters and queues of a
-  train state) the other entries, such as the optimizer state, are never read.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  path = pathlib.Path(path).resolve()
-  with ocp.StandardCheckpointer() as reader:
-    tree = reader.metadata(path).item_metadata.tree
-  if keys is not None:
-    missing = [k for k in keys if k not in tree]
-    if missing:
-      raise UserError(f"{path} lacks {', '.join(missing)}; it is not an ncl_jax checkpoint")
-    tree = {k: tree[k] for k in keys}
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=keys is not None))
 
 
 def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
@@ -395,24 +364,24 @@ def load_bundle(path: str | os.PathLike, backend: str = "flax") -> Bundle:
     UserError: not a bundle, a format this version cannot read, or an export this JAX rejects.
   """
   root = pathlib.Path(path).expanduser()
-  manifest_path = root / MANIFEST_FILE
+  manifest_path = root / runs.MANIFEST_FILE
   if not manifest_path.is_file():
-    raise UserError(f"{root} is not an ncl_jax bundle (no {MANIFEST_FILE}); create one with "
+    raise UserError(f"{root} is not an ncl_jax bundle (no {runs.MANIFEST_FILE}); create one with "
                     "python tools/export.py --workdir RUN --out BUNDLE")
   manifest = json.loads(manifest_path.read_text())
-  if manifest.get("format") != BUNDLE_FORMAT:
+  if manifest.get("format") != runs.BUNDLE_FORMAT:
     raise UserError(f"{manifest_path} has format {manifest.get('format')!r}; this ncl_jax reads "
-                    f"{BUNDLE_FORMAT!r}")
-  config = ml_collections.ConfigDict(json.loads((root / CONFIG_FILE).read_text()))
-  params = restore_params(root / PARAMS_DIR)
-  with np.load(root / BANK_FILE) as bank:
+                    f"{runs.BUNDLE_FORMAT!r}")
+  config = ml_collections.ConfigDict(json.loads((root / runs.BUNDLE_CONFIG_FILE).read_text()))
+  params = runs.restore_params(root / runs.PARAMS_DIR)
+  with np.load(root / runs.BANK_FILE) as bank:
     text_bank, video_bank = bank["text_bank"], bank["video_bank"]
   exported = None
   if backend == "exported":
     from jax import export  # pylint: disable=g-import-not-at-top
     try:
       exported = tuple(export.deserialize(bytearray((root / name).read_bytes()))
-                       for name in (TEXT_FN_FILE, VIDEO_FN_FILE))
+                       for name in (runs.TEXT_FN_FILE, runs.VIDEO_FN_FILE))
     except Exception as err:  # the serialization format is versioned by JAX, not by us
       raise UserError(f"JAX {jax.__version__} cannot load the functions exported with JAX "
                       f"{manifest.get('jax_version')} ({err}); use backend='flax'") from err
@@ -426,16 +395,15 @@ def load_bundle(path: str | os.PathLike, backend: str = "flax") -> Bundle:
 def bundle_from_run(workdir: str | os.PathLike, step: int | None = None) -> Bundle:
   """A flax-backend :class:`Bundle` straight from a training run's checkpoint (no export).
 
-  Uses the checkpoint :func:`ncl_jax.export.select_step` picks (the one evaluated on the test
+  Uses the checkpoint :func:`ncl_jax.runs.select_step` picks (the one evaluated on the test
   split, or ``step``) and the tokenizer vocabulary next to the run's CLIP weights, if any.
   """
-  from ncl_jax import export as export_lib  # pylint: disable=g-import-not-at-top
-  run = export_lib.restore_run(workdir, step)
-  vocab = export_lib.find_vocabulary(run.config)
+  run = runs.restore_run(workdir, step)
+  vocab = runs.find_vocabulary(run.config)
   return Bundle(run.config, run.params, run.text_bank, run.video_bank,
                 tokenizer=_tokenizer_from(vocab) if vocab else None,
                 manifest={"workdir": str(workdir), "step": run.step})
 
 
 __all__ = ["BACKENDS", "Bundle", "Gallery", "NORMALIZATIONS", "bundle_from_run", "embed_split",
-           "load_bundle", "restore_params", "video_input_shape"]
+           "load_bundle", "video_input_shape"]

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
+from ncl_jax import runs
 
 
 def _plain(value: Any) -> Any:
@@ -39,7 +39,7 @@ class MetricWriter:
     if not self._active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._file = open(os.path.join(workdir, runs.METRICS_FILE), "a")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))

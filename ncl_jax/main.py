@@ -12,6 +12,8 @@ A single host never initializes the distributed runtime.
 from __future__ import annotations
 
 import difflib
+import os
+import pathlib
 import sys
 
 from absl import app, flags
@@ -90,11 +92,27 @@ def _config_file_arg(argv: list[str]) -> str | None:
   return None
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises UserError unless ``workdir`` is, or can become, a directory (before any import)."""
+  path = pathlib.Path(workdir)
+  for existing in (path, *path.parents):
+    if existing.exists():
+      break
+  if not existing.is_dir():
+    what = "--workdir" if existing == path else f"--workdir's parent {str(existing)!r}"
+    errors.fail(f"{what} is a file, not a directory: --workdir must name a directory (new, or "
+                "one holding a run) for checkpoints, logs and results")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    errors.fail(f"--workdir {str(path)!r} cannot be written: {str(existing)!r} is not writable "
+                "by this user")
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _WORKDIR.value is None:
     errors.fail("--workdir is required (the run directory for checkpoints, logs and results)")
+  check_workdir(_WORKDIR.value)
   maybe_initialize_distributed(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
   from ncl_jax import train  # pylint: disable=g-import-not-at-top

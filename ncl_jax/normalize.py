@@ -7,7 +7,7 @@ candidates is the method's retrieval distribution, so the normalization error of
 is measured the same way. For the other direction apply the same function to the transposed
 matrix (video queries x text candidates) with a bank of video queries.
 
-Methods (``METHODS``):
+Methods (the rows of :data:`REGISTRY`, see :func:`normalize`):
 
 * ``none``: ``sims / temperature``.
 * ``ncl`` (NCL's test-time step): candidate biases ``g`` from Sinkhorn on a query bank, so that
@@ -39,8 +39,9 @@ vectors persist between chunks. A small NCL bank goes through :func:`ncl_jax.sin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,6 @@ import numpy as np
 
 from ncl_jax import sinkhorn as sinkhorn_lib
 
-METHODS = ("none", "ncl", "dsl", "qbnorm", "is", "csls")
-TRANSDUCTIVE_ONLY = ("dsl",)
 
 # Rows per streamed chunk hold about this many entries (4 MiB of float32): small enough to stay
 # in the L2 cache between the passes over a chunk, which measured faster than 4x larger chunks.
@@ -59,15 +58,6 @@ DENSE_LIMIT = 1 << 24
 # Floor on a column's summed probability in the streamed NCL update: a column that underflows
 # to zero then rises by at most log(b / _TINY) per iteration instead of becoming infinite.
 _TINY = 1e-30
-
-
-def setting(method: str, bank_is_test: bool) -> str:
-  """``"inductive"`` or ``"transductive"`` (or ``"none"`` for the identity) for a method/bank."""
-  if method == "none":
-    return "none"
-  if method in TRANSDUCTIVE_ONLY or bank_is_test:
-    return "transductive"
-  return "inductive"
 
 
 class Biases(NamedTuple):
@@ -613,39 +603,194 @@ def csls(sims, bank=None, *, temperature: float, k: int = 10,
   return _biased(sims, biases.bias, temperature)
 
 
+# ---------------------------------------------------------------------------------------------
+# The registry: one row per method. normalize(), ncl_jax.selection and ncl_jax.posthoc read it,
+# so a new normalizer is one function (sims, bank -> logits) plus one row (docs/normalization.md).
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+  """One option of a normalizer.
+
+  Attributes:
+    name: keyword of :func:`normalize` and key in JSON ``"hyperparameters"``.
+    flag: the ``posthoc`` option that sets it (rows may share a flag; it is added once).
+    default: value when not given; a callable gets the temperature (e.g. ``1 / T``).
+    help: ``posthoc --help`` text.
+    check: ``"positive"``, ``"nonnegative"`` or ``"count"`` (an integer >= 1).
+    grid: the values selection tries; empty: the option is not selected (e.g. a tolerance).
+    at_most: ``"bank"`` or ``"candidates"``: grid values above the pseudo-bank's rows or the
+      candidates are skipped (neighbour counts).
+  """
+
+  name: str
+  flag: str
+  default: Any
+  help: str
+  check: str = "positive"
+  grid: tuple = ()
+  at_most: str | None = None
+
+  @property
+  def kind(self) -> type:
+    return int if self.check == "count" else float
+
+  def value(self, given, temperature: float):
+    """``given``, or the default (resolved at ``temperature``) when ``given`` is None."""
+    if given is None:
+      return self.default(temperature) if callable(self.default) else self.default
+    return given
+
+  def problem(self, value) -> str | None:
+    """Why ``value`` is not allowed (None if it is)."""
+    if value is None:
+      return None
+    if self.check == "count":
+      return None if value >= 1 else f"{self.flag} must be an integer >= 1, got {value}"
+    if not np.isfinite(value) or value < 0 or (self.check == "positive" and value == 0):
+      what = "a positive number" if self.check == "positive" else "a number >= 0"
+      return f"{self.flag} must be {what}, got {value}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+  """One registry row.
+
+  Attributes:
+    name: the method's name (``normalize(..., method=name)``, ``posthoc --method name``).
+    apply: ``(sims, bank, *, temperature, col_marginals, **options) -> logits``
+      [n_queries, n_candidates]; ``bank`` is None for the test queries (transductive).
+    summary: one line for ``posthoc --help``.
+    knobs: its options, selectable ones with a grid.
+    uses_bank: False for methods that normalize over the test queries only (DSL, none).
+    transductive_only: True when no bank can make it inductive (DSL).
+    balance: whether the label-free balance criterion measures what it does (False for DSL,
+      which rescales logits instead of balancing a distribution).
+  """
+
+  name: str
+  apply: Callable[..., np.ndarray]
+  summary: str
+  knobs: tuple[Knob, ...] = ()
+  uses_bank: bool = True
+  transductive_only: bool = False
+  balance: bool = True
+
+  @property
+  def grid(self) -> dict[str, tuple]:
+    """Selectable options -> candidate values, in knob order."""
+    return {knob.name: knob.grid for knob in self.knobs if knob.grid}
+
+
+REGISTRY: dict[str, Normalizer] = {}
+
+
+def register(row: Normalizer) -> Normalizer:
+  """Adds ``row`` to :data:`REGISTRY` (by name); returns it."""
+  REGISTRY[row.name] = row
+  return row
+
+
+def normalizer(method: str) -> Normalizer:
+  """The registry row of ``method``; ValueError for an unknown name."""
+  if method not in REGISTRY:
+    raise ValueError(f"method must be one of {method_names()}, got {method!r}")
+  return REGISTRY[method]
+
+
+def method_names() -> tuple[str, ...]:
+  """Every registered method, in registration order."""
+  return tuple(REGISTRY)
+
+
+def setting(method: str, bank_is_test: bool) -> str:
+  """``"inductive"`` or ``"transductive"`` (or ``"none"`` for the identity) for a method/bank."""
+  if method == "none":
+    return "none"
+  if normalizer(method).transductive_only or bank_is_test:
+    return "transductive"
+  return "inductive"
+
+
+def _identity(sims, bank=None, *, temperature: float, col_marginals=None) -> np.ndarray:
+  del bank, col_marginals
+  inv_t = np.float32(1.0 / temperature)
+  return _rowwise(_as_float32(sims), lambda _, block: block * inv_t)
+
+
+def _ncl_logits(sims, bank=None, *, temperature: float, col_marginals=None, **options):
+  return ncl(sims, bank, temperature=temperature, col_marginals=col_marginals, **options)[0]
+
+
+def _without_marginals(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+  """``function(sims, bank, temperature=..., **options)`` that ignores ``col_marginals``."""
+
+  def apply(sims, bank=None, *, temperature: float, col_marginals=None, **options):
+    del col_marginals
+    return function(sims, bank, temperature=temperature, **options)
+
+  return apply
+
+
+def _dsl_logits(sims, bank=None, *, temperature: float, col_marginals=None, **options):
+  del bank, col_marginals
+  return dsl(sims, temperature=temperature, **options)
+
+
+_BETAS = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+
+register(Normalizer("none", _identity, "none", uses_bank=False))
+register(Normalizer(
+    "ncl", _ncl_logits, "ncl (Sinkhorn biases)",
+    knobs=(Knob("tol", "--tol", 1e-4, "ncl: Sinkhorn tolerance", check="nonnegative"),
+           Knob("max_iterations", "--max-iterations", 1000, "ncl: iteration cap",
+                check="count"))))
+register(Normalizer(
+    "dsl", _dsl_logits, "dsl (dual softmax, transductive)", uses_bank=False,
+    transductive_only=True, balance=False,
+    knobs=(Knob("dsl_temperature", "--dsl-temperature", 1.0,
+                "dsl: temperature of the softmax over queries (on the logits)",
+                grid=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0)),)))
+register(Normalizer(
+    "qbnorm", _without_marginals(qbnorm), "qbnorm (dynamic inverted softmax)",
+    knobs=(Knob("beta", "--qb-beta", 20.0, "qbnorm: inverse temperature", grid=_BETAS),
+           Knob("k", "--qb-k", 1, "qbnorm: activation top-k", check="count", grid=(1, 2, 5),
+                at_most="candidates"))))
+register(Normalizer(
+    "is", _without_marginals(inverted_softmax), "is (inverted softmax)",
+    knobs=(Knob("beta", "--is-beta", lambda temperature: 1.0 / temperature,
+                "is: inverse temperature of the inverted softmax on the similarities "
+                "(default 1/--temperature)", grid=_BETAS),)))
+register(Normalizer(
+    "csls", _without_marginals(csls), "csls (cross-domain similarity local scaling)",
+    knobs=(Knob("k", "--csls-k", 10,
+                "csls: bank neighbours per candidate (default 10, as in the paper)",
+                check="count", grid=(1, 2, 5, 10, 20, 50, 100), at_most="bank"),)))
+
+
 def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals=None,
               **options) -> np.ndarray:
-  """Dispatches to :func:`ncl`, :func:`dsl`, :func:`qbnorm`, :func:`inverted_softmax`,
-  :func:`csls` or the identity.
+  """Normalized logits of ``method`` (a :data:`REGISTRY` row).
 
   Args:
     sims: [n_queries, n_candidates] similarities.
-    method: one of :data:`METHODS`.
+    method: one of :func:`method_names` (``none``, ``ncl``, ``dsl``, ``qbnorm``, ``is``,
+      ``csls``, and any registered later).
     bank: [n_bank, n_candidates] query bank, or ``None`` for the test queries (transductive).
-      ``dsl`` only accepts ``None``.
+      Transductive-only methods (``dsl``) only accept ``None``.
     temperature: logit temperature.
-    col_marginals: NCL's expected candidate shares (e.g. caption counts); ignored otherwise.
-    **options: method options (``tol``, ``max_iterations``, ``anderson``, ``beta``, ``k``,
-      ``dsl_temperature``, ``chunk_rows``, ``stream``); see each method's function.
+    col_marginals: expected candidate shares (e.g. caption counts; NCL reads them).
+    **options: the method's options (its row's knobs: ``tol``, ``max_iterations``, ``beta``,
+      ``k``, ``dsl_temperature``, ...) plus ``chunk_rows`` (and NCL's ``anderson``,
+      ``stream``); see each method's function.
 
   Returns:
     [n_queries, n_candidates] float32 normalized logits.
   """
-  if method not in METHODS:
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  row = normalizer(method)
   if temperature <= 0:
     raise ValueError(f"temperature must be positive, got {temperature}")
-  if method == "none":
-    inv_t = np.float32(1.0 / temperature)
-    return _rowwise(_as_float32(sims), lambda _, block: block * inv_t)
-  if method == "ncl":
-    return ncl(sims, bank, temperature=temperature, col_marginals=col_marginals, **options)[0]
-  if method == "dsl":
-    if bank is not None:
-      raise ValueError("dsl is transductive: it normalizes over the test queries, not a bank")
-    return dsl(sims, temperature=temperature, **options)
-  if method == "qbnorm":
-    return qbnorm(sims, bank, temperature=temperature, **options)
-  if method == "is":
-    return inverted_softmax(sims, bank, temperature=temperature, **options)
-  return csls(sims, bank, temperature=temperature, **options)
+  if row.transductive_only and bank is not None:
+    raise ValueError(f"{method} is transductive: it normalizes over the test queries, not a bank")
+  return row.apply(sims, bank, temperature=temperature, col_marginals=col_marginals, **options)

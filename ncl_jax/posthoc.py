@@ -49,12 +49,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
-from ncl_jax import metrics, npy_files
+from ncl_jax import logit_range, metrics, npy_files
 from ncl_jax import normalize as norm_lib
 from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
@@ -79,10 +79,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--demo", action="store_true",
                       help="use a generated 400 x 400 matrix with miscalibrated videos "
                            "instead of SIMS.npy")
-  parser.add_argument("--method", choices=norm_lib.METHODS, default="none",
-                      help="none; ncl (Sinkhorn biases); dsl (dual softmax, transductive); "
-                           "qbnorm (dynamic inverted softmax); is (inverted softmax); csls "
-                           "(cross-domain similarity local scaling). Default: none")
+  rows = [norm_lib.normalizer(name) for name in norm_lib.method_names()]
+  parser.add_argument("--method", choices=[row.name for row in rows], default="none",
+                      help="; ".join(row.summary for row in rows) + ". Default: none")
   parser.add_argument("--bank", default="test", metavar="test|BANK.npy",
                       help="t2v query bank: 'test' (transductive) or BANK.npy [n_bank, n_videos]")
   parser.add_argument("--v2t-bank", default="test", metavar="test|VBANK.npy",
@@ -98,22 +97,11 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--v2t-protocol", choices=metrics.V2T_PROTOCOLS, default="strict",
                       help="multi-caption v2t: strict (all captions ranked) or group_max "
                            "(CLIP4Clip)")
-  parser.add_argument("--tol", type=float, default=1e-4, help="ncl: Sinkhorn tolerance")
-  parser.add_argument("--max-iterations", type=int, default=1000, help="ncl: iteration cap")
-  parser.add_argument("--qb-beta", type=float, default=20.0, help="qbnorm: inverse temperature")
-  parser.add_argument("--qb-k", type=int, default=1, help="qbnorm: activation top-k")
-  parser.add_argument("--is-beta", type=float, default=None,
-                      help="is: inverse temperature of the inverted softmax on the similarities "
-                           "(default 1/--temperature)")
-  parser.add_argument("--csls-k", type=int, default=10,
-                      help="csls: bank neighbours per candidate (default 10, as in the paper)")
-  parser.add_argument("--dsl-temperature", type=float, default=1.0,
-                      help="dsl: temperature of the softmax over queries (on the logits)")
+  _add_knob_flags(parser, rows)
   parser.add_argument("--select", choices=("given", "bank"), default="given",
                       help="given: use the option values above (default); bank: choose the "
-                           "method's options (qbnorm beta/k, is beta, csls k, dsl temperature) "
-                           "on each direction's bank alone, never on the test queries' labels "
-                           "(see docs/normalization.md)")
+                           "method's options (its grid in docs/normalization.md) on each "
+                           "direction's bank alone, never on the test queries' labels")
   parser.add_argument("--bank-gt", metavar="BANK_MAP.npy",
                       help="--select bank with a --bank file: [n_bank] int, each bank row's "
                            "correct video; selects by the bank's R@1 instead of its balance")
@@ -122,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--plot", metavar="OUT.png", help="OUT.png: t2v histograms before/after (not overwritten)")
   parser.add_argument("--json", metavar="PATH|-", help="PATH (not overwritten) or '-' for stdout")
   return parser
+
+
+def _add_knob_flags(parser: argparse.ArgumentParser, rows) -> None:
+  """One option per registry knob flag (rows that share a flag share the option)."""
+  seen = set()
+  for row in rows:
+    for knob in row.knobs:
+      if knob.flag not in seen:
+        seen.add(knob.flag)
+        shown = "" if callable(knob.default) else f" (default {knob.default:g})"
+        parser.add_argument(knob.flag, type=knob.kind, default=None,
+                            help=knob.help + ("" if "default" in knob.help else shown))
 
 
 def _load_matrix(path: str, what: str) -> np.ndarray:
@@ -139,43 +139,20 @@ def _load_matrix(path: str, what: str) -> np.ndarray:
 
 
 def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
-  """Loads and checks a caption->video index map."""
-  if not os.path.isfile(path):
-    raise UserError(f"--gt file {path!r} not found; give a .npy array of video indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"--gt file {path!r} is not a readable .npy array ({err})") from None
-  if mapping.ndim != 1 or mapping.shape[0] != n_texts:
-    raise UserError(f"--gt must be a 1-D array with one entry per text row ({n_texts}), "
-                    f"got shape {mapping.shape}")
-  if not np.issubdtype(mapping.dtype, np.integer):
-    raise UserError(f"--gt must hold integer video indices, got dtype {mapping.dtype}")
-  if mapping.min() < 0 or mapping.max() >= n_videos:
-    raise UserError(f"--gt entries must lie in [0, {n_videos - 1}] (one per video column), "
-                    f"got range [{mapping.min()}, {mapping.max()}]")
+  """Loads and checks a caption->video index map that covers every video."""
+  mapping = npy_files.load_index_map(path, "--gt", n_texts, n_videos, row="text row",
+                                     target="video")
   missing = np.flatnonzero(np.bincount(mapping, minlength=n_videos) == 0)
   if missing.size:
     raise UserError(f"{missing.size} videos have no caption in --gt (first: {missing[0]}); "
                     f"every video column needs at least one text row")
-  return mapping.astype(np.int64)
+  return mapping
 
 
 def _load_bank_map(path: str, bank: np.ndarray, flag: str) -> np.ndarray:
   """Loads a bank's row -> correct candidate map ([n_bank] int in [0, n_candidates))."""
-  if not os.path.isfile(path):
-    raise UserError(f"{flag} file {path!r} not found; give a .npy array of candidate indices")
-  try:
-    mapping = np.load(path, allow_pickle=False)
-  except (ValueError, OSError) as err:
-    raise UserError(f"{flag} file {path!r} is not a readable .npy array ({err})") from None
   n_rows, n_cols = bank.shape
-  if mapping.shape != (n_rows,) or not np.issubdtype(mapping.dtype, np.integer):
-    raise UserError(f"{flag} must be {n_rows} integers (one per bank row), got "
-                    f"{mapping.dtype} {mapping.shape}")
-  if mapping.min() < 0 or mapping.max() >= n_cols:
-    raise UserError(f"{flag} entries must lie in [0, {n_cols - 1}] (the bank's columns)")
-  return mapping.astype(np.int64)
+  return npy_files.load_index_map(path, flag, n_rows, n_cols, row="bank row", target="candidate")
 
 
 def demo_matrix(n: int = 400, dim: int = 32, seed: int = 0) -> np.ndarray:
@@ -213,25 +190,19 @@ def _difference(method: dict, plain: dict) -> dict:
 
 
 def _method_options(args) -> dict:
-  if args.method == "ncl":
-    return {"tol": args.tol, "max_iterations": args.max_iterations}
-  if args.method == "qbnorm":
-    return {"beta": args.qb_beta, "k": args.qb_k}
-  if args.method == "dsl":
-    return {"dsl_temperature": args.dsl_temperature}
-  if args.method == "is":
-    return {"beta": args.is_beta}
-  if args.method == "csls":
-    return {"k": args.csls_k}
-  return {}
+  """The method's option values: given flags, else the registry defaults."""
+  row = norm_lib.normalizer(args.method)
+  return {knob.name: knob.value(getattr(args, _dest(knob.flag)), args.temperature)
+          for knob in row.knobs}
+
+
+def _dest(flag: str) -> str:
+  return flag.lstrip("-").replace("-", "_")
 
 
 def _knob_values(args, options: dict) -> dict:
   """The values of the method's selectable options that this run uses."""
-  values = {name: options[name] for name in selection_lib.GRIDS[args.method]}
-  if args.method == "is" and values["beta"] is None:
-    values["beta"] = 1.0 / args.temperature
-  return values
+  return {name: options[name] for name in norm_lib.normalizer(args.method).grid}
 
 
 def _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts) -> tuple[dict, dict]:
@@ -253,6 +224,7 @@ def _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts) -> tuple[dict, dict
       ("v2t", sims.T, v2t_bank,
        norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t")))
   plain, method, errors, knobs, selections = {}, {}, {}, {}, {}
+  row = norm_lib.normalizer(args.method)
   for direction, raw, direction_bank, expected in directions:
     plain[direction] = _direction_metrics(args, direction, raw, mapping)
     before = norm_lib.candidate_mass(raw, scale=scale)
@@ -269,9 +241,9 @@ def _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts) -> tuple[dict, dict
           options.update(chosen.values)
           selections[direction] = chosen
         knobs[direction] = _knob_values(args, options)
-        # DSL's bank (if any) only served the selection: DSL normalizes over the test queries.
+        # A transductive-only method's bank (if any) only served the selection.
         scores = norm_lib.normalize(raw, args.method,
-                                    None if args.method == "dsl" else direction_bank,
+                                    direction_bank if row.uses_bank else None,
                                     temperature=args.temperature, col_marginals=expected,
                                     **options)
       except ValueError as err:  # invalid option values (k out of range, ...)
@@ -318,8 +290,9 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
       ("t2v", n_texts, n_videos, args.bank, bank_shapes[0]),
       ("v2t", n_videos, n_texts, args.v2t_bank, bank_shapes[1])):
     setting = norm_lib.setting(args.method, bank_arg == "test")
-    role = "selection bank" if args.method == "dsl" else "bank"
-    bank_text = ("" if args.method == "none" or (args.method == "dsl" and bank_arg == "test")
+    uses_bank = norm_lib.normalizer(args.method).uses_bank
+    role = "bank" if uses_bank else "selection bank"
+    bank_text = ("" if args.method == "none" or (not uses_bank and bank_arg == "test")
                  else f", {role}: {_bank_label(bank_arg, direction)} {shape[0]} x {shape[1]}")
     lines.append(f"{direction}: {n_q} queries x {n_c} candidates, {setting}{bank_text}")
     knobs = result.get("hyperparameters", {}).get(direction)
@@ -347,36 +320,33 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
   return "\n".join(lines)
 
 
-def _check_output(path: str | None, flag: str) -> None:
-  if path and path != "-" and os.path.exists(path):
-    raise UserError(f"{flag} {path!r} already exists; choose a new file name")
-  if path and path != "-":
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-      raise UserError(f"{flag} directory {parent!r} does not exist")
+class _Inputs(NamedTuple):
+  """The loaded test matrix, its ground truth and the banks (None: the test queries)."""
+
+  sims: np.ndarray
+  mapping: np.ndarray | None
+  bank: np.ndarray | None
+  v2t_bank: np.ndarray | None
+  bank_gts: dict
+  bank_shapes: tuple
 
 
-def main(argv=None) -> int:
-  args = _parser().parse_args(argv)
+def _check_args(args) -> None:
+  """Every mistake that the arguments alone reveal, before any file is read."""
   if args.demo == bool(args.sims):
     raise UserError("give exactly one of SIMS.npy or --demo")
-  for flag, value in (("--temperature", args.temperature), ("--qb-beta", args.qb_beta),
-                      ("--dsl-temperature", args.dsl_temperature),
-                      ("--is-beta", 1.0 if args.is_beta is None else args.is_beta)):
-    if not (np.isfinite(value) and value > 0):
-      raise UserError(f"{flag} must be a positive number, got {value}")
-  if not (np.isfinite(args.tol) and args.tol >= 0) or args.max_iterations < 1:
-    raise UserError(f"--tol must be >= 0 and --max-iterations >= 1, got {args.tol} and "
-                    f"{args.max_iterations}")
-  if args.method == "dsl" and args.select != "bank" and (
+  _check_values(args)
+  row = norm_lib.normalizer(args.method)
+  if row.transductive_only and args.select != "bank" and (
       args.bank != "test" or args.v2t_bank != "test"):
-    raise UserError("dsl is transductive (it normalizes over the test queries); drop --bank "
-                    "and --v2t-bank (a labelled bank serves dsl only with --select bank)")
-  if args.method == "dsl" and args.select == "bank" and not (args.bank_gt and args.v2t_bank_gt):
-    raise UserError("dsl rescales logits rather than balancing them, so --select bank chooses "
-                    "its temperature by R@1 on labelled banks: give --bank BANK.npy --bank-gt "
-                    "BANK_MAP.npy and --v2t-bank VBANK.npy --v2t-bank-gt VBANK_MAP.npy (dsl "
-                    "itself still normalizes over the test queries)")
+    raise UserError(f"{args.method} is transductive (it normalizes over the test queries); drop "
+                    f"--bank and --v2t-bank (a labelled bank serves {args.method} only with "
+                    f"--select bank)")
+  if not row.balance and args.select == "bank" and not (args.bank_gt and args.v2t_bank_gt):
+    raise UserError(f"{args.method} rescales logits rather than balancing them, so --select bank "
+                    f"chooses its options by R@1 on labelled banks: give --bank BANK.npy "
+                    f"--bank-gt BANK_MAP.npy and --v2t-bank VBANK.npy --v2t-bank-gt "
+                    f"VBANK_MAP.npy ({args.method} itself still normalizes over the test queries)")
   for flag, value, bank_flag, bank_value in (("--bank-gt", args.bank_gt, "--bank", args.bank),
                                              ("--v2t-bank-gt", args.v2t_bank_gt, "--v2t-bank",
                                               args.v2t_bank)):
@@ -385,9 +355,23 @@ def main(argv=None) -> int:
                       f"(the test queries' labels are never used for selection)")
   if args.plot and args.plot.lower().endswith(".png") is False:
     raise UserError(f"--plot must name a .png file, got {args.plot!r}")
-  _check_output(args.plot, "--plot")
-  _check_output(args.json, "--json")
+  npy_files.check_new_output(args.plot, "--plot")
+  npy_files.check_new_output(args.json, "--json")
 
+
+def _check_values(args) -> None:
+  """The temperature and every registry option given on the command line are in range."""
+  if not (np.isfinite(args.temperature) and args.temperature > 0):
+    raise UserError(f"--temperature must be a positive number, got {args.temperature}")
+  for name in norm_lib.method_names():
+    for knob in norm_lib.normalizer(name).knobs:
+      problem = knob.problem(getattr(args, _dest(knob.flag)))
+      if problem:
+        raise UserError(problem)
+
+
+def _load_inputs(args) -> _Inputs:
+  """The test matrix, its ground truth map, both banks and their label maps, checked."""
   sims = demo_matrix() if args.demo else _load_matrix(args.sims, "SIMS")
   n_texts, n_videos = sims.shape
   if args.gt:
@@ -397,27 +381,36 @@ def main(argv=None) -> int:
                     f"the diagonal; give --gt MAP.npy with each text's video index")
   else:
     mapping = None
-  bank, t2v_shape = None, sims.shape
-  if args.bank != "test":
-    bank = _load_matrix(args.bank, "--bank")
-    if bank.shape[1] != n_videos:
-      raise UserError(f"--bank has {bank.shape[1]} columns but SIMS has {n_videos} videos; the "
-                      f"bank must score its queries against the same test videos")
-    t2v_shape = bank.shape
-  v2t_bank, v2t_shape = None, sims.T.shape
-  if args.v2t_bank != "test":
-    v2t_bank = _load_matrix(args.v2t_bank, "--v2t-bank")
-    if v2t_bank.shape[1] != n_texts:
-      raise UserError(f"--v2t-bank has {v2t_bank.shape[1]} columns but SIMS has {n_texts} texts; "
-                      f"it must score video queries against the same test captions")
-    v2t_shape = v2t_bank.shape
-
+  bank = _load_bank(args.bank, "--bank", n_videos,
+                    f"SIMS has {n_videos} videos; the bank must score its queries against the "
+                    f"same test videos")
+  v2t_bank = _load_bank(args.v2t_bank, "--v2t-bank", n_texts,
+                        f"SIMS has {n_texts} texts; it must score video queries against the same "
+                        f"test captions")
+  logit_range.check_temperature(args.temperature, *logit_range.score_range(sims, bank, v2t_bank),
+                                source="the similarities (SIMS and bank files)")
   bank_gts = {
       "t2v": _load_bank_map(args.bank_gt, bank, "--bank-gt") if args.bank_gt else None,
       "v2t": _load_bank_map(args.v2t_bank_gt, v2t_bank, "--v2t-bank-gt")
              if args.v2t_bank_gt else None}
-  result, errors = _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts)
-  table = _table(args, result, errors, sims.shape, (t2v_shape, v2t_shape))
+  shapes = (sims.shape if bank is None else bank.shape,
+            sims.T.shape if v2t_bank is None else v2t_bank.shape)
+  return _Inputs(sims, mapping, bank, v2t_bank, bank_gts, shapes)
+
+
+def _load_bank(value: str, flag: str, n_columns: int, expected: str) -> np.ndarray | None:
+  """A bank file whose columns are the test candidates (None for ``test``)."""
+  if value == "test":
+    return None
+  bank = _load_matrix(value, flag)
+  if bank.shape[1] != n_columns:
+    raise UserError(f"{flag} has {bank.shape[1]} columns but {expected}")
+  return bank
+
+
+def _write_outputs(args, result: dict, errors: dict, inputs: _Inputs) -> None:
+  """The table (stdout, or stderr under ``--json -``), then the optional plot and JSON."""
+  table = _table(args, result, errors, inputs.sims.shape, inputs.bank_shapes)
   print(table, file=sys.stderr if args.json == "-" else sys.stdout)
   if args.plot:
     from ncl_jax import plots  # pylint: disable=g-import-not-at-top
@@ -431,8 +424,16 @@ def main(argv=None) -> int:
     if args.json == "-":
       print(text)
     else:
-      with open(args.json, "x", encoding="utf-8") as handle:
-        handle.write(text + "\n")
+      npy_files.save_new_text(args.json, text + "\n")
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  _check_args(args)
+  inputs = _load_inputs(args)
+  result, errors = _evaluate(args, inputs.sims, inputs.mapping, inputs.bank, inputs.v2t_bank,
+                             inputs.bank_gts)
+  _write_outputs(args, result, errors, inputs)
   return 0
 
 

@@ -25,7 +25,8 @@ reads only the bank, the same matrix the normalizer is given anyway:
    measure what it does: DSL needs ``"recall"`` (a labelled bank).
 4. The best value wins; equal scores keep the first in grid order.
 
-Methods without a knob (``none``, ``ncl``: NCL uses the model's temperature) select nothing.
+The grids are the registry's (:data:`ncl_jax.normalize.REGISTRY`, each row's knobs); methods
+without a grid (``none``) select nothing.
 
 :func:`select_on_queries` is the labelled counterpart for a training run: the grid scored by
 R@1 on the validation split (never the test split), with the training bank as the bank.
@@ -41,16 +42,6 @@ import numpy as np
 from ncl_jax import metrics as metrics_lib
 from ncl_jax import normalize as norm_lib
 
-# Grids per method: option name -> candidate values (cosine-scale inverse temperatures for
-# ``beta``, logit-scale temperatures for ``dsl_temperature``, neighbour counts for ``k``).
-GRIDS: dict[str, dict[str, tuple]] = {
-    "none": {},
-    "ncl": {},
-    "qbnorm": {"beta": (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0), "k": (1, 2, 5)},
-    "is": {"beta": (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)},
-    "csls": {"k": (1, 2, 5, 10, 20, 50, 100)},
-    "dsl": {"dsl_temperature": (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)},
-}
 CRITERIA = ("balance", "recall")
 # Rows of the bank the selection reads at most (two halves of this many / 2).
 MAX_ROWS = 20000
@@ -77,15 +68,21 @@ class Selection(NamedTuple):
             "grid": self.grid}
 
 
+def grid(method: str) -> dict[str, tuple]:
+  """``method``'s selectable options -> candidate values (its registry row's knobs)."""
+  return norm_lib.normalizer(method).grid
+
+
 def grid_points(method: str, n_pseudo_bank: int, n_candidates: int) -> list[dict[str, Any]]:
   """Every combination of ``method``'s grid values that is valid at these sizes."""
-  if method not in GRIDS:
-    raise ValueError(f"method must be one of {tuple(GRIDS)}, got {method!r}")
-  grid = GRIDS[method]
-  points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
-  limit = {"csls": n_pseudo_bank, "qbnorm": n_candidates}.get(method)
-  if limit is not None:
-    points = [p for p in points if p["k"] <= limit]
+  row = norm_lib.normalizer(method)
+  sizes = {"bank": n_pseudo_bank, "candidates": n_candidates}
+  knobs = [knob for knob in row.knobs if knob.grid]
+  points = []
+  for combo in itertools.product(*(knob.grid for knob in knobs)):
+    if all(knob.at_most is None or value <= sizes[knob.at_most]
+           for knob, value in zip(knobs, combo)):
+      points.append({knob.name: value for knob, value in zip(knobs, combo)})
   return points
 
 
@@ -99,7 +96,7 @@ def _folds(n_rows: int, seed: int, max_rows: int) -> tuple[np.ndarray, np.ndarra
 def _score(method: str, options: dict, queries: np.ndarray, bank: np.ndarray, *,
            temperature: float, criterion: str, gt, shares) -> tuple[float, float]:
   """(primary, tie-break) score of one grid point on one fold; larger is better for both."""
-  fold_bank = None if method == "dsl" else bank
+  fold_bank = bank if norm_lib.normalizer(method).uses_bank else None
   logits = norm_lib.normalize(queries, method, fold_bank, temperature=temperature, **options)
   if criterion == "recall":
     ranks = metrics_lib.t2v_ranks(logits, gt)
@@ -113,7 +110,7 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
   """Chooses ``method``'s options from the bank alone (see the module docstring).
 
   Args:
-    method: one of :data:`ncl_jax.normalize.METHODS`.
+    method: a registered method (:func:`ncl_jax.normalize.method_names`).
     bank: [n_bank, n_candidates] bank similarities (numpy array or memmap).
     temperature: the model's logit temperature.
     bank_gt: optional [n_bank] int, each bank row's correct candidate: selects by ``"recall"``
@@ -131,14 +128,13 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
   """
   n_bank, n_cols = bank.shape
   criterion = "recall" if bank_gt is not None else "balance"
-  if method not in GRIDS:
-    raise ValueError(f"method must be one of {tuple(GRIDS)}, got {method!r}")
-  if not GRIDS[method]:
+  row = norm_lib.normalizer(method)
+  if not row.grid:
     return Selection({}, "none", [], 0)
-  if method == "dsl" and criterion == "balance":
-    raise ValueError("dsl rescales logits rather than balancing a distribution, so its "
-                     "temperature can only be selected by recall on a labelled bank: give each "
-                     "bank row's correct candidate (bank_gt)")
+  if not row.balance and criterion == "balance":
+    raise ValueError(f"{method} rescales logits rather than balancing a distribution, so its "
+                     f"options can only be selected by recall on a labelled bank: give each "
+                     f"bank row's correct candidate (bank_gt)")
   if n_bank < 4:
     raise ValueError(f"the bank needs at least 4 rows to split into pseudo-queries and a "
                      f"pseudo-bank, got {n_bank}")
@@ -170,11 +166,11 @@ def select_on_queries(method: str, queries, bank, *, temperature: float,
 
   The validation split of a training run is the use: its captions (or videos) are the queries,
   the training bank is the bank, and ``score`` reads the validation labels. Every grid point of
-  :data:`GRIDS` normalizes ``queries`` with ``bank`` (DSL over ``queries`` themselves); the
+  the registry's grid normalizes ``queries`` with ``bank`` (DSL over ``queries`` themselves); the
   highest ``score`` wins (ties keep the first in grid order).
 
   Args:
-    method: one of :data:`ncl_jax.normalize.METHODS`.
+    method: a registered method (:func:`ncl_jax.normalize.method_names`).
     queries: [n_queries, n_candidates] similarities of the labelled queries.
     bank: [n_bank, n_candidates] bank similarities (ignored by ``dsl``).
     temperature: the model's logit temperature.
@@ -184,13 +180,12 @@ def select_on_queries(method: str, queries, bank, *, temperature: float,
     A :class:`Selection` with criterion ``"validation"``; each grid point's ``score`` is the
     primary score.
   """
-  if method not in GRIDS:
-    raise ValueError(f"method must be one of {tuple(GRIDS)}, got {method!r}")
-  if not GRIDS[method]:
+  row = norm_lib.normalizer(method)
+  if not row.grid:
     return Selection({}, "none", [], 0)
   grid, best, best_key = [], None, None
   for options in grid_points(method, bank.shape[0], queries.shape[1]):
-    logits = norm_lib.normalize(queries, method, None if method == "dsl" else bank,
+    logits = norm_lib.normalize(queries, method, bank if row.uses_bank else None,
                                 temperature=temperature, **options)
     key = tuple(float(v) for v in score(logits))
     grid.append({**options, "score": key[0]})

@@ -49,6 +49,7 @@ from ncl_jax import errors
 from ncl_jax import evaluate as evaluate_lib
 from ncl_jax import logging_utils
 from ncl_jax import losses
+from ncl_jax import runs
 from ncl_jax import sharding
 from ncl_jax.data import get_dataset, normalize_frames
 from ncl_jax.models import dual_encoder
@@ -56,7 +57,6 @@ from ncl_jax.queue import Queue, enqueue, init_queue
 from ncl_jax.train_state import TrainState, clamp_logit_scale, make_optimizer
 
 DATA = sharding.DATA_AXIS
-RESULTS_FILE = "results.json"
 # Runs this short log every step, whatever log_every_steps says.
 LOG_EVERY_STEP_UP_TO = 100
 
@@ -398,12 +398,23 @@ def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, float]:
   return flat
 
 
+def _rounded(value: Any) -> Any:
+  """Floats at 10 significant digits (``67.6``, not ``67.60000000000001`` from 100 * 0.676)."""
+  if isinstance(value, float):
+    return float(f"{value:.10g}")
+  if isinstance(value, Mapping):
+    return {k: _rounded(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_rounded(v) for v in value]
+  return value
+
+
 def _write_json(path: str, payload: Any) -> None:
   if jax.process_index() != 0:
     return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    json.dump(_rounded(payload), f, indent=2, sort_keys=True)
     f.write("\n")
   os.replace(tmp, path)
 
@@ -462,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     # saved in every checkpoint and restored with the train state.
     iterator = run.train_iterator()
     restored = ckpt.restore_latest(run.abstract_state, data_iterator=iterator.grain_iterator)
-    metrics_path = os.path.join(workdir, logging_utils.METRICS_FILE)
+    metrics_path = os.path.join(workdir, runs.METRICS_FILE)
     if restored is None:
       state, last_loss = run.initial_state(), None
       checkpointing.rewind_jsonl(metrics_path, None)
@@ -594,7 +605,7 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
       "num_devices": int(run.mesh.devices.size),
       "num_processes": jax.process_count(),
   }
-  _write_json(os.path.join(workdir, RESULTS_FILE), payload)
+  _write_json(os.path.join(workdir, runs.RESULTS_FILE), payload)
   writer.flush()
-  log(f"wrote {os.path.join(workdir, RESULTS_FILE)}")
+  log(f"wrote {os.path.join(workdir, runs.RESULTS_FILE)}")
   return payload

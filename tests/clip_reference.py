@@ -115,3 +115,47 @@ def converted_feature_differences(out_dir, model, rng) -> tuple[float, float]:
     want_text = model.encode_text(torch.from_numpy(tokens)).numpy()
   return (float(np.abs(np.asarray(image) - want_image).max()),
           float(np.abs(np.asarray(text) - want_text).max()))
+
+
+# transformers' CLIPModel as the reference (tests/test_convert_clip_hf.py, and the torch-free
+# conversion in tests/test_convert_clip_open_clip.py).
+
+# Non-standard sizes: 3 vision heads of 32, an MLP ratio that is not 4, eos = the last id.
+HF_SMALL = dict(
+    text_config=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=2, vocab_size=300, max_position_embeddings=12,
+                     eos_token_id=299, bos_token_id=298, pad_token_id=0, layer_norm_eps=1e-6),
+    vision_config=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                       num_attention_heads=3, image_size=24, patch_size=8),
+    projection_dim=40)
+
+
+def random_hf_clip(sizes: dict, hidden_act: str, seed: int = 0):
+  """A float32 transformers CLIPModel, random as initialised, with the vectors its initialiser
+  leaves constant (LayerNorm scales and biases, Linear biases) perturbed so that a wrong mapping
+  of any of them shows in the outputs."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.CLIPConfig(
+      text_config=dict(sizes["text_config"], hidden_act=hidden_act),
+      vision_config=dict(sizes["vision_config"], hidden_act=hidden_act),
+      projection_dim=sizes["projection_dim"])
+  torch.manual_seed(seed)
+  model = transformers.CLIPModel(config).float().eval()
+  generator = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if param.ndim == 1:
+        param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+  return model
+
+
+def save_hf(model, directory: pathlib.Path, weights: str = "safetensors") -> pathlib.Path:
+  """save_pretrained (safetensors, or sharded), or the pytorch_model.bin older versions wrote."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if weights == "bin":
+    model.config.save_pretrained(directory)
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+  else:
+    model.save_pretrained(directory, max_shard_size="200KB" if weights == "sharded" else "50GB")
+  return directory

@@ -101,10 +101,10 @@ OPENAI_VITS = {"vitb32": (512, 224, 12, 768, 32, 77, 49408, 512, 8, 12),
 def test_tower_variants_fit_the_checkpoints_of_that_size(tower):
   """Each :vitXX variant has the sizes a converted checkpoint of that model infers (OpenAI's
   reference model built on torch's meta device: shapes only, no memory)."""
-  import torch
-
   import clip_reference as ref
   from ncl_jax.models import convert
+  from suite_testutils import require_module
+  torch = require_module("torch")
 
   with torch.device("meta"):
     model = ref.model_module().CLIP(*OPENAI_VITS[tower])

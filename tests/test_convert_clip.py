@@ -12,13 +12,14 @@ import warnings
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import clip_reference as ref
+from suite_testutils import require_module
 from ncl_jax.errors import UserError
 from ncl_jax.models import load_clip, read_config
 from ncl_jax.tokenizer import ClipTokenizer
 
+torch = require_module("torch")
 torch.set_num_threads(2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "convert_clip.py"

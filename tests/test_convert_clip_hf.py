@@ -10,27 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import clip_reference as ref
+from clip_reference import HF_SMALL as SMALL, random_hf_clip, save_hf
+from suite_testutils import require_module
 from ncl_jax.errors import UserError
 from ncl_jax.models import load_clip
 
-transformers = pytest.importorskip("transformers")
+torch = require_module("torch")
+require_module("transformers")  # the reference CLIPModel (clip_reference.random_hf_clip)
 
 torch.set_num_threads(2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "convert_clip.py"
 TOLERANCE = 1e-4
 
-# Non-standard sizes: 3 vision heads of 32, an MLP ratio that is not 4, eos = the last id.
-SMALL = dict(
-    text_config=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                     num_attention_heads=2, vocab_size=300, max_position_embeddings=12,
-                     eos_token_id=299, bos_token_id=298, pad_token_id=0, layer_norm_eps=1e-6),
-    vision_config=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                       num_attention_heads=3, image_size=24, patch_size=8),
-    projection_dim=40)
 # ViT-B/32's widths, heads, patch, resolution, context and vocabulary; 2 blocks per tower keep
 # it cheap. eos_token_id 2 is what transformers' configs said before 2023 (argmax pooling).
 VIT_B32 = dict(
@@ -47,34 +41,6 @@ def converter():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-def random_hf_clip(sizes: dict, hidden_act: str, seed: int = 0):
-  """A float32 transformers CLIPModel, random as initialised, with the vectors its initialiser
-  leaves constant (LayerNorm scales and biases, Linear biases) perturbed so that a wrong mapping
-  of any of them shows in the outputs."""
-  config = transformers.CLIPConfig(
-      text_config=dict(sizes["text_config"], hidden_act=hidden_act),
-      vision_config=dict(sizes["vision_config"], hidden_act=hidden_act),
-      projection_dim=sizes["projection_dim"])
-  torch.manual_seed(seed)
-  model = transformers.CLIPModel(config).float().eval()
-  generator = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      if param.ndim == 1:
-        param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-  return model
-
-
-def save_hf(model, directory: pathlib.Path, weights: str = "safetensors") -> pathlib.Path:
-  """save_pretrained (safetensors, or sharded), or the pytorch_model.bin older versions wrote."""
-  if weights == "bin":
-    model.config.save_pretrained(directory)
-    torch.save(model.state_dict(), directory / "pytorch_model.bin")
-  else:
-    model.save_pretrained(directory, max_shard_size="200KB" if weights == "sharded" else "50GB")
-  return directory
 
 
 def tokens_with_eos(rng, n: int, length: int, vocab: int, eos: int) -> np.ndarray:

@@ -18,13 +18,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import save_file
 
 import clip_reference as ref
+from suite_testutils import require_module
 from ncl_jax.errors import UserError
 from ncl_jax.models import clip_sources, convert, load_clip
 
+torch = require_module("torch")
 torch.set_num_threads(2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "convert_clip.py"
@@ -132,10 +133,9 @@ def convert_reference(model, activation):
 def test_conversion_needs_no_torch(tmp_path, quick_model):
   """safetensors inputs (open_clip and transformers) convert with torch unimportable."""
   save_file(numpy_state(quick_model), str(tmp_path / "oc.safetensors"))
-  from test_convert_clip_hf import SMALL as HF_SMALL
-  from test_convert_clip_hf import random_hf_clip, save_hf
-  hf_model = random_hf_clip(HF_SMALL, "gelu", seed=2)
-  save_hf(hf_model, tmp_path / "hf")
+  require_module("transformers")
+  hf_model = ref.random_hf_clip(ref.HF_SMALL, "gelu", seed=2)
+  ref.save_hf(hf_model, tmp_path / "hf")
   code = f"""
 import importlib.abc, importlib.util, sys
 class NoTorch(importlib.abc.MetaPathFinder):

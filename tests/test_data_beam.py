@@ -1,29 +1,23 @@
 """`prepare --num_workers N`: the Apache Beam build against the in-process one, and its bad input."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import sys
 
 import numpy as np
 import pytest
 
+import tensorflow_datasets as tfds
+
 import ncl_jax.data
 from ncl_jax.data import builders, default_data_config, get_dataset, prepare
 from ncl_jax.errors import UserError, run_cli
 
-from data_testutils import WordTokenizer
+from data_testutils import DUMMY, SIZE, WordTokenizer, dummy
+from suite_testutils import require_module
 
-pytest.importorskip("apache_beam")
-tfds = pytest.importorskip("tensorflow_datasets")
+require_module("apache_beam")
 
-DUMMY = pathlib.Path(__file__).resolve().parents[1] / "ncl_jax" / "data" / "dummy_data"
-_spec = importlib.util.spec_from_file_location("make_dummy_data", DUMMY / "make_dummy_data.py")
-dummy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dummy)
-
-SIZE = 16
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,8 @@
 """TFDS builders, the prepare command and the prepared-data reader, on the dummy data in the
 real formats with small real videos written by PyAV."""
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,22 +10,14 @@ import pytest
 from ncl_jax.data import default_data_config, get_dataset, prepare, sample_frame_indices
 from ncl_jax.errors import UserError, run_cli
 
-from data_testutils import WordTokenizer
+from data_testutils import DUMMY, SIZE, WordTokenizer, dummy, write_dummy_videos
 
-DUMMY = pathlib.Path(__file__).resolve().parents[1] / "ncl_jax" / "data" / "dummy_data"
-_spec = importlib.util.spec_from_file_location("make_dummy_data", DUMMY / "make_dummy_data.py")
-dummy = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dummy)
-
-SIZE = 16          # Frame side in these tests (224 in real use).
 TOLERANCE = 10     # Codec + JPEG error on solid colours.
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-  root = tmp_path_factory.mktemp("videos")
-  return {name: (str(root / name), dummy.write_videos(name, str(root / name)))
-          for name in ("msrvtt", "msvd", "activitynet", "didemo")}
+  return write_dummy_videos(tmp_path_factory.mktemp("videos"))
 
 
 def _prepare(capsys, dataset, out, *extra):
@@ -275,6 +265,27 @@ def test_empty_splits_stop_with_one_error_line(tmp_path, capsys):
   for out in ("a", "b"):
     with pytest.raises(UserError, match="no prepared msvd data"):
       get_dataset(_config("msvd", tmp_path / out), WordTokenizer())
+  # A failed build leaves nothing behind: "a" and "b" were new, so they are gone, and a folder
+  # that existed keeps exactly what it held (no TFDS config record, no empty folders).
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  kept = tmp_path / "kept"
+  kept.mkdir()
+  (kept / "notes.txt").write_text("mine")
+  _prepare_fails(capsys, base + ["--data_dir", str(kept), "--videos_dir", str(empty)])
+  assert sorted(p.name for p in kept.rglob("*")) == ["notes.txt"]
+
+
+def test_rerun_into_a_prepared_copy_says_it_was_reused(videos, tmp_path, capsys):
+  _prepare(capsys, "msvd", tmp_path, "--videos_dir", videos["msvd"][0])
+  empty = tmp_path / "no_videos"
+  empty.mkdir()
+  argv = ["msvd", "--manual_dir", str(DUMMY / "msvd"), "--data_dir", str(tmp_path),
+          "--image_size", str(SIZE), "--videos_dir", str(empty)]
+  assert prepare.main(argv) == 0
+  out = capsys.readouterr().out
+  copy = tmp_path / "msvd" / "frames_12f_16px" / "1.0.0"
+  assert f"reused the copy prepared earlier in {copy}; nothing was rebuilt" in out
+  assert "delete that folder or give a new --data_dir" in out and "written to" not in out
 
 
 def test_raw_frames_are_the_decoded_frames_exactly(videos, tmp_path, capsys):

@@ -98,6 +98,12 @@ def test_worker_processes_change_nothing_and_their_state_resumes():
     state = json.loads(json.dumps(it.get_state()))
   finally:
     it.close()
+  # Grain keeps one position per worker: another worker count is refused by name (Grain's own
+  # KeyError for 0, a silently wrong position for some other counts).
+  for other in (0, 1):
+    with pytest.raises(UserError, match=f"data.num_workers=2, but this iterator has "
+                                        f"num_workers={other}"):
+      TrainIterator(split, 8, seed=7, num_workers=other, prefetch=0).set_state(state)
   resumed = TrainIterator(split, 8, seed=7, augment=True, num_workers=2)
   try:
     resumed.set_state(state)
@@ -140,6 +146,13 @@ def test_iterator_state_travels_in_the_orbax_checkpoint(tmp_path):
   assert extra == {"note": 1}
   np.testing.assert_array_equal(_take(resumed, 3), reference[6:])
   resumed.close()
+  # An iterator with worker processes cannot take the in-process position: named, not KeyError.
+  with_workers = TrainIterator(split, 8, seed=5, num_workers=1)
+  with Checkpointer(tmp_path, config={"seed": 5}) as ckpt:
+    with pytest.raises(UserError, match=r"checkpoint .*/6 holds the data-iterator position of "
+                                        r"data.num_workers=0, but this iterator has num_workers=1"):
+      ckpt.restore_latest(state, data_iterator=with_workers.grain_iterator)
+  with_workers.close()
 
 
 @pytest.mark.parametrize("kwargs", [dict(global_batch_size=40), dict(global_batch_size=9,

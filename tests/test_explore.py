@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import bundle_testutils
+from suite_testutils import require_module, unavailable
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
@@ -354,20 +355,11 @@ def test_api_refuses_bad_input(server):
 
 
 def _playwright():
-  """Playwright's sync API, or a skip where no browser is installed (.ci/run installs Chromium
-  and sets NCL_JAX_REQUIRE_BROWSER, which turns the skip into a failure)."""
-  missing = None
+  """Playwright's sync API, or ``unavailable`` where no browser is installed (.ci/run installs
+  Chromium and sets NCL_JAX_REQUIRE_ALL, which turns the skip into a failure)."""
   if not CHROMIUM.exists():
-    missing = f"no {CHROMIUM} (apt-get install chromium; .ci/run installs it)"
-  else:
-    try:
-      from playwright import sync_api  # pylint: disable=g-import-not-at-top
-      return sync_api
-    except ImportError:
-      missing = "no playwright (pip install -e '.[test]')"
-  if os.environ.get("NCL_JAX_REQUIRE_BROWSER"):
-    pytest.fail(missing)
-  pytest.skip(missing)
+    unavailable(f"no {CHROMIUM} (apt-get install chromium; .ci/run installs it)")
+  return require_module("playwright.sync_api")
 
 
 def test_page_in_chromium(server, tmp_path):

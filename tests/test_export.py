@@ -16,7 +16,7 @@ import pytest
 
 import bundle_testutils
 import train_testutils
-from ncl_jax import export, inference, posthoc
+from ncl_jax import export, inference, posthoc, runs
 from ncl_jax.data import normalize_frames
 from ncl_jax.models.dual_encoder import DualEncoder
 
@@ -124,7 +124,7 @@ def test_exported_functions_match_the_model_for_any_batch(bundle_dir):
       np.testing.assert_allclose(bundle.embed_texts(tokens, 4), want_text, atol=1e-5)
       np.testing.assert_allclose(bundle.embed_videos(videos, mask, 4), want_video, atol=1e-5)
   # The serialized functions are batch-polymorphic: any batch size runs without padding.
-  text_fn = jax.export.deserialize(bytearray((bundle_dir / inference.TEXT_FN_FILE).read_bytes()))
+  text_fn = jax.export.deserialize(bytearray((bundle_dir / runs.TEXT_FN_FILE).read_bytes()))
   np.testing.assert_allclose(np.asarray(text_fn.call(exported.params, tokens[:2])),
                              want_text[:2], atol=1e-5)
 

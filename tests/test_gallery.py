@@ -552,7 +552,9 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       "nan": _save(tmp_path / "nan.npy", np.where(np.arange(8) == 2, np.nan, bank[:4])),
       "long": _save(tmp_path / "long.npy", bank * np.float32(1.25)),
       "empty": _save(tmp_path / "empty.npy", np.zeros((0, 8), np.float32)),
+      "zero_bytes": str(tmp_path / "zero_bytes.npy"),
   }
+  pathlib.Path(bad["zero_bytes"]).write_bytes(b"")
   out = str(tmp_path / "b.npy")
   base = ["biases", "--gallery", str(files["gallery"]), "--temperature", "0.05", "--out", out]
   cases = [
@@ -560,6 +562,11 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       (base + ["--bank", bad["nan"]], "row 0 contains NaN or Inf"),
       (base + ["--bank", bad["long"]], r"has norm 1\.25 \(off by 0\.25"),
       (base + ["--bank", bad["empty"]], "is empty"),
+      (base + ["--bank", bad["zero_bytes"]], r"--bank file .* is empty \(0 bytes\)"),
+      (base[:-4] + ["--bank", str(files["bank"]), "--temperature", "1e-30", "--out", out],
+       "--temperature 1e-30 is too small for float32 logits"),
+      (base[:-4] + ["--bank", str(files["bank"]), "--temperature", "1e30", "--out", out],
+       "--temperature 1e\\+30 is too large for float32 logits"),
       (base + ["--bank", str(files["bank"]), "--top_k", "20"], "below the gallery size 20"),
       (base + ["--bank", str(files["bank"]), "--json", str(files["bank"])], "already exists"),
       (base + ["--bank", str(files["bank"]), "--search", "ivf"], "add --top_k K"),
@@ -608,7 +615,7 @@ def test_cli_error_is_one_line_with_exit_code_2(files, tmp_path):
 @pytest.mark.parametrize("bank_groups", [1, 2])
 def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
   # The coordinator-port retry of the training tests (a picked port can be taken before use).
-  from test_multiprocess import _env, _run_on_free_port  # pylint: disable=g-import-not-at-top
+  from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
   # 20 items over 4 devices: each process reads 10 gallery rows (bank_groups 1) or all 20 and
   # half of the bank (bank_groups 2: a group per process).
   out = tmp_path / "two.npy"
@@ -619,10 +626,10 @@ def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
          "--bank_groups", str(bank_groups),
          "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
          str(i), "--json", str(tmp_path / f"report{i}.json")],
-        cwd=REPO, env=_env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
 
-  for code, output in _run_on_free_port(start, tmp_path / "logs", timeout=180):
+  for code, output in run_on_free_port(start, tmp_path / "logs", timeout=180):
     assert code == 0, output
   report = json.loads((tmp_path / "report0.json").read_text())
   assert report["processes"] == 2 and report["devices"] == 4 and report["converged"]

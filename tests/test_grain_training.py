@@ -17,9 +17,14 @@ from ncl_jax import checkpointing, train
 from ncl_jax.data import prepare
 
 import train_testutils as tu
-from test_data_builders import DUMMY, SIZE, videos  # noqa: F401  (the module-scoped fixture)
+from data_testutils import DUMMY, SIZE, write_dummy_videos
 
 TOTAL_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+  return write_dummy_videos(tmp_path_factory.mktemp("videos"))
 
 
 def _frames_config(data_dir, num_workers):
@@ -72,7 +77,7 @@ def _logs(workdir):
 
 @pytest.mark.slow
 def test_resumed_run_with_two_workers_matches_an_uninterrupted_in_process_run(
-    videos, tmp_path, monkeypatch, capsys):  # noqa: F811
+    videos, tmp_path, monkeypatch, capsys):
   argv = ["msrvtt", "--manual_dir", str(DUMMY / "msrvtt"), "--data_dir", str(tmp_path / "data"),
           "--image_size", str(SIZE), "--videos_dir", videos["msrvtt"][0]]
   assert prepare.main(argv) == 0

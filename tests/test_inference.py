@@ -140,6 +140,7 @@ def test_bundle_from_workdir_and_bundled_vocabulary(run_dir, bundle, tmp_path):
   np.testing.assert_allclose(from_run.embed_texts(tokens), bundle.embed_texts(tokens), atol=1e-6)
   # Real-data runs bundle CLIP's vocabulary from their CLIP directory.
   from ncl_jax import export
+  from ncl_jax import runs
   from ncl_jax import tokenizer
   vocab = tokenizer.find_vocab(None)
   clip_dir = tmp_path / "clip"
@@ -147,7 +148,7 @@ def test_bundle_from_workdir_and_bundled_vocabulary(run_dir, bundle, tmp_path):
   shutil.copyfile(vocab, clip_dir / tokenizer.VOCAB_FILE)
   config = bundle.config.copy_and_resolve_references()
   config.data.name, config.clip_dir = "msvd", str(clip_dir)
-  assert export.find_vocabulary(config) == clip_dir / tokenizer.VOCAB_FILE
+  assert runs.find_vocabulary(config) == clip_dir / tokenizer.VOCAB_FILE
   # A run whose config says so gets the vocabulary in its bundle, and strings are tokenized.
   run = tmp_path / "run"
   shutil.copytree(run_dir, run)

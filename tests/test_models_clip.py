@@ -4,11 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import clip_reference as ref
+from suite_testutils import require_module
 from ncl_jax.models import CLIP, convert
 
+torch = require_module("torch")
 torch.set_num_threads(2)
 
 SHAPES = {

@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import clip_reference as ref
+from suite_testutils import require_module
 from ncl_jax.errors import UserError
 from ncl_jax.models import (DualEncoder, config_from_clip, default_model_config,
                             init_dual_encoder_from_clip, param_labels)
 from ncl_jax.models import convert
 
+torch = require_module("torch")
 torch.set_num_threads(2)
 
 

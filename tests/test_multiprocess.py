@@ -12,10 +12,7 @@ its peers). CPU collectives across processes use gloo, jax 0.10's default CPU im
   The SIGTERM is real but raised by process 1 itself right after a fixed step (the test-only
   hook ``checkpointing.TEST_SIGTERM_ENV``), so the test does not depend on the machine's speed.
 
-Coordinator ports: a free port is picked by binding port 0 and releasing it, and another program
-may take it before the coordinator binds it. That race cannot be closed from outside the
-coordinator, so the workers are started again on a new port when the coordinator reports that
-it could not bind (``_run_on_free_port``). The timeouts only catch hangs.
+Coordinator ports are picked and retried by ``multiprocess_testutils.run_on_free_port``.
 """
 
 import json
@@ -25,101 +22,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from ncl_jax import checkpointing
 
+import multiprocess_testutils as mp
+from multiprocess_testutils import NUM_PROCESSES, PORT_TAKEN, TIMEOUT_S
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2
-
-
-# What jax.distributed's coordinator (process 0) prints when its port is taken: gRPC's line,
-# followed by a JaxRuntimeError "Failed to start RPC server" or, sometimes, a segmentation fault.
-PORT_TAKEN = "Failed to add port to server"
-PORT_ATTEMPTS = 3
-TIMEOUT_S = 600  # per group of processes; only a hang gets near it
-
-
-def _free_port():
-  """A port that was free a moment ago (see the module docstring for the race)."""
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    return sock.getsockname()[1]
-
-
-def _run_on_free_port(start, log_dir, timeout=TIMEOUT_S):
-  """Runs ``start(port, logs)``'s processes to the end, on a new port if the first one was taken.
-
-  Args:
-    start: ``start(port, logs) -> [Popen]``; process 0 is the coordinator; process i must write
-      its output to the open file ``logs[i]``.
-    log_dir: where the output files go.
-    timeout: seconds for the whole group (per attempt).
-
-  Returns:
-    ``[(returncode, output)]`` of the last attempt.
-  """
-  log_dir = pathlib.Path(log_dir)
-  log_dir.mkdir(parents=True, exist_ok=True)
-  for attempt in range(PORT_ATTEMPTS):
-    paths = [log_dir / f"attempt{attempt}_process{i}.log" for i in range(NUM_PROCESSES)]
-    logs = [open(path, "w") for path in paths]
-    procs = []
-    try:
-      procs = start(_free_port(), logs)
-      taken = _wait_unless_port_taken(procs, paths[0], timeout)
-    finally:
-      for proc in procs:
-        if proc.poll() is None:
-          proc.kill()
-          proc.wait()
-      for log in logs:
-        log.close()
-    if not taken:
-      return [(proc.returncode, path.read_text()) for proc, path in zip(procs, paths)]
-  raise AssertionError(f"the coordinator's port was taken {PORT_ATTEMPTS} times in a row")
-
-
-def _wait_unless_port_taken(procs, coordinator_log, timeout):
-  """Waits for every process; returns True early if the coordinator could not bind its port."""
-  deadline = time.monotonic() + timeout
-  while any(proc.poll() is None for proc in procs):
-    if procs[0].poll() not in (None, 0) and PORT_TAKEN in coordinator_log.read_text():
-      return True
-    if time.monotonic() > deadline:
-      _dump_stacks(procs)
-      raise AssertionError(f"the processes did not finish in {timeout} s; their Python stacks "
-                           "are at the end of their logs")
-    time.sleep(0.1)
-  return procs[0].returncode != 0 and PORT_TAKEN in coordinator_log.read_text()
-
-
-def _dump_stacks(procs):
-  """SIGABRT to hung workers: faulthandler (PYTHONFAULTHANDLER, see _env) prints their stacks."""
-  for proc in procs:
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGABRT)
-  for proc in procs:
-    try:
-      proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      pass
-
-
-def _env(num_devices, cache_dir=None):
-  """Fake CPU devices; optionally a persistent compilation cache that later runs reuse."""
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(num_devices), JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-             PYTHONFAULTHANDLER="1")
-  env.pop("XLA_FLAGS", None)
-  if cache_dir is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return env
 
 
 # -- the port helper -----------------------------------------------------------------------------
@@ -139,16 +52,16 @@ def test_taken_coordinator_port_is_retried_on_a_new_one(tmp_path, monkeypatch):
     squatter.bind(("localhost", 0))
     squatter.listen()
     ports = [squatter.getsockname()[1]]
-    monkeypatch.setattr(sys.modules[__name__], "_free_port",
-                        lambda real=_free_port: ports.pop(0) if ports else real())
+    monkeypatch.setattr(mp, "free_port",
+                        lambda real=mp.free_port: ports.pop(0) if ports else real())
 
     def start(port, logs):
       return [subprocess.Popen([sys.executable, __file__, "connect", str(i), str(port)],
-                               cwd=REPO, env=_env(1), stdout=logs[i], stderr=subprocess.STDOUT,
+                               cwd=REPO, env=mp.env(1), stdout=logs[i], stderr=subprocess.STDOUT,
                                text=True)
               for i in range(NUM_PROCESSES)]
 
-    results = _run_on_free_port(start, tmp_path)
+    results = mp.run_on_free_port(start, tmp_path)
   assert PORT_TAKEN in (tmp_path / "attempt0_process0.log").read_text()
   for i, (code, output) in enumerate(results):
     assert code == 0, output
@@ -220,11 +133,11 @@ def test_checkpoints_across_processes(tmp_path):
         subprocess.Popen(
             [sys.executable, __file__, "checkpoint", str(i), str(port), str(tmp_path / "run"),
              str(tmp_path / f"report{i}.json")],
-            cwd=REPO, env=_env(DEVICES_PER_PROCESS), stdout=logs[i], stderr=subprocess.STDOUT,
+            cwd=REPO, env=mp.env(DEVICES_PER_PROCESS), stdout=logs[i], stderr=subprocess.STDOUT,
             text=True)
         for i in range(NUM_PROCESSES)]
 
-  for code, output in _run_on_free_port(start, tmp_path / "logs"):
+  for code, output in mp.run_on_free_port(start, tmp_path / "logs"):
     assert code == 0, output
   reports = [json.loads((tmp_path / f"report{i}.json").read_text()) for i in range(NUM_PROCESSES)]
   full_queue = np.concatenate([np.arange(12.0).reshape(4, 3) + 100 * i for i in range(2)])
@@ -264,7 +177,7 @@ def _main(workdir, num_devices, process_id=None, port=None, log=subprocess.PIPE,
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={NUM_PROCESSES}",
                 f"--process_id={process_id}"]
   cache_dir = pathlib.Path(workdir).parent / "jax_cache"
-  env = _env(num_devices, cache_dir)
+  env = mp.env(num_devices, cache_dir)
   env.pop(checkpointing.TEST_SIGTERM_ENV, None)
   if sigterm_after is not None:
     env[checkpointing.TEST_SIGTERM_ENV] = str(sigterm_after)
@@ -289,7 +202,7 @@ def _run_processes(workdir, log_dir, sigterm_after=None):
     return [_main(workdir, DEVICES_PER_PROCESS, i, port, log=logs[i],
                   sigterm_after=sigterm_after if i == 1 else None)
             for i in range(NUM_PROCESSES)]
-  results = _run_on_free_port(start, log_dir)
+  results = mp.run_on_free_port(start, log_dir)
   for code, output in results:
     if code != 0 and GLOO_TIMEOUT in output:
       raise _GlooTimeout(output)

@@ -1,12 +1,19 @@
 """Tests for ncl_jax.normalize against POT, numpy transcriptions of DSL/QB-Norm, and real data."""
 
+import json
+
+import ml_collections
 import numpy as np
 import ot
 import pytest
 from scipy.special import logsumexp, softmax
 
+from ncl_jax import evaluate
 from ncl_jax import metrics
 from ncl_jax import normalize as nz
+from ncl_jax import posthoc
+from ncl_jax import selection
+from ncl_jax.errors import UserError
 
 from normalize_testutils import hub_sims
 
@@ -239,3 +246,48 @@ def test_real_inductive_is_and_csls_raise_recall(shared_data_dir, method):
   options = {"beta": 100.0} if method == "is" else {"k": 3}
   normalized = nz.normalize(queries, method, bank, temperature=0.01, **options)
   assert metrics.t2v_metrics(normalized, gt)["R@1"] > metrics.t2v_metrics(queries, gt)["R@1"] + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: one function and one row make a method known to normalize(), selection and
+# posthoc.
+
+def _mean_shift(sims, bank=None, *, temperature, col_marginals=None, strength=1.0):
+  """A toy normalizer: each candidate's mean bank similarity, scaled, subtracted."""
+  del col_marginals
+  bank = sims if bank is None else bank
+  mean = np.asarray(bank, np.float64).mean(axis=0)
+  return ((np.asarray(sims, np.float64) - strength * mean) / temperature).astype(np.float32)
+
+
+def test_a_method_added_through_the_registry_alone(monkeypatch, rng, tmp_path):
+  row = nz.Normalizer("shift", _mean_shift, "shift (a test method)", knobs=(
+      nz.Knob("strength", "--shift-strength", 1.0, "shift: strength", check="nonnegative",
+              grid=(0.0, 0.5, 1.0)),))
+  monkeypatch.setitem(nz.REGISTRY, "shift", row)
+  sims, bank = hub_sims(rng, 10, 10), hub_sims(rng, 40, 10)
+  expected = (sims.astype(np.float64) - 0.5 * bank.astype(np.float64).mean(0)) / 0.05
+  np.testing.assert_allclose(nz.normalize(sims, "shift", bank, temperature=0.05, strength=0.5),
+                             expected, rtol=1e-5)
+  assert nz.setting("shift", bank_is_test=False) == "inductive"
+  chosen = selection.select_on_bank("shift", bank, temperature=0.05)
+  assert [p["strength"] for p in chosen.grid] == [0.0, 0.5, 1.0]
+  assert chosen.values["strength"] in (0.0, 0.5, 1.0)
+  assert evaluate.extra_methods(ml_collections.ConfigDict({"methods": "shift"})) == ("shift",)
+  paths = {name: tmp_path / f"{name}.npy" for name in ("sims", "bank")}
+  np.save(paths["sims"], sims)
+  np.save(paths["bank"], bank)
+  out = tmp_path / "out.json"
+  assert posthoc.main([str(paths["sims"]), "--method", "shift", "--bank", str(paths["bank"]),
+                       "--shift-strength", "0.5", "--temperature", "0.05", "--json",
+                       str(out)]) == 0
+  result = json.loads(out.read_text())
+  assert result["hyperparameters"]["t2v"] == {"strength": 0.5}
+  assert result["t2v"] == pytest.approx(metrics.t2v_metrics(expected))
+  with pytest.raises(UserError, match="--shift-strength must be a number >= 0"):
+    posthoc.main([str(paths["sims"]), "--method", "shift", "--shift-strength", "-1"])
+  assert posthoc.main([str(paths["sims"]), "--method", "shift", "--bank", str(paths["bank"]),
+                       "--select", "bank", "--temperature", "0.05", "--json",
+                       str(tmp_path / "selected.json")]) == 0
+  selected = json.loads((tmp_path / "selected.json").read_text())
+  assert selected["selection"]["t2v"]["grid"] == chosen.as_json()["grid"]

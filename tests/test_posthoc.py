@@ -91,7 +91,9 @@ def files(tmp_path, rng):
   paths = {"sims": tmp_path / "sims.npy", "wide": tmp_path / "wide.npy",
            "nan": tmp_path / "nan.npy", "map_short": tmp_path / "map_short.npy",
            "map_range": tmp_path / "map_range.npy", "bank5": tmp_path / "bank5.npy",
-           "text": tmp_path / "text.npy", "map_float": tmp_path / "map_float.npy"}
+           "text": tmp_path / "text.npy", "map_float": tmp_path / "map_float.npy",
+           "zero_bytes": tmp_path / "zero_bytes.npy"}
+  paths["zero_bytes"].write_bytes(b"")
   np.save(paths["sims"], sims)
   np.save(paths["wide"], np.zeros((6, 4), np.float32))
   with_nan = sims.copy()
@@ -107,7 +109,11 @@ def files(tmp_path, rng):
 
 @pytest.mark.parametrize("argv, message", [
     (["{missing}"], "not found"),
-    (["{text}"], "not a readable .npy"),
+    (["{text}"], "text.npy' is not a .npy file"),
+    (["{zero_bytes}"], "SIMS file .* is empty \\(0 bytes\\)"),
+    (["{sims}", "--method", "ncl", "--bank", "{zero_bytes}"], "--bank file .* is empty"),
+    (["{sims}", "--gt", "{zero_bytes}"], "--gt file .* is empty"),
+    (["{sims}", "--gt", "{text}"], "--gt file .* is not a .npy file"),
     (["{nan}"], "NaN or Inf \\(first in row 3\\)"),
     (["{wide}"], "not square"),
     (["{sims}", "--gt", "{map_short}"], "one entry per text row \\(6\\)"),
@@ -117,8 +123,13 @@ def files(tmp_path, rng):
     (["{sims}", "--method", "ncl", "--v2t-bank", "{bank5}"], "5 columns but SIMS has 6 texts"),
     (["{sims}", "--method", "dsl", "--bank", "{sims}"], "dsl is transductive"),
     (["{sims}", "--temperature", "0"], "must be a positive number"),
+    (["{sims}", "--temperature", "1e30"], "--temperature 1e\\+30 is too large .* tie; use a "
+                                          "temperature in \\["),
+    (["{sims}", "--method", "ncl", "--temperature", "1e-40"], "1e-40 is too small"),
+    (["{sims}", "--method", "csls", "--temperature", "1e-45"], "1e-45 is too small"),
+    (["{sims}", "--method", "is", "--temperature", "1e-30"], "1e-30 is too small"),
     (["{sims}", "--qb-beta", "nan"], "--qb-beta must be a positive number"),
-    (["{sims}", "--method", "ncl", "--max-iterations", "0"], "--max-iterations >= 1"),
+    (["{sims}", "--method", "ncl", "--max-iterations", "0"], "--max-iterations must be an integer >= 1"),
     (["{sims}", "--method", "sinkhorn"], "invalid choice"),
     (["{sims}", "--method", "qbnorm", "--qb-k", "9"], "k must lie in"),
     (["{sims}", "--method", "csls", "--csls-k", "7"], "k must lie in \\[1, 6\\]"),

@@ -109,7 +109,7 @@ def test_cli_dsl_selects_on_labelled_banks_only(shared_data_dir, tmp_path, capsy
   result = json.loads(out.read_text())
   assert result["selection"]["t2v"]["criterion"] == "recall"
   temperature = result["hyperparameters"]["t2v"]["dsl_temperature"]
-  assert temperature in selection.GRIDS["dsl"]["dsl_temperature"]
+  assert temperature in selection.grid("dsl")["dsl_temperature"]
   # DSL still normalizes over the test queries: the bank served the selection only.
   expected = nz.dsl(np.load(paths["sims"]), temperature=0.01, dsl_temperature=temperature)
   assert result["t2v"] == metrics.t2v_metrics(expected)
@@ -146,7 +146,7 @@ def test_validation_selection_then_test_report():
   # Independent reference: validation R@1 (then -MnR) of each k with numpy CSLS, bank x val videos.
   sims = val_t @ val_v.T
   keys = {}
-  for k in selection.GRIDS["csls"]["k"]:
+  for k in selection.grid("csls")["k"]:
     m = metrics.t2v_metrics(_numpy_csls_logits(sims, bank_t @ val_v.T, k, 1 / scale))
     keys[k] = (m["R@1"], -m["MnR"])
   assert chosen["csls"]["t2v"] == {"k": max(keys, key=lambda k: (keys[k], -k))}
@@ -183,6 +183,6 @@ def test_training_run_reports_methods_selected_on_validation(tmp_path):
     for direction in ("t2v", "v2t"):
       assert 0 <= block[direction]["R@1"] <= block[direction]["R@5"] <= 100
       value = block["hyperparameters"][direction][knob]
-      assert value in selection.GRIDS[method][knob]
+      assert value in selection.grid(method)[knob]
       report = results["hyperparameter_selection"]["report"][method][direction]
       assert report["values"] == {knob: value}

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import clip_reference as ref
+from suite_testutils import require_module
 from ncl_jax.errors import UserError
 from ncl_jax.tokenizer import ClipTokenizer, clean_text, vocab_files
 
@@ -112,7 +113,7 @@ def test_hugging_face_vocab_and_merges_give_transformers_ids(tokenizers, hf_voca
   comparison feeds it cleaned text; on raw text it may differ only where that clean-up changes
   more than case and whitespace (HTML entities, mojibake, ligatures, control characters).
   """
-  transformers = pytest.importorskip("transformers")
+  transformers = require_module("transformers")
   _, openai_file = tokenizers
   ours = ClipTokenizer(hf_vocab_dir)
   assert ours.encoder == openai_file.encoder

@@ -268,6 +268,34 @@ def iterate(dataset: grain.MapDataset, *, num_workers: int, prefetch: int
   return iter(dataset.to_iter_dataset(read).mp_prefetch(workers))
 
 
+def state_worker_count(state: dict[str, Any]) -> int:
+  """The ``num_workers`` of the iterator (:func:`iterate`) whose ``get_state()`` gave ``state``.
+
+  In process the state is one position (``next_index``); with workers, Grain's interleave keeps
+  one entry per worker process in ``exhausted``.
+  """
+  if "exhausted" in state:
+    return len(state["exhausted"])
+  return 0
+
+
+def check_state_workers(saved: dict[str, Any], num_workers: int, where: str = "the state") -> None:
+  """Raises UserError unless ``saved`` comes from an iterator with ``num_workers`` workers.
+
+  Grain fails on a mismatch with a bare ``KeyError``/``IndexError``, or (1 worker restored
+  with 2) restores silently to a wrong position.
+  """
+  try:
+    saved_workers = state_worker_count(saved)
+  except TypeError:
+    saved_workers = None
+  if saved_workers != num_workers:
+    raise UserError(f"{where} holds the data-iterator position of data.num_workers="
+                    f"{saved_workers}, but this iterator has num_workers={num_workers}; the "
+                    "position is kept per worker process, so restore it with "
+                    f"data.num_workers={saved_workers} (the batches do not depend on it)")
+
+
 class TrainIterator:
   """Endless iterator of fixed-size, per-host training batches (a Grain pipeline).
 
@@ -307,6 +335,7 @@ class TrainIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Moves to a position saved by :meth:`get_state` (same data settings and workers)."""
+    check_state_workers(state, self.num_workers)
     self.grain_iterator.set_state(state)
 
   def __iter__(self):

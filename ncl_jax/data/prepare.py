@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 
 from ncl_jax.errors import UserError, run_cli
@@ -169,10 +170,40 @@ def prepare(args: argparse.Namespace) -> dict:
       beam=beam_settings is not None,
       decoder_threads=decoder_threads(args, beam_settings))
   runner, options = beam_settings or (None, None)
-  with _quiet_beam() if beam_settings else contextlib.nullcontext():
+  reused = builder.is_prepared()
+  with _quiet_beam() if beam_settings else contextlib.nullcontext(), \
+      _removed_on_failure(args.data_dir):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=args.manual_dir, beam_runner=runner, beam_options=options))
-  return summarize(args.dataset, builder)
+  return dict(summarize(args.dataset, builder), reused=reused)
+
+
+def _paths_under(root: str) -> set[str]:
+  """Every file and folder under ``root`` (``root`` included when it exists)."""
+  if not os.path.exists(root):
+    return set()
+  found = {os.path.abspath(root)}
+  for folder, subfolders, files in os.walk(root):
+    found.update(os.path.abspath(os.path.join(folder, name)) for name in subfolders + files)
+  return found
+
+
+@contextlib.contextmanager
+def _removed_on_failure(data_dir: str):
+  """Deletes what a failing build created under ``data_dir`` (TFDS leaves its config record and
+  empty folders behind), so that a failed ``prepare`` leaves the folder as it found it."""
+  before = _paths_under(data_dir)
+  try:
+    yield
+  except BaseException:
+    # Deepest first, so that folders are empty when their turn comes.
+    for path in sorted(_paths_under(data_dir) - before, key=len, reverse=True):
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+    raise
 
 
 def _quiet_beam():
@@ -200,7 +231,12 @@ def summarize(dataset: str, builder) -> dict:
 
 
 def _print_summary(summary: dict) -> None:
-  print(f"\n{summary['dataset']} ({summary['config']}) written to {summary['path']}")
+  if summary.get("reused"):
+    print(f"\n{summary['dataset']} ({summary['config']}): reused the copy prepared earlier in "
+          f"{summary['path']}; nothing was rebuilt and the videos or features were not read. "
+          "To rebuild it, delete that folder or give a new --data_dir.")
+  else:
+    print(f"\n{summary['dataset']} ({summary['config']}) written to {summary['path']}")
   for name, counts in summary["splits"].items():
     print(f"  {name:>6}: {counts['videos']:6d} videos, {counts['captions']:7d} captions, "
           f"{len(summary['skipped'][name])} skipped")

@@ -45,11 +45,11 @@ def check_run(workdir: str) -> pathlib.Path:
   if not path.is_dir():
     raise UserError(f"--workdir {path} does not exist; pass the --workdir of a finished "
                     "python -m ncl_jax.main run")
-  from ncl_jax import export  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from ncl_jax import runs  # pylint: disable=g-import-not-at-top  (imports JAX)
 
-  results = export.read_results(path)
+  results = runs.read_results(path)
   if not results or "selected_step" not in results:
-    raise UserError(f"--workdir {path} has no selected checkpoint ({export.RESULTS_FILE} with "
+    raise UserError(f"--workdir {path} has no selected checkpoint ({runs.RESULTS_FILE} with "
                     "selected_step is written when a run finishes); let the run finish, or "
                     "export a checkpoint with python tools/export.py --workdir RUN --out BUNDLE "
                     "--step N and pass --bundle BUNDLE")
@@ -59,11 +59,11 @@ def check_run(workdir: str) -> pathlib.Path:
 def check_bundle(bundle_dir: str) -> pathlib.Path:
   """A bundle folder, checked before anything is loaded (:func:`ncl_jax.inference.load_bundle`
   reads it)."""
-  from ncl_jax import inference  # pylint: disable=g-import-not-at-top
+  from ncl_jax import runs  # pylint: disable=g-import-not-at-top
 
   path = pathlib.Path(bundle_dir).expanduser()
-  if not (path / inference.MANIFEST_FILE).is_file():
-    raise UserError(f"--bundle {path} is not an ncl_jax bundle (no {inference.MANIFEST_FILE}); "
+  if not (path / runs.MANIFEST_FILE).is_file():
+    raise UserError(f"--bundle {path} is not an ncl_jax bundle (no {runs.MANIFEST_FILE}); "
                     "create one with python tools/export.py --workdir RUN --out BUNDLE")
   return path
 

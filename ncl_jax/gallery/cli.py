@@ -26,6 +26,8 @@ import sys
 
 import numpy as np
 
+from ncl_jax import logit_range
+from ncl_jax import npy_files
 from ncl_jax.errors import UserError, run_cli
 from ncl_jax.gallery import inputs
 
@@ -108,16 +110,6 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _write_npy(path, array) -> None:
-  with open(path, "xb") as handle:
-    np.save(handle, array)
-
-
-def _write_npz(path, **arrays) -> None:
-  with open(path, "xb") as handle:
-    np.savez(handle, **arrays)
-
-
 def _progress(quiet: bool):
   if quiet:
     return None
@@ -147,11 +139,13 @@ def _biases(args) -> int:
   if not (np.isfinite(args.tol) and args.tol >= 0) or args.max_iterations < 1:
     raise UserError(f"--tol must be >= 0 and --max_iterations >= 1, got {args.tol} and "
                     f"{args.max_iterations}")
-  inputs.check_new_output(args.out, "--out")
-  inputs.check_new_output(args.json, "--json")
+  npy_files.check_new_output(args.out, "--out")
+  npy_files.check_new_output(args.json, "--json")
   bank = inputs.load_checked(args.bank, "--bank")
   gallery = inputs.load_checked(args.gallery, "--gallery")
   inputs.check_same_dimension(bank, "--bank", gallery, "--gallery")
+  logit_range.check_temperature(args.temperature, *logit_range.embedding_score_range(
+      bank, gallery, 1 + inputs.UNIT_NORM_TOLERANCE), source="bank x gallery scores (sampled)")
   n_items = gallery.shape[0]
   if args.top_k is not None and not 1 <= args.top_k < n_items:
     raise UserError(f"--top_k must be below the gallery size {n_items} (and >= 1), got "
@@ -165,7 +159,8 @@ def _biases(args) -> int:
                     "host); drop it or --top_k")
   marginals = None
   if args.col_marginals:
-    marginals = inputs.load_vector(args.col_marginals, "--col_marginals", n_items, positive=True)
+    marginals = npy_files.load_vector(args.col_marginals, "--col_marginals", n_items,
+                                      positive=True)
   _initialize_distributed(args)
   import jax  # pylint: disable=g-import-not-at-top
   from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
@@ -184,7 +179,7 @@ def _biases(args) -> int:
                 temperature=args.temperature, out=args.out)
   if not writer:
     return 0
-  inputs.save_new(args.out, lambda path: _write_npy(path, solution.bias))
+  npy_files.save_new_npy(args.out, solution.bias)
   if not solution.converged:
     print(f"warning: not converged to --tol {args.tol:g}: {_why_not(solution, args)}",
           file=sys.stderr)
@@ -193,7 +188,7 @@ def _biases(args) -> int:
   if args.json == "-":
     print(text)
   elif args.json:
-    inputs.save_new(args.json, lambda path: path.write_text(text + "\n"))
+    npy_files.save_new_text(args.json, text + "\n")
   return 0
 
 
@@ -233,9 +228,9 @@ def _summary(solution, out: str) -> str:
 def _index(args) -> int:
   from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
   _positive(args.temperature, "--temperature")
-  inputs.check_new_output(args.out, "--out")
+  npy_files.check_new_output(args.out, "--out")
   gallery = inputs.load_checked(args.gallery, "--gallery")
-  bias = inputs.load_vector(args.biases, "--biases", gallery.shape[0])
+  bias = npy_files.load_vector(args.biases, "--biases", gallery.shape[0])
   for flag in ("nlist", "nprobe", "hnsw_m", "ef_search"):
     value = getattr(args, flag)
     if value is not None and value < 1:
@@ -252,7 +247,7 @@ def _index(args) -> int:
 
 def _search(args) -> int:
   from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
-  inputs.check_new_output(args.out, "--out")
+  npy_files.check_new_output(args.out, "--out")
   if not args.out.endswith(".npz"):
     raise UserError(f"--out must name a .npz file, got {args.out!r}")
   index = index_lib.BiasedIndex.load(args.index)
@@ -265,7 +260,7 @@ def _search(args) -> int:
   if args.gallery:
     index.check_gallery(inputs.open_embeddings(args.gallery, "--gallery"))
   indices, scores = index.search(queries, args.k)
-  inputs.save_new(args.out, lambda path: _write_npz(path, indices=indices, scores=scores))
+  npy_files.save_new_npz(args.out, indices=indices, scores=scores)
   print(f"wrote {args.out}: the top {args.k} items of {len(queries)} queries (indices int64, "
         f"scores float32 q.v/T + g, [{len(queries)}, {args.k}])", file=sys.stderr)
   return 0

@@ -31,6 +31,7 @@ import shutil
 
 import numpy as np
 
+from ncl_jax import npy_files
 from ncl_jax.errors import UserError
 from ncl_jax.gallery import inputs
 
@@ -164,7 +165,7 @@ class BiasedIndex:
     """Writes the index folder ``path``, which must not exist; nothing is left on failure."""
     import faiss  # pylint: disable=g-import-not-at-top
     path = pathlib.Path(path)
-    inputs.check_new_output(str(path), "index folder")
+    npy_files.check_new_output(str(path), "index folder")
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
       temporary.mkdir()

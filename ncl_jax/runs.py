@@ -1,0 +1,152 @@
+"""The run folder and the bundle folder: their layouts, and the readers of both.
+
+A training run (``python -m ncl_jax.main --workdir RUN``) writes::
+
+  RUN/config.json                the run's config, written on first use
+  RUN/metrics.jsonl              one JSON object per logged step (:mod:`ncl_jax.logging_utils`)
+  RUN/results.json               the test results and the selected step, when the run finishes
+  RUN/checkpoints/<step>/state/  the train state pytree (params, opt_state, queues, step, rng);
+                                 :mod:`ncl_jax.checkpointing` documents the other items
+
+``tools/export.py`` turns one checkpoint into a bundle (layout in :mod:`ncl_jax.export`), which
+:func:`ncl_jax.inference.load_bundle` reads; its file names are here too, so that neither module
+needs the other's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ncl_jax import tokenizer
+from ncl_jax.errors import UserError
+
+# The run folder.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+STATE_ITEM = "state"   # the checkpoint item holding the train state
+# Files a trainer writes into the workdir: finding them without a config.json means the directory
+# holds something the checkpointer cannot vouch for, so it is not taken over without ``overwrite``.
+RUN_FILES = (METRICS_FILE, RESULTS_FILE)
+
+# The bundle folder.
+BUNDLE_FORMAT = "ncl_jax-bundle-v1"
+MANIFEST_FILE = "manifest.json"
+BUNDLE_CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+BANK_FILE = "bank.npz"
+TEXT_FN_FILE = "embed_text.jax_exported"
+VIDEO_FN_FILE = "embed_video.jax_exported"
+
+
+class RunCheckpoint(NamedTuple):
+  """What a bundle needs from a run: config, step, parameters, banks, results (or None)."""
+
+  config: ml_collections.ConfigDict
+  step: int
+  params: Any
+  text_bank: np.ndarray
+  video_bank: np.ndarray
+  results: dict | None
+
+
+def _workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(workdir).expanduser()
+  if not (path / CONFIG_FILE).is_file() or not (path / CHECKPOINT_DIR).is_dir():
+    raise UserError(f"--workdir {path} is not a training run (it needs {CONFIG_FILE} and "
+                    f"{CHECKPOINT_DIR}/, as python -m ncl_jax.main --workdir writes them)")
+  return path
+
+
+def read_results(workdir: str | os.PathLike) -> dict | None:
+  """The run's results.json, or None if the run has not finished."""
+  path = pathlib.Path(workdir).expanduser() / RESULTS_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def available_steps(workdir: pathlib.Path) -> list[int]:
+  """Steps of the complete checkpoints in the run, ascending."""
+  root = workdir / CHECKPOINT_DIR
+  return sorted(int(p.name) for p in root.iterdir()
+                if p.name.isdigit() and (p / STATE_ITEM).is_dir())
+
+
+def select_step(workdir: pathlib.Path, results: dict | None, step: int | None = None) -> int:
+  """The checkpoint to export: ``step`` if given, else the run's selected (best) step, else the
+  newest checkpoint of an unfinished run."""
+  steps = available_steps(workdir)
+  if not steps:
+    raise UserError(f"{workdir / CHECKPOINT_DIR} holds no checkpoint yet; train first")
+  if step is None:
+    step = int(results["selected_step"]) if results and "selected_step" in results else steps[-1]
+  if step not in steps:
+    raise UserError(f"no checkpoint of step {step} in {workdir / CHECKPOINT_DIR} (kept: "
+                    f"{', '.join(map(str, steps))}); pass one of them with --step")
+  return step
+
+
+def restore_params(path: str | os.PathLike, keys: Sequence[str] | None = None) -> Any:
+  """Restores an orbax pytree checkpoint (or its top-level ``keys`` only) onto the first device.
+
+  The target is built from the checkpoint's own metadata, so no model code is needed and the
+  device count at save time does not matter. With ``keys`` (e.g. the parameters and queues of a
+  train state) the other entries, such as the optimizer state, are never read.
+  """
+  path = pathlib.Path(path).resolve()
+  with ocp.StandardCheckpointer() as reader:
+    tree = reader.metadata(path).item_metadata.tree
+  if keys is not None:
+    missing = [k for k in keys if k not in tree]
+    if missing:
+      raise UserError(f"{path} lacks {', '.join(missing)}; it is not an ncl_jax checkpoint")
+    tree = {k: tree[k] for k in keys}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=keys is not None))
+
+
+def _valid_rows(queue: dict) -> np.ndarray:
+  embeddings = np.asarray(queue["embeddings"], np.float32)
+  return embeddings[np.asarray(queue["valid"], bool)]
+
+
+def restore_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheckpoint:
+  """Reads a run's config, results and one checkpoint's parameters and query queues.
+
+  Raises:
+    UserError: ``workdir`` is not a run, has no checkpoint, or lacks ``step``.
+  """
+  path = _workdir(workdir)
+  config = ml_collections.ConfigDict(json.loads((path / CONFIG_FILE).read_text()))
+  results = read_results(path)
+  step = select_step(path, results, step)
+  state = restore_params(path / CHECKPOINT_DIR / str(step) / STATE_ITEM,
+                         keys=("params", "text_queue", "video_queue"))
+  return RunCheckpoint(config, step, state["params"], _valid_rows(state["text_queue"]),
+                       _valid_rows(state["video_queue"]), results)
+
+
+def find_vocabulary(config: ml_collections.ConfigDict) -> pathlib.Path | None:
+  """CLIP's vocabulary file for a real-data run: next to its CLIP weights, else the installed
+  reference package's copy (what the trainer's default tokenizer used). None for the synthetic
+  set, whose captions are token ids."""
+  if config.data.name == "synthetic":
+    return None
+  for candidate in ([config.clip_dir] if config.get("clip_dir") else []) + [None]:
+    try:
+      return tokenizer.find_vocab(os.path.expanduser(candidate) if candidate else None)
+    except UserError:
+      continue
+  return None
