@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from ncl_jax import npy_files
+
 
 def share_ratio(mass, expected) -> np.ndarray:
   """``mass / expected`` per candidate, [n_candidates] float64 (1 = exactly its share)."""
@@ -40,7 +42,7 @@ def plot_mass_histograms(path: str | os.PathLike, before, after, expected, *,
     title: figure title.
 
   Raises:
-    FileExistsError: ``path`` exists.
+    UserError: ``path`` exists (it is never overwritten).
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -65,6 +67,4 @@ def plot_mass_histograms(path: str | os.PathLike, before, after, expected, *,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  # Exclusive creation: the caller's files are never overwritten.
-  with open(path, "xb") as handle:
-    fig.savefig(handle, format="png")
+  npy_files.save_new(path, lambda temporary: fig.savefig(temporary, format="png"))

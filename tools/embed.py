@@ -31,6 +31,7 @@ import pathlib
 import shlex
 import sys
 
+from ncl_jax import npy_files
 from ncl_jax.errors import UserError, run_cli
 
 
@@ -115,7 +116,6 @@ def embed_captions(bundle, captions: pathlib.Path, out: pathlib.Path, batch_size
   """
   import time  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ncl_jax.gallery import inputs  # pylint: disable=g-import-not-at-top
   if not captions.is_file():
     raise UserError(f"--captions file {captions} not found")
   n_lines = count_lines(captions)
@@ -143,7 +143,7 @@ def embed_captions(bundle, captions: pathlib.Path, out: pathlib.Path, batch_size
     emb.flush()
     del emb
 
-  inputs.save_new(out, write)
+  npy_files.save_new(out, write)
   return n_lines
 
 

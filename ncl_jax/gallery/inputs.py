@@ -1,4 +1,4 @@
-"""Embedding files for the gallery tools: open memory-mapped, check, fingerprint, write safely.
+"""Embedding files for the gallery tools: open memory-mapped, check, fingerprint.
 
 Every check streams the file in row blocks, so a bank of 10^9 rows is checked in bounded memory.
 Problems raise :class:`ncl_jax.errors.UserError` with the file, the row and the fix.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pathlib
 
 import numpy as np
 
@@ -65,20 +64,6 @@ def check_same_dimension(a, a_what: str, b, b_what: str) -> None:
                     "with the same model")
 
 
-def load_vector(path, what: str, length: int, *, positive: bool = False) -> np.ndarray:
-  """Loads a finite float [length] ``.npy`` vector (biases, target shares)."""
-  vector = npy_files.load_array(path, what)
-  if vector.shape != (length,) or not np.issubdtype(vector.dtype, np.number):
-    raise UserError(f"{what} {path!r} must be {length} numbers (one per gallery item), got "
-                    f"shape {vector.shape} and dtype {vector.dtype}")
-  vector = vector.astype(np.float64)
-  if not np.all(np.isfinite(vector)):
-    raise UserError(f"{what} {path!r} contains NaN or Inf")
-  if positive and np.any(vector <= 0):
-    raise UserError(f"{what} {path!r} must be positive everywhere")
-  return vector
-
-
 def fingerprint(array) -> str:
   """A BLAKE2b digest of an array's shape, dtype and values (streamed in row blocks)."""
   digest = hashlib.blake2b(digest_size=16)
@@ -86,32 +71,3 @@ def fingerprint(array) -> str:
   for start in range(0, array.shape[0], _CHECK_ROWS):
     digest.update(np.ascontiguousarray(array[start:start + _CHECK_ROWS]).tobytes())
   return digest.hexdigest()
-
-
-def check_new_output(path: str | None, flag: str) -> None:
-  """Raises if ``path`` exists (outputs are never overwritten) or its folder is missing."""
-  if not path or path == "-":
-    return
-  target = pathlib.Path(path)
-  if target.exists():
-    raise UserError(f"{flag} {path!r} already exists; choose a new name (nothing is overwritten)")
-  if not target.parent.resolve().is_dir():
-    raise UserError(f"{flag} folder {str(target.parent)!r} does not exist")
-
-
-def save_new(path: str | os.PathLike, write) -> None:
-  """Calls ``write(temporary_path)`` and moves the result to ``path`` unless ``path`` exists.
-
-  The temporary file sits beside ``path``; ``os.link`` refuses an existing target atomically,
-  so a file created meanwhile is not overwritten, and a failed write leaves nothing behind.
-  """
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-  try:
-    write(temporary)
-    try:
-      os.link(temporary, path)
-    except FileExistsError:
-      raise UserError(f"{path} appeared while writing; the result was not saved over it") from None
-  finally:
-    temporary.unlink(missing_ok=True)
