@@ -302,8 +302,16 @@ def _method_metrics(method: str, problem, options, caption_to_video, temperature
     return _direction_score(direction, caption_to_video, protocol, tie)(queries)
   scores = normalize.normalize(queries, method,
                                bank if normalize.normalizer(method).uses_bank else None,
-                               temperature=temperature, **options)
+                               temperature=temperature,
+                               col_marginals=_shares(queries, caption_to_video, direction),
+                               **options)
   return _direction_score(direction, caption_to_video, protocol, tie)(scores)
+
+
+def _shares(queries, caption_to_video, direction: str) -> np.ndarray:
+  """Expected candidate shares of one direction's [n_queries, n_candidates] problem."""
+  return normalize.expected_mass(queries.shape[0], queries.shape[1], caption_to_video,
+                                 direction=direction)
 
 
 def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
@@ -346,8 +354,9 @@ def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
         values = metrics_of(scores)
         return values["R@1"], -values["MnR"]
 
-      picked = selection_lib.select_on_queries(method, queries, bank,
-                                               temperature=1.0 / logit_scale, score=score)
+      picked = selection_lib.select_on_queries(
+          method, queries, bank, temperature=1.0 / logit_scale, score=score,
+          col_marginals=_shares(queries, caption_to_video, direction))
       chosen[method][direction] = picked.values
       report[method][direction] = picked.as_json()
   return chosen, report
@@ -377,15 +386,20 @@ def select_on_split(encoders: Encoders, params, eval_data, mesh, *, text_bank: n
 
 
 def extra_methods(eval_config) -> tuple[str, ...]:
-  """The normalizers of ``config.eval.methods`` ("qbnorm,is,csls,dsl"; "" for none).
+  """The normalizers of ``config.eval.methods`` ("ncl,qbnorm,is,csls,dsl"; "" for none).
+
+  ``ncl`` here is NCL with its strength ``alpha`` chosen on the validation split, reported
+  under ``"methods"`` beside the always-reported NCL at ``alpha = 1``.
 
   Raises:
-    UserError: an unknown name, or ``none``/``ncl`` (always reported).
+    UserError: an unknown name, or ``none`` (always reported).
   """
   names = tuple(n.strip() for n in str(eval_config.get("methods", "")).split(",") if n.strip())
-  allowed = tuple(m for m in normalize.method_names() if m not in ("none", "ncl"))
+  allowed = tuple(m for m in normalize.method_names()
+                  if m != "none" and not normalize.normalizer(m).gallery_bank)
   for name in names:
     if name not in allowed:
       raise UserError(f"config.eval.methods: unknown normalizer {name!r}; use a comma-separated "
-                      f"subset of {', '.join(allowed)} (plain and ncl are always reported)")
+                      f"subset of {', '.join(allowed)} (plain and ncl at alpha 1 are always "
+                      f"reported)")
   return names
