@@ -12,6 +12,7 @@
   embed_text.jax_exported    jax.export serialization of (params, tokens int32 [b, L]) -> [b, E]
   embed_video.jax_exported   (params, video [b, T, ...], frame_mask bool [b, T]) -> [b, E]
   bpe_simple_vocab_16e6.txt.gz   CLIP's tokenizer vocabulary (real data sets only)
+  synthetic_vocab.txt        the synthetic set's words, line i naming token id i (synthetic only)
 
 The exported functions are polymorphic in the batch size ``b`` and lowered for CPU, CUDA and TPU.
 They are StableHLO for **deployment, not archival**: a later JAX may refuse to load them (JAX
@@ -89,6 +90,23 @@ def _save_params(path: pathlib.Path, params: Any) -> None:
   checkpointer.close()
 
 
+def _write_tokenizer(folder: pathlib.Path, config: ml_collections.ConfigDict,
+                     vocab: pathlib.Path | None) -> str | None:
+  """Copies the run's tokenizer into the bundle; returns the manifest's name for it (None when
+  there is none). The synthetic set's is its word list, so ``embed_texts(["c0_1 a17 w3"])``
+  works on a demo bundle."""
+  if config.data.name == "synthetic":
+    from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    synthetic.SyntheticVocabulary(config.data).save(folder / runs.SYNTHETIC_VOCAB_FILE)
+    return runs.SYNTHETIC_VOCAB_FILE
+  if not vocab:
+    return None
+  from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
+  for path in tokenizer.vocab_files(vocab):  # one file, or Hugging Face's vocab.json + merges.txt
+    shutil.copyfile(path, folder / path.name)
+  return vocab.name
+
+
 def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
                   platforms=PLATFORMS) -> dict:
   """Writes an inference bundle of a run's selected checkpoint to ``out``; returns its manifest.
@@ -129,7 +147,6 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
       "exported": {"text": runs.TEXT_FN_FILE, "video": runs.VIDEO_FN_FILE,
                    "platforms": list(text_exp.platforms),
                    "calling_convention_version": int(text_exp.calling_convention_version)},
-      "tokenizer": vocab.name if vocab else None,
       "note": DEPLOYMENT_NOTE,
   }
   manifest["temperature"] = 1.0 / manifest["logit_scale"]
@@ -142,10 +159,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
     np.savez(tmp / runs.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
     (tmp / runs.TEXT_FN_FILE).write_bytes(text_exp.serialize())
     (tmp / runs.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
-    if vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
-      from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
-      for path in tokenizer.vocab_files(vocab):
-        shutil.copyfile(path, tmp / path.name)
+    manifest["tokenizer"] = _write_tokenizer(tmp, run.config, vocab)
     config_json = json.dumps(run.config.to_dict(), indent=2) + "\n"
     (tmp / runs.BUNDLE_CONFIG_FILE).write_text(config_json)
     (tmp / runs.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
