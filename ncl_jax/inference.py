@@ -39,6 +39,7 @@ import numpy as np
 from ncl_jax import normalize
 from ncl_jax import runs
 from ncl_jax.data.pipeline import sample_frame_indices
+from ncl_jax.data.synthetic import SyntheticVocabulary
 from ncl_jax.errors import UserError
 
 BACKENDS = ("flax", "exported")
@@ -351,7 +352,6 @@ def video_input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 
 def _tokenizer_from(path: pathlib.Path):
   if path.name == runs.SYNTHETIC_VOCAB_FILE:
-    from ncl_jax.data.synthetic import SyntheticVocabulary  # pylint: disable=g-import-not-at-top
     return SyntheticVocabulary.load(path)
   from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
   return ClipTokenizer(str(path))
@@ -361,7 +361,6 @@ def _run_tokenizer(config: ml_collections.ConfigDict):
   """The tokenizer a run trained with: the synthetic set's words, or CLIP's vocabulary found
   next to the run's CLIP weights (None when there is none)."""
   if config.data.name == "synthetic":
-    from ncl_jax.data.synthetic import SyntheticVocabulary  # pylint: disable=g-import-not-at-top
     return SyntheticVocabulary(config.data)
   vocab = runs.find_vocabulary(config)
   return _tokenizer_from(vocab) if vocab else None

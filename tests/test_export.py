@@ -18,6 +18,7 @@ import bundle_testutils
 import train_testutils
 from ncl_jax import export, inference, posthoc, runs
 from ncl_jax.data import normalize_frames
+from ncl_jax.errors import UserError
 from ncl_jax.models.dual_encoder import DualEncoder
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
@@ -105,6 +106,23 @@ def test_refusals_are_one_clear_error(run_dir, bundle_dir, tmp_path, capsys):
   assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(tmp_path / "c"),
                          "--step", "3"]) == 2
   assert "no checkpoint of step 3" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_named_with_how_to_choose_another(run_dir, tmp_path, capsys):
+  from ncl_jax.explore import core as explore_core
+  damaged_run = tmp_path / "run"
+  shutil.copytree(run_dir, damaged_run)
+  step = json.loads((run_dir / "results.json").read_text())["selected_step"]
+  (damaged_run / "checkpoints" / str(step) / "state" / "_METADATA").write_bytes(b"")
+  assert _run_cli(_tool("export"), ["--workdir", str(damaged_run), "--out",
+                                    str(tmp_path / "b")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "Traceback" not in err
+  assert err.startswith(f"error: checkpoint {damaged_run / 'checkpoints' / str(step)} is "
+                        "damaged: state/_METADATA is empty; choose another with --step N")
+  assert not (tmp_path / "b").exists()
+  with pytest.raises(UserError, match=r"is damaged: .* and for the explorer pass --bundle"):
+    explore_core.open_explorer(workdir=str(damaged_run))
 
 
 def test_exported_functions_match_the_model_for_any_batch(bundle_dir):
