@@ -12,6 +12,7 @@
   embed_text.jax_exported    jax.export serialization of (params, tokens int32 [b, L]) -> [b, E]
   embed_video.jax_exported   (params, video [b, T, ...], frame_mask bool [b, T]) -> [b, E]
   bpe_simple_vocab_16e6.txt.gz   CLIP's tokenizer vocabulary (real data sets only)
+  synthetic_vocab.txt        the synthetic set's words, line i naming token id i (synthetic only)
 
 The exported functions are polymorphic in the batch size ``b`` and lowered for CPU, CUDA and TPU.
 They are StableHLO for **deployment, not archival**: a later JAX may refuse to load them (JAX
@@ -45,6 +46,7 @@ from ncl_jax import runs
 from ncl_jax import sharding
 from ncl_jax import tokenizer
 from ncl_jax.data import get_dataset
+from ncl_jax.data import synthetic
 from ncl_jax.errors import UserError
 from ncl_jax.models.dual_encoder import DualEncoder
 
@@ -142,10 +144,28 @@ def _manifest(workdir, run: runs.RunCheckpoint, text_exp, vocab: pathlib.Path | 
       "exported": {"text": runs.TEXT_FN_FILE, "video": runs.VIDEO_FN_FILE,
                    "platforms": list(text_exp.platforms),
                    "calling_convention_version": int(text_exp.calling_convention_version)},
-      "tokenizer": vocab.name if vocab else None,
+      "tokenizer": _tokenizer_name(config, vocab),
       "note": DEPLOYMENT_NOTE,
       "temperature": 1.0 / logit_scale,
   }
+
+
+def _tokenizer_name(config: ml_collections.ConfigDict, vocab: pathlib.Path | None) -> str | None:
+  """The tokenizer file the bundle holds (manifest.json's "tokenizer"), None for token ids."""
+  if config.data.name == "synthetic":
+    return runs.SYNTHETIC_VOCAB_FILE
+  return vocab.name if vocab else None
+
+
+def _write_tokenizer(folder: pathlib.Path, config: ml_collections.ConfigDict,
+                     vocab: pathlib.Path | None) -> None:
+  """Copies the run's tokenizer into the bundle. The synthetic set's is its word list, so
+  ``embed_texts(["c0_1 a17 w3"])`` works on a demo bundle."""
+  if config.data.name == "synthetic":
+    synthetic.SyntheticVocabulary(config.data).save(folder / runs.SYNTHETIC_VOCAB_FILE)
+  elif vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
+    for path in tokenizer.vocab_files(vocab):
+      shutil.copyfile(path, folder / path.name)
 
 
 def _write_bundle(folder: pathlib.Path, run: runs.RunCheckpoint, manifest: dict, text_exp,
@@ -155,9 +175,7 @@ def _write_bundle(folder: pathlib.Path, run: runs.RunCheckpoint, manifest: dict,
   np.savez(folder / runs.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
   (folder / runs.TEXT_FN_FILE).write_bytes(text_exp.serialize())
   (folder / runs.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
-  if vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
-    for path in tokenizer.vocab_files(vocab):
-      shutil.copyfile(path, folder / path.name)
+  _write_tokenizer(folder, run.config, vocab)
   config_json = json.dumps(run.config.to_dict(), indent=2) + "\n"
   (folder / runs.BUNDLE_CONFIG_FILE).write_text(config_json)
   (folder / runs.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -46,6 +46,8 @@ PARAMS_DIR = "params"
 BANK_FILE = "bank.npz"
 TEXT_FN_FILE = "embed_text.jax_exported"
 VIDEO_FN_FILE = "embed_video.jax_exported"
+# The synthetic set's words, one a line (its captions' tokenizer; real sets bundle CLIP's BPE).
+SYNTHETIC_VOCAB_FILE = "synthetic_vocab.txt"
 
 
 class RunCheckpoint(NamedTuple):
