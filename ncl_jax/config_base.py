@@ -89,8 +89,9 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   # normalization error of both directions, minimised).
   config.eval.select_metric = "plain/t2v/R@1"
   # Other normalizers reported beside plain and NCL on the test split, comma-separated (any of
-  # "qbnorm,is,csls,dsl"), each at hyper-parameters chosen on the validation split's R@1 with the
-  # same bank (ncl_jax.evaluate.select_hyperparameters); needs a validation split.
+  # "ncl,qbnorm,is,csls,nnn,dn,dsl"), each at hyper-parameters chosen on the validation split's
+  # R@1 with the same bank (ncl_jax.evaluate.select_hyperparameters), their strength alpha
+  # included ("ncl" here: NCL at the chosen alpha); needs a validation split.
   config.eval.methods = ""
   # Inference-time NCL normalization: Sinkhorn biases from a bank of training queries.
   # bank "queue": the training queues as they stand (embeddings computed during training, up to

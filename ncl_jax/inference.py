@@ -39,6 +39,7 @@ import numpy as np
 from ncl_jax import normalize
 from ncl_jax import runs
 from ncl_jax.data.pipeline import sample_frame_indices
+from ncl_jax.data.synthetic import SyntheticVocabulary
 from ncl_jax.errors import UserError
 
 BACKENDS = ("flax", "exported")
@@ -65,7 +66,8 @@ class Bundle:
     max_words: L, token ids per caption.
     video_shape: shape of one padded video, e.g. (T, D) features or (T, H, W, 3) frames.
     video_dtype: float32 (features) or uint8 (frames, CLIP-normalised inside the encoder).
-    tokenizer: a CLIP tokenizer when the bundle holds a vocabulary, else None (token ids only).
+    tokenizer: CLIP's tokenizer, or the synthetic set's words, when the bundle holds a
+      vocabulary, else None (token ids only).
     manifest: the bundle's manifest.json (empty for a bundle made from a workdir in memory).
     backend: "flax" or "exported".
   """
@@ -114,8 +116,9 @@ class Bundle:
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """Token ids int32 [N, max_words] of captions, with the bundle's CLIP tokenizer."""
     if self.tokenizer is None:
-      raise UserError("this bundle has no tokenizer vocabulary (e.g. the synthetic set, whose "
-                      "captions are token ids); pass token ids [N, max_words] instead of strings")
+      raise UserError("this bundle has no tokenizer vocabulary (exported without CLIP's "
+                      "vocabulary, or a synthetic-set bundle from before synthetic_vocab.txt); "
+                      "pass token ids [N, max_words] instead of strings")
     return np.asarray(self.tokenizer.encode_batch(list(texts), self.max_words), np.int32)
 
   def embed_texts(self, texts, batch_size: int = 64) -> np.ndarray:
@@ -348,8 +351,19 @@ def video_input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 
 
 def _tokenizer_from(path: pathlib.Path):
+  if path.name == runs.SYNTHETIC_VOCAB_FILE:
+    return SyntheticVocabulary.load(path)
   from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
   return ClipTokenizer(str(path))
+
+
+def _run_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer a run trained with: the synthetic set's words, or CLIP's vocabulary found
+  next to the run's CLIP weights (None when there is none)."""
+  if config.data.name == "synthetic":
+    return SyntheticVocabulary(config.data)
+  vocab = runs.find_vocabulary(config)
+  return _tokenizer_from(vocab) if vocab else None
 
 
 def load_bundle(path: str | os.PathLike, backend: str = "flax") -> Bundle:
@@ -399,9 +413,8 @@ def bundle_from_run(workdir: str | os.PathLike, step: int | None = None) -> Bund
   split, or ``step``) and the tokenizer vocabulary next to the run's CLIP weights, if any.
   """
   run = runs.restore_run(workdir, step)
-  vocab = runs.find_vocabulary(run.config)
   return Bundle(run.config, run.params, run.text_bank, run.video_bank,
-                tokenizer=_tokenizer_from(vocab) if vocab else None,
+                tokenizer=_run_tokenizer(run.config),
                 manifest={"workdir": str(workdir), "step": run.step})
 
 

@@ -412,13 +412,14 @@ def _check_bank(bank, n_cols: int):
 
 def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float = 1e-4,
         max_iterations: int = 1000, anderson: int = 8, chunk_rows: int | None = None,
-        stream: bool | None = None) -> tuple[np.ndarray, Biases]:
-  """NCL normalized logits ``sims / temperature + g`` [n_queries, n_candidates].
+        stream: bool | None = None, alpha: float = 1.0) -> tuple[np.ndarray, Biases]:
+  """NCL normalized logits ``sims / temperature + alpha * g`` [n_queries, n_candidates].
 
   Args:
     sims: [n_queries, n_candidates] similarities.
     bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
     temperature: logit temperature (0.01 for CLIP-style models); used in Sinkhorn too.
+    alpha: strength of the biases (1: NCL; 0: the plain ranking), as NNN scales its bias.
     col_marginals, tol, max_iterations, anderson, chunk_rows, stream: see :func:`ncl_biases`.
 
   Returns:
@@ -430,8 +431,7 @@ def ncl(sims, bank=None, *, temperature: float, col_marginals=None, tol: float =
   biases = ncl_biases(bank, temperature=temperature, col_marginals=col_marginals, tol=tol,
                       max_iterations=max_iterations, anderson=anderson, chunk_rows=chunk_rows,
                       stream=stream)
-  inv_t = np.float32(1.0 / temperature)
-  return _rowwise(sims, lambda _, block: block * inv_t + biases.bias[None, :]), biases
+  return _biased(sims, np.float32(alpha) * biases.bias, temperature), biases
 
 
 def dsl(sims, *, temperature: float, dsl_temperature: float = 1.0,
@@ -460,7 +460,7 @@ def dsl(sims, *, temperature: float, dsl_temperature: float = 1.0,
 
 
 def qbnorm(sims, bank=None, *, temperature: float, beta: float = 20.0, k: int = 1,
-           chunk_rows: int | None = None) -> np.ndarray:
+           chunk_rows: int | None = None, alpha: float = 1.0) -> np.ndarray:
   """QB-Norm (dynamic inverted softmax) normalized logits [n_queries, n_candidates].
 
   Args:
@@ -470,16 +470,17 @@ def qbnorm(sims, bank=None, *, temperature: float, beta: float = 20.0, k: int = 
     beta: QB-Norm's inverse temperature on the similarities (default 20).
     k: activation-set size per bank query (default 1).
     chunk_rows: rows per streamed bank chunk.
+    alpha: scales the inverted-softmax bias (1: QB-Norm; 0: the plain ranking).
 
   Returns:
-    Normalized logits; each row ranks exactly like QB-Norm's scores.
+    Normalized logits; at ``alpha = 1`` each row ranks exactly like QB-Norm's scores.
   """
   sims = _as_float32(sims)
   bank = sims if bank is None else bank
   _check_bank(bank, sims.shape[1])
   lse, active = qbnorm_biases(bank, beta=beta, k=k, chunk_rows=chunk_rows)
   # Ties at the top count as one top-1 (argmax's first index), as in QB-Norm's argmax.
-  bias = (-lse / (beta * temperature)).astype(np.float32)
+  bias = (-alpha * lse / (beta * temperature)).astype(np.float32)
   inv_t = np.float32(1.0 / temperature)
 
   def rescale(_, block):
@@ -530,23 +531,25 @@ def inverted_softmax_biases(bank, *, temperature: float, beta: float | None = No
 
 
 def inverted_softmax(sims, bank=None, *, temperature: float, beta: float | None = None,
-                     chunk_rows: int | None = None) -> np.ndarray:
+                     chunk_rows: int | None = None, alpha: float = 1.0) -> np.ndarray:
   """Inverted-softmax normalized logits [n_queries, n_candidates] (Smith et al. 2017).
 
   Args:
     sims: [n_queries, n_candidates] similarities.
     bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
     temperature, beta, chunk_rows: see :func:`inverted_softmax_biases`.
+    alpha: scales the bias (1: the inverted softmax; 0: the plain ranking).
 
   Returns:
-    ``sims / temperature + bias``; each row ranks as ``beta * s - lse_b(beta * bank_b)``.
+    ``sims / temperature + alpha * bias``; at ``alpha = 1`` each row ranks as
+    ``beta * s - lse_b(beta * bank_b)``.
   """
   sims = _as_float32(sims)
   bank = sims if bank is None else bank
   _check_bank(bank, sims.shape[1])
   biases = inverted_softmax_biases(bank, temperature=temperature, beta=beta,
                                    chunk_rows=chunk_rows)
-  return _biased(sims, biases.bias, temperature)
+  return _biased(sims, np.float32(alpha) * biases.bias, temperature)
 
 
 def csls_biases(bank, *, temperature: float, k: int = 10,
@@ -570,6 +573,15 @@ def csls_biases(bank, *, temperature: float, k: int = 10,
   Returns:
     :class:`Biases` with ``bias = -r_j / (2 * temperature)`` [n_candidates].
   """
+  r = top_k_mean(bank, k, chunk_rows=chunk_rows)
+  return Biases((-r / (2.0 * temperature)).astype(np.float32), 0, 0.0)
+
+
+def top_k_mean(bank, k: int, *, chunk_rows: int | None = None) -> np.ndarray:
+  """Each candidate's mean of its ``k`` largest bank similarities, [n_candidates] float64.
+
+  One streamed pass that keeps each column's ``k`` largest values so far.
+  """
   n_bank, n_cols = bank.shape
   if not 1 <= k <= n_bank:
     raise ValueError(f"k must lie in [1, {n_bank}] (the bank's rows), got {k}")
@@ -579,18 +591,117 @@ def csls_biases(bank, *, temperature: float, k: int = 10,
     top = np.concatenate([top, np.asarray(block)[valid]])
     if top.shape[0] > k:
       top = -np.partition(-top, k - 1, axis=0)[:k]
-  r = top.astype(np.float64).mean(axis=0)
-  return Biases((-r / (2.0 * temperature)).astype(np.float32), 0, 0.0)
+  return top.astype(np.float64).mean(axis=0)
+
+
+def column_mean(bank, *, chunk_rows: int | None = None) -> np.ndarray:
+  """Each candidate's mean bank similarity, [n_candidates] float64, in one streamed pass."""
+  n_bank, n_cols = bank.shape
+  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  total = np.zeros(n_cols, np.float64)
+  for block, valid in host_chunks(bank, rows):
+    total += block[valid].sum(axis=0, dtype=np.float64)
+  return total / max(n_bank, 1)
+
+
+def nnn(sims, bank=None, *, temperature: float, k: int = 128, alpha: float = 0.75,
+        chunk_rows: int | None = None) -> np.ndarray:
+  """Nearest Neighbor Normalization logits [n_queries, n_candidates].
+
+  Chowdhury, Wang, Shenoy, Kiela, Schwettmann & Thrush, "Nearest Neighbor Normalization
+  Improves Multimodal Retrieval" (EMNLP 2024): ``s'(q, j) = s(q, j) - alpha * r_j`` with
+  ``r_j`` the mean of candidate ``j``'s ``k`` largest bank similarities (the paper sweeps
+  ``alpha`` 0.25-1.5 and ``k`` 1-512; defaults here are the notes' 0.75 and 128). Returned on
+  the model's logit scale: ``(sims - alpha * r_j) / temperature``.
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
+    temperature: the model's logit temperature.
+    k: bank neighbours per candidate, ``1 <= k <= n_bank``.
+    alpha: strength (0: the plain ranking).
+    chunk_rows: rows per streamed chunk.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  r = top_k_mean(bank, k, chunk_rows=chunk_rows)
+  return _biased(sims, (-alpha * r / temperature).astype(np.float32), temperature)
+
+
+def dn(sims, bank=None, *, temperature: float, strength: float = 0.5,
+       chunk_rows: int | None = None) -> np.ndarray:
+  """Distribution Normalization logits [n_queries, n_candidates].
+
+  Zhou, Li, Gao, Zhang, Xu, Zhang, Bansal & Zhu (NeurIPS 2023) subtract ``lambda`` times the
+  bank queries' mean embedding from the query embedding. On a similarity matrix of dot
+  products, ``(q - lambda * mean_b b) . v_j = s(q, j) - lambda * mean_b s(b, j)``: a bias per
+  candidate (subtracting a gallery-side mean as well only adds a per-query constant, which
+  changes no ranking). Returned on the logit scale: ``(sims - lambda * mean_b bank_bj) / T``.
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
+    temperature: the model's logit temperature.
+    strength: ``lambda`` (the paper's 0.5; the registry's key is ``"lambda"``).
+    chunk_rows: rows per streamed chunk.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  mean = column_mean(bank, chunk_rows=chunk_rows)
+  return _biased(sims, (-strength * mean / temperature).astype(np.float32), temperature)
+
+
+def dualis(sims, bank=None, gallery_bank=None, *, temperature: float,
+           beta1: float | None = None, beta2: float | None = None,
+           chunk_rows: int | None = None) -> np.ndarray:
+  """DBNorm's dual inverted softmax logits [n_queries, n_candidates].
+
+  Wang, Jian & Xue, "Balance Act: Mitigating Hubness in Cross-Modal Retrieval with Query and
+  Gallery Banks" (EMNLP 2023): the inverted softmax over a query bank times the inverted
+  softmax over a gallery bank,
+  ``exp(beta1 s_qj) / sum_b exp(beta1 bank_bj) * exp(beta2 s_qj) / sum_g exp(beta2 gbank_gj)``,
+  where the gallery bank holds gallery-side items (e.g. training videos for t2v) scored against
+  the test candidates (video x video similarities). Its log, divided by
+  ``(beta1 + beta2) * temperature``, is a bias per candidate on the model's logit scale:
+  ``sims / T - (lse_b(beta1 bank_bj) + lse_g(beta2 gbank_gj)) / ((beta1 + beta2) T)``.
+
+  Args:
+    sims: [n_queries, n_candidates] similarities.
+    bank: [n_bank, n_candidates] query-bank similarities; ``None`` uses ``sims``.
+    gallery_bank: [n_gallery_bank, n_candidates] gallery-bank similarities (required).
+    temperature: the model's logit temperature.
+    beta1, beta2: inverse temperatures on the similarities (default ``1 / temperature``).
+    chunk_rows: rows per streamed chunk.
+  """
+  sims = _as_float32(sims)
+  bank = sims if bank is None else bank
+  _check_bank(bank, sims.shape[1])
+  if gallery_bank is None:
+    raise ValueError("dualis needs a gallery bank: gallery-side items (e.g. training videos for "
+                     "text-to-video) scored against the test candidates")
+  _check_bank(gallery_bank, sims.shape[1])
+  beta1 = 1.0 / temperature if beta1 is None else float(beta1)
+  beta2 = 1.0 / temperature if beta2 is None else float(beta2)
+  # inverted_softmax_biases gives -lse(beta * bank) / (beta * T); weight each by its beta.
+  query_side = inverted_softmax_biases(bank, temperature=temperature, beta=beta1,
+                                       chunk_rows=chunk_rows).bias.astype(np.float64)
+  gallery_side = inverted_softmax_biases(gallery_bank, temperature=temperature, beta=beta2,
+                                         chunk_rows=chunk_rows).bias.astype(np.float64)
+  bias = (beta1 * query_side + beta2 * gallery_side) / (beta1 + beta2)
+  return _biased(sims, bias.astype(np.float32), temperature)
 
 
 def csls(sims, bank=None, *, temperature: float, k: int = 10,
-         chunk_rows: int | None = None) -> np.ndarray:
+         chunk_rows: int | None = None, alpha: float = 1.0) -> np.ndarray:
   """CSLS normalized logits [n_queries, n_candidates] (Conneau et al. 2018).
 
   Args:
     sims: [n_queries, n_candidates] similarities.
     bank: [n_bank, n_candidates] bank similarities; ``None`` uses ``sims`` (transductive).
     temperature, k, chunk_rows: see :func:`csls_biases`.
+    alpha: scales the bias (1: CSLS; 0: the plain ranking).
 
   Returns:
     ``sims / temperature - r_j / (2 * temperature)``: ``CSLS / (2 * temperature)`` plus
@@ -600,7 +711,7 @@ def csls(sims, bank=None, *, temperature: float, k: int = 10,
   bank = sims if bank is None else bank
   _check_bank(bank, sims.shape[1])
   biases = csls_biases(bank, temperature=temperature, k=k, chunk_rows=chunk_rows)
-  return _biased(sims, biases.bias, temperature)
+  return _biased(sims, np.float32(alpha) * biases.bias, temperature)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -667,6 +778,8 @@ class Normalizer:
     transductive_only: True when no bank can make it inductive (DSL).
     balance: whether the label-free balance criterion measures what it does (False for DSL,
       which rescales logits instead of balancing a distribution).
+    gallery_bank: True when ``apply`` also needs ``gallery_bank`` (gallery-side items scored
+      against the test candidates, e.g. training videos x test videos for t2v: DualIS).
   """
 
   name: str
@@ -676,6 +789,7 @@ class Normalizer:
   uses_bank: bool = True
   transductive_only: bool = False
   balance: bool = True
+  gallery_bank: bool = False
 
   @property
   def grid(self) -> dict[str, tuple]:
@@ -739,38 +853,83 @@ def _dsl_logits(sims, bank=None, *, temperature: float, col_marginals=None, **op
 
 
 _BETAS = (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+# Strength of a bias (0: the plain ranking), so every selection can choose "no normalization".
+_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+_STRENGTH_HELP = "strength of the bias; 0 gives the plain ranking"
+
+
+def _alpha(default: float = 1.0, grid: tuple = _ALPHAS) -> Knob:
+  return Knob("alpha", "--alpha", default, _STRENGTH_HELP, check="nonnegative", grid=grid)
+
+
+def _dn_logits(sims, bank=None, *, temperature: float, col_marginals=None, chunk_rows=None,
+               **options):
+  del col_marginals
+  return dn(sims, bank, temperature=temperature, strength=options.get("lambda", 0.5),
+            chunk_rows=chunk_rows)
+
+
+def _dualis_logits(sims, bank=None, *, temperature: float, col_marginals=None,
+                   gallery_bank=None, **options):
+  del col_marginals
+  return dualis(sims, bank, gallery_bank, temperature=temperature, **options)
+
+
+def _inverse_temperature(temperature: float) -> float:
+  return 1.0 / temperature
+
 
 register(Normalizer("none", _identity, "none", uses_bank=False))
 register(Normalizer(
     "ncl", _ncl_logits, "ncl (Sinkhorn biases)",
-    knobs=(Knob("tol", "--tol", 1e-4, "ncl: Sinkhorn tolerance", check="nonnegative"),
-           Knob("max_iterations", "--max-iterations", 1000, "ncl: iteration cap",
-                check="count"))))
+    knobs=(Knob("tol", "--tol", 1e-4, "Sinkhorn tolerance", check="nonnegative"),
+           Knob("max_iterations", "--max-iterations", 1000, "iteration cap", check="count"),
+           _alpha())))
 register(Normalizer(
     "dsl", _dsl_logits, "dsl (dual softmax, transductive)", uses_bank=False,
     transductive_only=True, balance=False,
     knobs=(Knob("dsl_temperature", "--dsl-temperature", 1.0,
-                "dsl: temperature of the softmax over queries (on the logits)",
+                "temperature of the softmax over queries (on the logits)",
                 grid=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0)),)))
 register(Normalizer(
     "qbnorm", _without_marginals(qbnorm), "qbnorm (dynamic inverted softmax)",
-    knobs=(Knob("beta", "--qb-beta", 20.0, "qbnorm: inverse temperature", grid=_BETAS),
-           Knob("k", "--qb-k", 1, "qbnorm: activation top-k", check="count", grid=(1, 2, 5),
-                at_most="candidates"))))
+    knobs=(Knob("beta", "--qb-beta", 20.0, "inverse temperature", grid=_BETAS),
+           Knob("k", "--qb-k", 1, "activation top-k", check="count", grid=(1, 2, 5),
+                at_most="candidates"),
+           _alpha())))
 register(Normalizer(
     "is", _without_marginals(inverted_softmax), "is (inverted softmax)",
-    knobs=(Knob("beta", "--is-beta", lambda temperature: 1.0 / temperature,
-                "is: inverse temperature of the inverted softmax on the similarities "
-                "(default 1/--temperature)", grid=_BETAS),)))
+    knobs=(Knob("beta", "--is-beta", _inverse_temperature,
+                "inverse temperature of the inverted softmax on the similarities "
+                "(default 1/--temperature)", grid=_BETAS),
+           _alpha())))
 register(Normalizer(
     "csls", _without_marginals(csls), "csls (cross-domain similarity local scaling)",
-    knobs=(Knob("k", "--csls-k", 10,
-                "csls: bank neighbours per candidate (default 10, as in the paper)",
-                check="count", grid=(1, 2, 5, 10, 20, 50, 100), at_most="bank"),)))
+    knobs=(Knob("k", "--csls-k", 10, "bank neighbours per candidate (default 10, as in the paper)",
+                check="count", grid=(1, 2, 5, 10, 20, 50, 100), at_most="bank"),
+           _alpha())))
+register(Normalizer(
+    "nnn", _without_marginals(nnn), "nnn (nearest neighbor normalization)",
+    knobs=(Knob("k", "--nnn-k", 128, "bank neighbours per candidate", check="count",
+                grid=(1, 8, 32, 128, 512), at_most="bank"),
+           _alpha(0.75, (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)))))
+register(Normalizer(
+    "dn", _dn_logits, "dn (distribution normalization)",
+    knobs=(Knob("lambda", "--dn-lambda", 0.5, "weight of the bank's mean query subtracted",
+                check="nonnegative", grid=(0.0, 0.25, 0.5, 0.75, 1.0)),)))
+register(Normalizer(
+    "dualis", _dualis_logits,
+    "dualis (DBNorm's dual inverted softmax; needs --gallery-bank)", gallery_bank=True,
+    knobs=(Knob("beta1", "--dualis-beta1", _inverse_temperature,
+                "inverse temperature over the query bank (default 1/--temperature)",
+                grid=(10.0, 20.0, 50.0, 100.0)),
+           Knob("beta2", "--dualis-beta2", _inverse_temperature,
+                "inverse temperature over the gallery bank (default 1/--temperature)",
+                grid=(10.0, 20.0, 50.0, 100.0)))))
 
 
 def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals=None,
-              **options) -> np.ndarray:
+              gallery_bank=None, **options) -> np.ndarray:
   """Normalized logits of ``method`` (a :data:`REGISTRY` row).
 
   Args:
@@ -781,6 +940,8 @@ def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals
       Transductive-only methods (``dsl``) only accept ``None``.
     temperature: logit temperature.
     col_marginals: expected candidate shares (e.g. caption counts; NCL reads them).
+    gallery_bank: [n_gallery_bank, n_candidates] gallery-side bank for methods whose row needs
+      one (``dualis``); others refuse it.
     **options: the method's options (its row's knobs: ``tol``, ``max_iterations``, ``beta``,
       ``k``, ``dsl_temperature``, ...) plus ``chunk_rows`` (and NCL's ``anderson``,
       ``stream``); see each method's function.
@@ -793,4 +954,8 @@ def normalize(sims, method: str, bank=None, *, temperature: float, col_marginals
     raise ValueError(f"temperature must be positive, got {temperature}")
   if row.transductive_only and bank is not None:
     raise ValueError(f"{method} is transductive: it normalizes over the test queries, not a bank")
+  if row.gallery_bank:
+    options["gallery_bank"] = gallery_bank
+  elif gallery_bank is not None:
+    raise ValueError(f"{method} takes no gallery bank")
   return row.apply(sims, bank, temperature=temperature, col_marginals=col_marginals, **options)

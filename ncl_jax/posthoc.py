@@ -48,6 +48,7 @@ Existing output files are never overwritten.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import NamedTuple
@@ -72,7 +73,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
   parser = _Parser(
       prog="python -m ncl_jax.posthoc",
-      description="Post-hoc normalization (none, ncl, dsl, qbnorm, is, csls) of a "
+      description=f"Post-hoc normalization ({', '.join(norm_lib.method_names())}) of a "
                   "[n_texts, n_videos] similarity matrix: t2v/v2t retrieval metrics, plain and "
                   "normalized side by side.")
   parser.add_argument("sims", nargs="?", help="SIMS.npy, [n_texts, n_videos] similarities")
@@ -98,10 +99,38 @@ def _parser() -> argparse.ArgumentParser:
                       help="multi-caption v2t: strict (all captions ranked) or group_max "
                            "(CLIP4Clip)")
   _add_knob_flags(parser, rows)
-  parser.add_argument("--select", choices=("given", "bank"), default="given",
+  parser.add_argument("--gallery-bank", metavar="GBANK.npy",
+                      help="dualis, t2v: gallery-side bank [n_gallery_bank, n_videos], e.g. "
+                           "training videos scored against the test videos (video x video)")
+  parser.add_argument("--v2t-gallery-bank", metavar="VGBANK.npy",
+                      help="dualis, v2t: [n_gallery_bank, n_texts], e.g. training captions "
+                           "scored against the test captions (text x text)")
+  parser.add_argument("--select", choices=("given", "bank", "val"), default="given",
                       help="given: use the option values above (default); bank: choose the "
-                           "method's options (its grid in docs/normalization.md) on each "
-                           "direction's bank alone, never on the test queries' labels")
+                           "method's options (its grid, alpha included, in "
+                           "docs/normalization.md) on each direction's bank alone (label-free "
+                           "cross-validated balance); val: choose them by R@1 on a validation "
+                           "split (--val, --val-bank, ...); never on the test queries' labels")
+  parser.add_argument("--val", metavar="VAL.npy",
+                      help="--select val: validation queries x validation gallery "
+                           "[n_val_texts, n_val_videos], disjoint from the test split")
+  parser.add_argument("--val-gt", metavar="VAL_MAP.npy",
+                      help="--select val: [n_val_texts] int, each validation text's video "
+                           "(default: the diagonal)")
+  parser.add_argument("--val-bank", metavar="VALBANK.npy",
+                      help="--select val: the t2v bank's kind of queries scored against the "
+                           "validation videos [n_bank, n_val_videos] (never the test ones); "
+                           "required with a --bank file, else the validation queries are "
+                           "their own bank")
+  parser.add_argument("--val-v2t-bank", metavar="VALVBANK.npy",
+                      help="--select val: video queries scored against the validation captions "
+                           "[n_bank_videos, n_val_texts]; required with a --v2t-bank file")
+  parser.add_argument("--val-gallery-bank", metavar="VALGBANK.npy",
+                      help="--select val, dualis: gallery-side bank against the validation "
+                           "videos")
+  parser.add_argument("--val-v2t-gallery-bank", metavar="VALVGBANK.npy",
+                      help="--select val, dualis: gallery-side bank against the validation "
+                           "captions")
   parser.add_argument("--bank-gt", metavar="BANK_MAP.npy",
                       help="--select bank with a --bank file: [n_bank] int, each bank row's "
                            "correct video; selects by the bank's R@1 instead of its balance")
@@ -113,15 +142,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_knob_flags(parser: argparse.ArgumentParser, rows) -> None:
-  """One option per registry knob flag (rows that share a flag share the option)."""
-  seen = set()
+  """One option per registry knob flag; rows that share a flag share the option."""
+  users: dict[str, list] = {}
   for row in rows:
     for knob in row.knobs:
-      if knob.flag not in seen:
-        seen.add(knob.flag)
-        shown = "" if callable(knob.default) else f" (default {knob.default:g})"
-        parser.add_argument(knob.flag, type=knob.kind, default=None,
-                            help=knob.help + ("" if "default" in knob.help else shown))
+      users.setdefault(knob.flag, []).append((row.name, knob))
+  for flag, pairs in users.items():
+    parser.add_argument(flag, type=pairs[0][1].kind, default=None, help=_knob_help(pairs))
+
+
+def _knob_help(pairs) -> str:
+  """``"ncl, is: <help> (default 1); nnn: <help> (default 0.75)"`` for one flag's users."""
+  groups: dict[tuple, list] = {}
+  for name, knob in pairs:
+    shown = ("" if callable(knob.default) or "default" in knob.help
+             else f" (default {knob.default:g})")
+    groups.setdefault((knob.help, shown), []).append(name)
+  return "; ".join(f"{', '.join(names)}: {text}{shown}"
+                   for (text, shown), names in groups.items())
 
 
 def _load_matrix(path: str, what: str) -> np.ndarray:
@@ -138,13 +176,13 @@ def _load_matrix(path: str, what: str) -> np.ndarray:
   return array
 
 
-def _load_map(path: str, n_texts: int, n_videos: int) -> np.ndarray:
+def _load_map(path: str, n_texts: int, n_videos: int, flag: str = "--gt") -> np.ndarray:
   """Loads and checks a caption->video index map that covers every video."""
-  mapping = npy_files.load_index_map(path, "--gt", n_texts, n_videos, row="text row",
+  mapping = npy_files.load_index_map(path, flag, n_texts, n_videos, row="text row",
                                      target="video")
   missing = np.flatnonzero(np.bincount(mapping, minlength=n_videos) == 0)
   if missing.size:
-    raise UserError(f"{missing.size} videos have no caption in --gt (first: {missing[0]}); "
+    raise UserError(f"{missing.size} videos have no caption in {flag} (first: {missing[0]}); "
                     f"every video column needs at least one text row")
   return mapping
 
@@ -177,7 +215,7 @@ def _bank_label(bank_arg: str, direction: str) -> str:
   return f"{bank_arg}"
 
 
-def _direction_metrics(args, direction: str, scores, mapping) -> dict:
+def _direction_metrics(args, direction: str, scores, mapping=None) -> dict:
   """R@1/5/10, MdR, MnR of one direction's [n_queries, n_candidates] scores."""
   if direction == "t2v":
     return metrics.t2v_metrics(scores, mapping, tie=args.tie)
@@ -205,7 +243,68 @@ def _knob_values(args, options: dict) -> dict:
   return {name: options[name] for name in norm_lib.normalizer(args.method).grid}
 
 
-def _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts) -> tuple[dict, dict]:
+class _Problem(NamedTuple):
+  """One direction: queries x candidates, its bank (None: the queries), ground truth, shares."""
+
+  raw: np.ndarray
+  bank: np.ndarray | None
+  gallery_bank: np.ndarray | None
+  mapping: np.ndarray | None
+  expected: np.ndarray
+
+
+def _problems(sims, mapping, banks: dict, gallery_banks: dict) -> dict[str, _Problem]:
+  """The t2v and v2t problems of a [n_texts, n_videos] matrix."""
+  n_texts, n_videos = sims.shape
+  return {
+      "t2v": _Problem(sims, banks["t2v"], gallery_banks["t2v"], mapping,
+                      norm_lib.expected_mass(n_texts, n_videos, mapping, direction="t2v")),
+      "v2t": _Problem(sims.T, banks["v2t"], gallery_banks["v2t"], mapping,
+                      norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t"))}
+
+
+def _choose(args, direction: str, problem: _Problem, inputs) -> selection_lib.Selection | None:
+  """``--select bank`` / ``val``: the method's options chosen without the test labels."""
+  if args.select == "bank":
+    return selection_lib.select_on_bank(
+        args.method, problem.raw if problem.bank is None else problem.bank,
+        temperature=args.temperature, bank_gt=inputs.bank_gts[direction],
+        col_marginals=problem.expected, gallery_bank=problem.gallery_bank)
+  if args.select == "val":
+    val = inputs.val[direction]
+    metrics_of = functools.partial(_direction_metrics, args, direction, mapping=val.mapping)
+
+    def score(scores):
+      values = metrics_of(scores)
+      return values["R@1"], -values["MnR"]
+
+    return selection_lib.select_on_queries(
+        args.method, val.raw, val.bank, temperature=args.temperature, score=score,
+        col_marginals=val.expected, gallery_bank=val.gallery_bank)
+  return None
+
+
+def _normalized(args, direction: str, problem: _Problem, inputs) -> tuple[dict, dict, dict]:
+  """The method's metrics, options used and candidate mass of one direction."""
+  row = norm_lib.normalizer(args.method)
+  options = _method_options(args)
+  try:
+    chosen = _choose(args, direction, problem, inputs)
+    if chosen is not None:
+      options.update(chosen.values)
+    # A transductive-only method's bank (if any) only served the selection.
+    scores = norm_lib.normalize(problem.raw, args.method,
+                                problem.bank if row.uses_bank else None,
+                                temperature=args.temperature, col_marginals=problem.expected,
+                                gallery_bank=problem.gallery_bank, **options)
+  except ValueError as err:  # invalid option values (k out of range, ...)
+    raise UserError(str(err)) from None
+  return (_direction_metrics(args, direction, scores, problem.mapping),
+          _knob_values(args, options), {"mass": norm_lib.candidate_mass(scores),
+                                        "selection": chosen})
+
+
+def _evaluate(args, inputs) -> tuple[dict, dict]:
   """Plain and normalized metrics of both directions, and the normalization errors.
 
   The plain metrics and the plain candidate mass are computed once per matrix; ``none``
@@ -214,54 +313,34 @@ def _evaluate(args, sims, mapping, bank, v2t_bank, bank_gts) -> tuple[dict, dict
   Returns:
     ``(result, errors)``: ``result`` is the JSON payload (``method``, the method's ``t2v`` and
     ``v2t``, ``plain``, ``delta`` and ``hyperparameters`` unless the method is ``none``,
-    ``selection`` with ``--select bank``, ``normalization_error`` and its detail);
+    ``selection`` with ``--select bank`` or ``val``, ``normalization_error`` and its detail);
     ``errors[direction]`` holds ``before``/``after`` error dicts and ``mass``.
   """
-  n_texts, n_videos = sims.shape
-  scale = 1.0 / args.temperature
-  directions = (
-      ("t2v", sims, bank, norm_lib.expected_mass(n_texts, n_videos, mapping, direction="t2v")),
-      ("v2t", sims.T, v2t_bank,
-       norm_lib.expected_mass(n_videos, n_texts, mapping, direction="v2t")))
+  problems = _problems(inputs.sims, inputs.mapping,
+                       {"t2v": inputs.bank, "v2t": inputs.v2t_bank}, inputs.gallery_banks)
   plain, method, errors, knobs, selections = {}, {}, {}, {}, {}
-  row = norm_lib.normalizer(args.method)
-  for direction, raw, direction_bank, expected in directions:
-    plain[direction] = _direction_metrics(args, direction, raw, mapping)
-    before = norm_lib.candidate_mass(raw, scale=scale)
+  for direction, problem in problems.items():
+    plain[direction] = _direction_metrics(args, direction, problem.raw, problem.mapping)
+    before = norm_lib.candidate_mass(problem.raw, scale=1.0 / args.temperature)
     if args.method == "none":
       method[direction], after = plain[direction], before
     else:
-      options = _method_options(args)
-      try:
-        if args.select == "bank":
-          chosen = selection_lib.select_on_bank(
-              args.method, raw if direction_bank is None else direction_bank,
-              temperature=args.temperature, bank_gt=bank_gts[direction],
-              col_marginals=expected)
-          options.update(chosen.values)
-          selections[direction] = chosen
-        knobs[direction] = _knob_values(args, options)
-        # A transductive-only method's bank (if any) only served the selection.
-        scores = norm_lib.normalize(raw, args.method,
-                                    direction_bank if row.uses_bank else None,
-                                    temperature=args.temperature, col_marginals=expected,
-                                    **options)
-      except ValueError as err:  # invalid option values (k out of range, ...)
-        raise UserError(str(err)) from None
-      method[direction] = _direction_metrics(args, direction, scores, mapping)
-      after = norm_lib.candidate_mass(scores)
-      del scores
+      method[direction], knobs[direction], extra = _normalized(args, direction, problem, inputs)
+      after = extra["mass"]
+      if extra["selection"] is not None:
+        selections[direction] = extra["selection"]
     errors[direction] = {
-        "before": norm_lib.normalization_error(before, expected),
-        "after": norm_lib.normalization_error(after, expected),
-        "mass": (before, after, expected)}
+        "before": norm_lib.normalization_error(before, problem.expected),
+        "after": norm_lib.normalization_error(after, problem.expected),
+        "mass": (before, after, problem.expected)}
   result = {"method": args.method, "t2v": method["t2v"], "v2t": method["v2t"]}
   if args.method != "none":
     result["plain"] = plain
     result["delta"] = {d: _difference(method[d], plain[d]) for d in plain}
     result["hyperparameters"] = knobs
   if selections:
-    result["selection"] = {"rule": "bank", **{d: sel.as_json() for d, sel in selections.items()}}
+    result["selection"] = {"rule": args.select,
+                           **{d: sel.as_json() for d, sel in selections.items()}}
   result["normalization_error"] = {"before": errors["t2v"]["before"]["mae"],
                                    "after": errors["t2v"]["after"]["mae"]}
   result["normalization_error_detail"] = {
@@ -298,7 +377,9 @@ def _table(args, result, errors, sims_shape, bank_shapes) -> str:
     knobs = result.get("hyperparameters", {}).get(direction)
     if knobs:
       how = "given"
-      if "selection" in result:
+      if "selection" in result and result["selection"]["rule"] == "val":
+        how = "selected by validation R@1"
+      elif "selection" in result:
         how = f"selected on the bank by {result['selection'][direction]['criterion']}"
       values = ", ".join(f"{name} {value:g}" for name, value in knobs.items())
       lines.append(f"     {args.method} options: {values} ({how})")
@@ -329,6 +410,8 @@ class _Inputs(NamedTuple):
   v2t_bank: np.ndarray | None
   bank_gts: dict
   bank_shapes: tuple
+  gallery_banks: dict
+  val: dict | None  # --select val: {"t2v": _Problem, "v2t": _Problem} of the validation split
 
 
 def _check_args(args) -> None:
@@ -353,10 +436,47 @@ def _check_args(args) -> None:
     if value and (args.select != "bank" or bank_value == "test"):
       raise UserError(f"{flag} labels a {bank_flag} file for --select bank; use it with both "
                       f"(the test queries' labels are never used for selection)")
+  _check_val_args(args)
+  _check_gallery_bank_args(args, row)
   if args.plot and args.plot.lower().endswith(".png") is False:
     raise UserError(f"--plot must name a .png file, got {args.plot!r}")
   npy_files.check_new_output(args.plot, "--plot")
   npy_files.check_new_output(args.json, "--json")
+
+
+def _check_val_args(args) -> None:
+  """``--val*`` come with ``--select val``, and each validation bank matches the test bank."""
+  given = [flag for flag in ("--val", "--val-gt", "--val-bank", "--val-v2t-bank",
+                             "--val-gallery-bank", "--val-v2t-gallery-bank")
+           if getattr(args, _dest(flag))]
+  if args.select != "val":
+    if given:
+      raise UserError(f"{given[0]} serves --select val only")
+    return
+  if not args.val:
+    raise UserError("--select val needs --val VAL.npy (validation queries x validation gallery)")
+  for bank_flag, bank, val_flag, val_bank in (
+      ("--bank", args.bank, "--val-bank", args.val_bank),
+      ("--v2t-bank", args.v2t_bank, "--val-v2t-bank", args.val_v2t_bank)):
+    if bank != "test" and not val_bank:
+      raise UserError(f"with a {bank_flag} file, --select val needs {val_flag}: the same kind of "
+                      f"bank scored against the validation split (never the test one)")
+    if bank == "test" and val_bank:
+      raise UserError(f"{val_flag} needs a {bank_flag} file: with {bank_flag} test the "
+                      f"validation queries are their own bank, as the test queries are")
+
+
+def _check_gallery_bank_args(args, row) -> None:
+  """Gallery-side banks are given exactly for methods that use them."""
+  flags = (("--gallery-bank", "--v2t-gallery-bank") +
+           (("--val-gallery-bank", "--val-v2t-gallery-bank") if args.select == "val" else ()))
+  for flag in flags:
+    if row.gallery_bank and not getattr(args, _dest(flag)):
+      raise UserError(f"{args.method} needs {flag}: gallery-side items scored against the "
+                      f"candidates (e.g. training videos x test videos for t2v; see --help)")
+  for flag in ("--gallery-bank", "--v2t-gallery-bank"):
+    if not row.gallery_bank and getattr(args, _dest(flag)):
+      raise UserError(f"{flag} serves methods with a gallery bank (dualis), not {args.method}")
 
 
 def _check_values(args) -> None:
@@ -395,7 +515,45 @@ def _load_inputs(args) -> _Inputs:
              if args.v2t_bank_gt else None}
   shapes = (sims.shape if bank is None else bank.shape,
             sims.T.shape if v2t_bank is None else v2t_bank.shape)
-  return _Inputs(sims, mapping, bank, v2t_bank, bank_gts, shapes)
+  gallery_banks = _load_gallery_banks(args.gallery_bank, args.v2t_gallery_bank, sims.shape, "")
+  val = _load_validation(args) if args.select == "val" else None
+  return _Inputs(sims, mapping, bank, v2t_bank, bank_gts, shapes, gallery_banks, val)
+
+
+def _load_ground_truth(path: str | None, shape: tuple, what: str) -> np.ndarray | None:
+  """A text -> video map (``what``-gt), or None for the diagonal of a square matrix."""
+  n_texts, n_videos = shape
+  if path:
+    return _load_map(path, n_texts, n_videos, f"{what}-gt")
+  if n_texts != n_videos:
+    raise UserError(f"{what} is {n_texts} x {n_videos}, not square, so the ground truth cannot be "
+                    f"the diagonal; give a map with each text's video index")
+  return None
+
+
+def _load_gallery_banks(t2v: str | None, v2t: str | None, shape: tuple, prefix: str) -> dict:
+  """Gallery-side banks of both directions (None where not given)."""
+  n_texts, n_videos = shape
+  return {
+      "t2v": None if not t2v else _load_bank(
+          t2v, f"--{prefix}gallery-bank", n_videos, f"the matrix has {n_videos} videos"),
+      "v2t": None if not v2t else _load_bank(
+          v2t, f"--{prefix}v2t-gallery-bank", n_texts, f"the matrix has {n_texts} texts")}
+
+
+def _load_validation(args) -> dict:
+  """The validation split's two problems (``--select val``)."""
+  val = _load_matrix(args.val, "--val")
+  n_texts, n_videos = val.shape
+  mapping = _load_ground_truth(args.val_gt, val.shape, "--val")
+  banks = {
+      "t2v": None if not args.val_bank else _load_bank(
+          args.val_bank, "--val-bank", n_videos, f"--val has {n_videos} videos"),
+      "v2t": None if not args.val_v2t_bank else _load_bank(
+          args.val_v2t_bank, "--val-v2t-bank", n_texts, f"--val has {n_texts} texts")}
+  gallery_banks = _load_gallery_banks(args.val_gallery_bank, args.val_v2t_gallery_bank,
+                                      val.shape, "val-")
+  return _problems(val, mapping, banks, gallery_banks)
 
 
 def _load_bank(value: str, flag: str, n_columns: int, expected: str) -> np.ndarray | None:
@@ -431,8 +589,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   _check_args(args)
   inputs = _load_inputs(args)
-  result, errors = _evaluate(args, inputs.sims, inputs.mapping, inputs.bank, inputs.v2t_bank,
-                             inputs.bank_gts)
+  result, errors = _evaluate(args, inputs)
   _write_outputs(args, result, errors, inputs)
   return 0
 

@@ -94,10 +94,11 @@ def _folds(n_rows: int, seed: int, max_rows: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _score(method: str, options: dict, queries: np.ndarray, bank: np.ndarray, *,
-           temperature: float, criterion: str, gt, shares) -> tuple[float, float]:
+           temperature: float, criterion: str, gt, shares, gallery_bank) -> tuple[float, float]:
   """(primary, tie-break) score of one grid point on one fold; larger is better for both."""
   fold_bank = bank if norm_lib.normalizer(method).uses_bank else None
-  logits = norm_lib.normalize(queries, method, fold_bank, temperature=temperature, **options)
+  logits = norm_lib.normalize(queries, method, fold_bank, temperature=temperature,
+                              col_marginals=shares, gallery_bank=gallery_bank, **options)
   if criterion == "recall":
     ranks = metrics_lib.t2v_ranks(logits, gt)
     return 100.0 * float(np.mean(ranks <= 1)), -float(np.mean(ranks))
@@ -106,7 +107,7 @@ def _score(method: str, options: dict, queries: np.ndarray, bank: np.ndarray, *,
 
 
 def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_marginals=None,
-                   seed: int = 0, max_rows: int = MAX_ROWS) -> Selection:
+                   seed: int = 0, max_rows: int = MAX_ROWS, gallery_bank=None) -> Selection:
   """Chooses ``method``'s options from the bank alone (see the module docstring).
 
   Args:
@@ -118,6 +119,7 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
     col_marginals: [n_candidates] expected shares (e.g. caption counts); default uniform.
     seed: seed of the row split.
     max_rows: bank rows read at most.
+    gallery_bank: the gallery-side bank of methods that need one (``dualis``), used whole.
 
   Returns:
     A :class:`Selection`.
@@ -152,7 +154,8 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
   grid, best, best_key = [], None, None
   for options in points:
     scores = [_score(method, options, halves[q], halves[1 - q], temperature=temperature,
-                     criterion=criterion, gt=labels[q], shares=shares) for q in (0, 1)]
+                     criterion=criterion, gt=labels[q], shares=shares,
+                     gallery_bank=gallery_bank) for q in (0, 1)]
     key = tuple(float(np.mean(parts)) for parts in zip(*scores))
     grid.append({**options, "score": abs(key[0])})
     if best_key is None or key > best_key:
@@ -161,7 +164,8 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
 
 
 def select_on_queries(method: str, queries, bank, *, temperature: float,
-                      score: Callable[[np.ndarray], tuple[float, float]]) -> Selection:
+                      score: Callable[[np.ndarray], tuple[float, float]], col_marginals=None,
+                      gallery_bank=None) -> Selection:
   """Chooses ``method``'s options by a score on labelled queries that are not the test queries.
 
   The validation split of a training run is the use: its captions (or videos) are the queries,
@@ -172,9 +176,12 @@ def select_on_queries(method: str, queries, bank, *, temperature: float,
   Args:
     method: a registered method (:func:`ncl_jax.normalize.method_names`).
     queries: [n_queries, n_candidates] similarities of the labelled queries.
-    bank: [n_bank, n_candidates] bank similarities (ignored by ``dsl``).
+    bank: [n_bank, n_candidates] bank similarities (ignored by ``dsl``); None: the queries are
+      their own bank (transductive, as when the test queries are).
     temperature: the model's logit temperature.
     score: normalized logits [n_queries, n_candidates] -> (primary, tie-break), larger better.
+    col_marginals: the candidates' expected shares (NCL reads them).
+    gallery_bank: the gallery-side bank of methods that need one (``dualis``).
 
   Returns:
     A :class:`Selection` with criterion ``"validation"``; each grid point's ``score`` is the
@@ -184,9 +191,11 @@ def select_on_queries(method: str, queries, bank, *, temperature: float,
   if not row.grid:
     return Selection({}, "none", [], 0)
   grid, best, best_key = [], None, None
-  for options in grid_points(method, bank.shape[0], queries.shape[1]):
+  n_bank = (queries if bank is None else bank).shape[0]
+  for options in grid_points(method, n_bank, queries.shape[1]):
     logits = norm_lib.normalize(queries, method, bank if row.uses_bank else None,
-                                temperature=temperature, **options)
+                                temperature=temperature, col_marginals=col_marginals,
+                                gallery_bank=gallery_bank, **options)
     key = tuple(float(v) for v in score(logits))
     grid.append({**options, "score": key[0]})
     if best_key is None or key > best_key:

@@ -13,7 +13,7 @@ import pytest
 
 from ncl_jax import inference, normalize, sharding
 from ncl_jax.errors import UserError
-from ncl_jax.gallery import cli, inputs, search, solve, sparse
+from ncl_jax.gallery import cli, dense, inputs, search, solve, sparse, sparse_mesh
 from ncl_jax.gallery import index as index_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,6 +89,29 @@ def test_dense_biases_equal_the_similarity_matrix_path(rng, tmp_path, n_devices)
   assert np.abs(mass - target).sum() / len(bank) < 1e-5
 
 
+def test_bank_groups_equal_the_one_dimensional_mesh(rng):
+  """4 CPU devices as 2 bank groups x 2 gallery shards: each group streams its half of the bank
+  (151 and 150 rows in chunks of 64, the last ones padded), one all-reduce per pass."""
+  bank, items = _problem(rng, n_bank=301)
+  flat = solve.dense_biases(bank, items, temperature=0.05, tol=1e-6, chunk_rows=64,
+                            mesh=sharding.make_mesh(jax.devices()[:4]))
+  grouped = solve.dense_biases(bank, items, temperature=0.05, tol=1e-6, chunk_rows=64,
+                               mesh=dense.make_mesh(2, jax.devices()[:4]))
+  assert grouped.bank_groups == 2 and grouped.devices == 4 and flat.bank_groups == 1
+  assert grouped.passes == flat.passes
+  np.testing.assert_allclose(_centred(grouped.bias), _centred(flat.bias), atol=1e-5)
+  # One pass's column sums agree too, and sum to the bank size.
+  g = rng.normal(size=len(items))
+  sums = [dense.DenseColumnMass(bank, items, 20.0, mesh, rows=64)(g) for mesh in
+          (dense.make_mesh(1, jax.devices()[:4]), dense.make_mesh(2, jax.devices()[:4]),
+           dense.make_mesh(4, jax.devices()[:4]))]
+  reference = _dense_probs(bank, items, g, 0.05).sum(axis=0)
+  for got in sums:
+    np.testing.assert_allclose(got, reference, rtol=2e-5)
+  with pytest.raises(UserError, match="--bank_groups must divide the 4 devices"):
+    dense.make_mesh(3, jax.devices()[:4])
+
+
 def test_gallery_uses_the_embedding_path_for_large_galleries(rng, monkeypatch):
   bank, items = _problem(rng, n_bank=200, n_items=30)
   small = inference.Gallery(items, bank, temperature=0.05, tol=1e-6)
@@ -159,6 +182,30 @@ def test_sparse_mode_matches_dense_and_says_when_k_is_too_small(rng):
   assert narrow.certified_error > 1e-3 and narrow.omitted_mass_bound > 0
 
 
+def _random_plan(rng, n_rows=130, n_items=50, k=7):
+  """A sparse plan's inputs: kept scores [n, k], distinct kept ids, omitted levels; n_items."""
+  scores = rng.uniform(-0.2, 0.9, (n_rows, k)).astype(np.float32)
+  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(n_rows)])
+  return scores, index.astype(np.int32), rng.uniform(5.0, 15.0, n_rows), n_items
+
+
+def test_sparse_plan_split_over_devices_equals_one_device(rng):
+  """Each of 4 devices owns a block of bank rows (130 rows: padded to 132); one psum per pass."""
+  scores, index, levels, n_items = _random_plan(rng)
+  bias = rng.normal(size=n_items)
+  mesh = sharding.make_mesh(jax.devices()[:4])
+  split = sparse_mesh.ShardedSparsePlan(scores, index, levels, n_items, 20.0, mesh)
+  np.testing.assert_allclose(split(bias), sparse.SparsePlan(scores, index, levels, n_items,
+                                                            20.0)(bias), rtol=2e-5)
+  bank, items = _problem(rng, n_bank=300, n_items=40)
+  one = solve.sparse_biases(bank, items, temperature=0.05, top_k=8, tol=1e-6, sample_rows=0)
+  four = solve.sparse_biases(bank, items, temperature=0.05, top_k=8, tol=1e-6, sample_rows=0,
+                             mesh=mesh)
+  assert four.devices == 4 and one.devices == 1
+  np.testing.assert_allclose(_centred(four.bias), _centred(one.bias), atol=1e-4)
+  assert four.certified_error == pytest.approx(one.certified_error, rel=1e-3)
+
+
 def test_omitted_level_by_hand():
   # One row, n = 10 items, k = 2 kept, the search saw ranks 3..4 (scores 0.5, 0.4) and one
   # padded slot; 10 - 2 - 2 = 6 unseen items get at most the lowest seen score, 0.4.
@@ -188,10 +235,7 @@ def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
 
 
 def test_sparse_plan_equals_its_definition(rng):
-  n_items, k = 50, 7
-  scores = rng.uniform(-0.2, 0.9, (130, k)).astype(np.float32)
-  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(130)]).astype(np.int32)
-  levels = rng.uniform(5.0, 15.0, 130)
+  scores, index, levels, n_items = _random_plan(rng)
   bias = rng.normal(size=n_items)
   plan = sparse.SparsePlan(scores, index, levels, n_items, 20.0, rows=48)   # 3 chunks, padded
   expected = _reference_column_sums(scores, index, 20.0, bias, n_items, levels)
@@ -237,10 +281,12 @@ def test_ivf_search_is_exact_within_the_scanned_lists(rng):
   assert missed > 0   # approximate here: some true top-k items lie in unscanned lists
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
+@pytest.mark.parametrize("seed,norm", [(0, 1.0), (1, 1.01)])
+def test_ivf_sparse_mode_bound_and_certificate_hold(seed, norm):
+  """Also with every row at the norm the command line accepts (1.01), where the caps of the
+  unscanned lists need the query's norm."""
   rng = np.random.default_rng(seed)
-  bank, items = _problem(rng, n_bank=300, n_items=120, dim=16)
+  bank, items = (norm * x for x in _problem(rng, n_bank=300, n_items=120, dim=16))
   k, temperature = 6, 0.05
   found = search.top_k_items(bank, items, k, search="ivf", nlist=12, nprobe=2)
   solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7,
@@ -249,14 +295,119 @@ def test_ivf_sparse_mode_bound_and_certificate_hold(seed):
   probs = _dense_probs(bank, items, solution.bias, temperature)
   outside = _omitted_probability(probs, found.index)
   scale = 1.0 / temperature
-  error = sparse.float32_score_error(16) * 1.1
+  error = sparse.score_error(bank, items)
+  assert error == pytest.approx(sparse.float32_score_error(16) * norm ** 2, rel=1e-5)
   unscanned = sparse.unscanned_log_mass(bank, found.lists.scanned[found.scan_batch],
-                                       found.lists, scale, solution.bias, error)
-  bound = sparse.omitted_mass_bound(found.scores, found.index, scale, solution.bias, len(items),
-                                   error, found.tier_scores, found.tier_ranks, unscanned)
+                                        found.lists, scale, solution.bias, error)
+  bound = sparse.omitted_mass_bound(found.scores, found.index, scale, solution.bias,
+                                    len(items), error, found.tier_scores, found.tier_ranks,
+                                    unscanned)
   assert np.all(bound >= outside), (bound - outside).min()
   dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
   assert dense_error <= solution.certified_error
+  assert dense_error <= solution.sampled_certified_error   # every row scored: exact
+
+
+def test_unscanned_cap_uses_the_query_norm():
+  """A hand-built list where ``q.c + r_c`` is below the item's score for a query of norm 1.01
+  (q along v - c): the cap must be ``q.c + |q| r_c``."""
+  item, centre = np.array([[1.0, 0.0]]), np.array([[0.6, 0.8]])
+  radius = np.linalg.norm(item - centre, axis=1)
+  query = 1.01 * (item - centre) / radius
+  lists = search.IvfLists(centre, radius, np.array([0]))
+  truth = 100.0 * (query @ item.T)[0, 0]
+  assert 100.0 * (query @ centre.T + radius)[0, 0] < truth - 0.5   # the unit-norm cap fails
+  bound = sparse.unscanned_log_mass(query, np.zeros((1, 1), bool), lists, 100.0, np.zeros(1),
+                                    0.0)
+  assert bound[0] >= truth - 1e-9
+  assert bound[0] == pytest.approx(truth, abs=1e-6)   # and is tight here
+
+
+def test_certificate_covers_kept_scores_off_by_the_rounding_allowance(rng):
+  """Kept scores stored off by up to ``error`` (what float32 scoring may do) and the worst-case
+  certificate still covers the dense problem's error, through its rounding term."""
+  bank, items = _problem(rng, n_bank=300, n_items=40)
+  scale, error = 20.0, 2e-3          # far above float32's, so that the term matters
+  found = search.top_k_items(bank, items, 5, temperature=1.0 / scale)
+  signs = np.where(rng.random(found.scores.shape) < 0.5, -1.0, 1.0)
+  off = found._replace(scores=(found.scores + error * signs).astype(np.float32))
+  b = normalize.balanced_marginals(None, len(bank), len(items))
+  plan = sparse.SparsePlan(off.scores, off.index, off.omitted_level, len(items), scale)
+  out = normalize.column_fixed_point(plan, b, tol=1e-9)
+  gap = sparse.worst_case_gap(bank, off, out.bias, scale, len(items), error)
+  assert gap.rounding == pytest.approx(np.expm1(2 * scale * error))
+  probs = _dense_probs(bank, items, out.bias, 1.0 / scale)
+  dense_error = np.abs(probs.sum(axis=0) - b).sum() / len(bank)
+  assert dense_error <= out.error + gap.gap
+  # Per row, a logit shift of at most e moves the softmax by at most expm1(2 e) in L1.
+  logits = rng.normal(size=(50, 9)) * 3
+  shift = rng.uniform(-0.1, 0.1, size=logits.shape)
+  moved = np.abs(_softmax_rows(logits) - _softmax_rows(logits + shift)).sum(axis=1)
+  assert np.all(moved <= sparse.kept_rounding_gap(1.0, 0.1))
+
+
+def _softmax_rows(logits):
+  e = np.exp(logits - logits.max(axis=1, keepdims=True))
+  return e / e.sum(axis=1, keepdims=True)
+
+
+# -- the sampled certificate ---------------------------------------------------------------------
+
+
+def test_sampled_bound_holds_in_the_promised_fraction_of_seeds():
+  bank, items = _problem(np.random.default_rng(4), n_bank=400, n_items=40)
+  temperature, k = 0.05, 4
+  solution = solve.sparse_biases(bank, items, temperature=temperature, top_k=k, tol=1e-7,
+                                 sample_rows=0)
+  assert solution.sampled_certified_error is None and solution.sample_rows is None
+  found = search.top_k_items(bank, items, k, temperature=temperature)
+  distances, omitted = sparse.row_differences(bank, items, found, solution.bias,
+                                              1.0 / temperature, np.arange(len(bank)))
+  # Each distance from its definition: the float64 softmax row against the plan's row.
+  plan = np.log(np.maximum(_sparse_plan_rows(found, solution.bias, temperature, len(items)),
+                           1e-300))
+  np.testing.assert_allclose(distances, np.abs(
+      _dense_probs(bank, items, solution.bias, temperature) - np.exp(plan)).sum(axis=1),
+      atol=1e-9)
+  truth = distances.mean()
+  probs = _dense_probs(bank, items, solution.bias, temperature)
+  np.testing.assert_allclose(omitted, _omitted_probability(probs, found.index), atol=1e-9)
+  dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
+  assert dense_error <= solution.error + truth
+  seeds, confidence, m = 400, 0.9, 25
+  misses = naive_misses = 0
+  for seed in range(seeds):
+    sample = distances[sparse.sample_rows(len(bank), m, seed)]
+    misses += sparse.bernstein_upper(sample, confidence, 2.0) < truth
+    naive_misses += sample.mean() < truth
+  # At most the promised 10 % of seeds miss (with binomial room: P(> 55 of 400) < 1e-3).
+  assert misses <= 55, misses
+  assert naive_misses > 100, naive_misses   # the plain sample mean misses often: a real check
+
+
+def _sparse_plan_rows(found, bias, temperature, n_items):
+  """The solved plan's rows [Nb, Ng] from their definition (kept logits, the omitted level)."""
+  g = np.asarray(bias, np.float64)
+  logits = np.asarray(found.omitted_level, np.float64)[:, None] + g
+  np.put_along_axis(logits, found.index.astype(np.int64),
+                    found.scores.astype(np.float64) / temperature + g[found.index], axis=1)
+  return _softmax_rows(logits)
+
+
+def test_sampled_certificate_is_far_tighter_than_the_worst_case():
+  bank, items = _problem(np.random.default_rng(5), n_bank=3000, n_items=60)
+  solution = solve.sparse_biases(bank, items, temperature=0.05, top_k=15, tol=1e-6,
+                                 sample_rows=1000, confidence=0.999, sample_seed=7,
+                                 certify="sampled")
+  report = solution.report()
+  assert (report["confidence"], report["sample_rows"], report["sample_seed"]) == (0.999, 1000, 7)
+  probs = _dense_probs(bank, items, solution.bias, 0.05)
+  dense_error = np.abs(probs.sum(axis=0) - len(bank) / len(items)).sum() / len(bank)
+  sampled = solution.sampled_certified_error
+  # (Measured 0.013 <= 0.073 < 0.28 / 3; of the 0.073, 0.035 is the 1000-row range term.)
+  assert dense_error <= sampled < solution.certified_error / 3, (
+      dense_error, sampled, solution.certified_error)
+  assert solution.converged == (sampled <= 1e-6) and solution.certify == "sampled"
 
 
 def test_ivf_settings_and_their_errors():
@@ -293,6 +444,21 @@ def test_exact_indexes_return_the_ncl_ranking(rng, tmp_path, kind, options):
     np.testing.assert_allclose(got_scores, expected, rtol=1e-5, atol=1e-4)
   # NCL changes the ranking here, so the test would fail with the biases left out.
   assert not np.array_equal(order, _exact_ranking(queries, items, 0 * bias, 0.05, 10)[0])
+
+
+def test_flat_index_orders_ties_only_within_their_group(rng):
+  """The documented tie rule: exactly tied items may come in any order among themselves (here
+  each item appears 4 times), but the tied groups, and the scores at every rank, are those of a
+  stable argsort."""
+  items = np.repeat(_unit(rng.normal(size=(5, 16))), 4, axis=0)
+  bias = np.repeat(rng.normal(size=5), 4).astype(np.float32)
+  queries = _unit(rng.normal(size=(30, 16)))
+  got, got_scores = index_lib.BiasedIndex.build(items, bias, temperature=0.05).search(queries, 8)
+  order, expected = _exact_ranking(queries, items, bias, 0.05, 8)
+  np.testing.assert_allclose(got_scores, expected, rtol=1e-5, atol=1e-4)
+  for row in range(len(queries)):
+    for group in (slice(0, 4), slice(4, 8)):
+      assert set(got[row, group]) == set(order[row, group])
 
 
 def test_hnsw_index_approximates_the_ranking(rng):
@@ -363,8 +529,13 @@ def _biases_args(files, out, *extra):
 def test_cli_biases_index_search_round_trip(files, tmp_path, capsys):
   out = tmp_path / "biases.npy"
   assert cli.main(_biases_args(files, out, "--json", "-")) == 0
-  report = json.loads(capsys.readouterr().out)
+  captured = capsys.readouterr()
+  report = json.loads(captured.out)
   assert report["converged"] and report["mode"] == "dense" and report["passes"] >= 1
+  # --quiet drops the progress lines, not the one closing line.
+  assert captured.err == (f"wrote {out}: converged (tol 0.0001), column error "
+                          f"{report['error']:.3g}, {report['passes']} passes, "
+                          f"{report['seconds']:.1f} s\n")
   bias = np.load(out)
   assert bias.dtype == np.float32 and bias.shape == (20,)
   assert cli.main(["index", "--gallery", str(files["gallery"]), "--biases", str(out),
@@ -372,6 +543,8 @@ def test_cli_biases_index_search_round_trip(files, tmp_path, capsys):
   assert cli.main(["search", "--index", str(tmp_path / "index"), "--queries",
                    str(files["queries"]), "--k", "4", "--out", str(tmp_path / "top.npz"),
                    "--gallery", str(files["gallery"])]) == 0
+  assert capsys.readouterr().err.splitlines()[-1].startswith(
+      f"wrote {tmp_path / 'top.npz'}: the top 4 items of 6 queries")
   top = np.load(tmp_path / "top.npz")
   order, scores = _exact_ranking(np.load(files["queries"]), np.load(files["gallery"]), bias,
                                  0.05, 4)
@@ -393,6 +566,20 @@ def test_cli_sparse_ivf_reports_its_search(files, tmp_path, capsys):
   if not report["converged"]:
     assert "--nprobe, or --search exact" in captured.err
   assert np.load(out).shape == (20,)
+
+
+def test_cli_biases_progress_shows_the_time_left(files, tmp_path, capsys):
+  out = tmp_path / "b.npy"
+  args = [a for a in _biases_args(files, out, "--tol", "1e-6") if a != "--quiet"]
+  assert cli.main(args) == 0
+  lines = capsys.readouterr().err.splitlines()
+  passes = [line for line in lines if line.startswith("pass ")]
+  assert len(passes) >= 3 and all(" s left)" in line for line in passes[2:-1]), passes
+  assert lines[-1].startswith(f"wrote {out}: converged")
+  # Passes left at the recent geometric rate: 1e-1 -> 1e-2 per pass reaches 1e-4 in 2 more.
+  assert solve._passes_left([1e-1, 1e-2], 1e-4, 100) == 2
+  assert solve._passes_left([1e-1, 1e-2], 1e-4, 1) == 1
+  assert solve._passes_left([1e-2, 1e-1], 1e-4, 100) is None
 
 
 def _save(path, array):
@@ -427,6 +614,13 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       (base + ["--bank", str(files["bank"]), "--search", "ivf"], "add --top_k K"),
       (base + ["--bank", str(files["bank"]), "--top_k", "3", "--search", "ivf", "--nlist",
                "4", "--nprobe", "5"], r"--nprobe must lie in \[1, nlist = 4\]"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--bank_groups", "2"],
+       "--bank_groups belongs to the dense mode"),
+      (base + ["--bank", str(files["bank"]), "--certify", "sampled"], "belong to the sparse mode"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--confidence", "1.5"],
+       "--confidence must lie strictly between 0 and 1"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--certify", "sampled",
+               "--sample_rows", "0"], r"--sample_rows must be >= 0 \(>= 2 with --certify"),
   ]
   for argv, message in cases:
     with pytest.raises(UserError, match=message):
@@ -467,15 +661,18 @@ def test_cli_error_is_one_line_with_exit_code_2(files, tmp_path):
 # -- two processes x two devices -----------------------------------------------------------------
 
 
-def test_two_processes_compute_the_same_biases(files, tmp_path):
+@pytest.mark.parametrize("bank_groups", [1, 2])
+def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
   # The coordinator-port retry of the training tests (a picked port can be taken before use).
   from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
-  # 20 items over 4 devices: each process reads 10 gallery rows.
+  # 20 items over 4 devices: each process reads 10 gallery rows (bank_groups 1) or all 20 and
+  # half of the bank (bank_groups 2: a group per process).
   out = tmp_path / "two.npy"
 
   def start(port, logs):
     return [subprocess.Popen(
         [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(files, out, "--tol", "1e-6"),
+         "--bank_groups", str(bank_groups),
          "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
          str(i), "--json", str(tmp_path / f"report{i}.json")],
         cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
@@ -485,6 +682,7 @@ def test_two_processes_compute_the_same_biases(files, tmp_path):
     assert code == 0, output
   report = json.loads((tmp_path / "report0.json").read_text())
   assert report["processes"] == 2 and report["devices"] == 4 and report["converged"]
+  assert report["bank_groups"] == bank_groups   # 2: each process streams half of the bank
   assert not (tmp_path / "report1.json").exists()  # process 0 writes the outputs
   bank, items = np.load(files["bank"]), np.load(files["gallery"])
   reference = normalize.ncl_biases(bank @ items.T, temperature=0.05, tol=1e-6, stream=True)

@@ -291,3 +291,64 @@ def test_a_method_added_through_the_registry_alone(monkeypatch, rng, tmp_path):
                        str(tmp_path / "selected.json")]) == 0
   selected = json.loads((tmp_path / "selected.json").read_text())
   assert selected["selection"]["t2v"]["grid"] == chosen.as_json()["grid"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The strength knob alpha, and NNN, DN, DualIS against numpy written from their papers.
+
+def test_alpha_scales_every_bias_and_zero_is_plain(rng):
+  sims, bank = hub_sims(rng, 14, 12), hub_sims(rng, 50, 12)
+  temperature = 0.02
+  biases = nz.ncl_biases(bank, temperature=temperature)
+  np.testing.assert_allclose(nz.normalize(sims, "ncl", bank, temperature=temperature, alpha=0.5),
+                             sims / temperature + 0.5 * biases.bias, rtol=1e-5, atol=1e-4)
+  plain = np.argsort(-sims, axis=1, kind="stable")
+  for method, options in (("ncl", {}), ("qbnorm", {"beta": 50.0}), ("is", {"beta": 50.0}),
+                          ("csls", {"k": 3}), ("nnn", {"k": 3})):
+    full = nz.normalize(sims, method, bank, temperature=temperature, alpha=1.0, **options)
+    half = nz.normalize(sims, method, bank, temperature=temperature, alpha=0.5, **options)
+    zero = nz.normalize(sims, method, bank, temperature=temperature, alpha=0.0, **options)
+    np.testing.assert_array_equal(np.argsort(-zero, axis=1, kind="stable"), plain)
+    # Bias-linear: the half-strength logits are the mean of the plain and full ones.
+    np.testing.assert_allclose(half, 0.5 * (zero + full), rtol=1e-5, atol=1e-3)
+
+
+def test_nnn_matches_chowdhury_et_al(rng):
+  sims, bank = hub_sims(rng, 15, 25), hub_sims(rng, 40, 25)
+  k, alpha, temperature = 6, 0.75, 0.01
+  got = nz.normalize(sims, "nnn", bank, temperature=temperature, k=k, alpha=alpha, chunk_rows=16)
+  # s'(q, j) = s(q, j) - alpha * mean of the k largest bank similarities of candidate j.
+  s64, b64 = sims.astype(np.float64), bank.astype(np.float64)
+  reference = s64 - alpha * np.sort(b64, axis=0)[-k:].mean(axis=0)[None, :]
+  np.testing.assert_allclose(got * temperature, reference, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="k must lie"):
+    nz.normalize(sims, "nnn", bank, temperature=temperature, k=41)
+
+
+def test_dn_matches_zhou_et_al_in_embedding_space(rng):
+  """DN subtracts lambda x the bank queries' mean embedding from each query embedding."""
+  queries, bank_queries = rng.standard_normal((10, 8)), rng.standard_normal((30, 8))
+  videos = rng.standard_normal((12, 8))
+  strength, temperature = 0.5, 0.05
+  got = nz.normalize((queries @ videos.T).astype(np.float32), "dn",
+                     (bank_queries @ videos.T).astype(np.float32), temperature=temperature,
+                     **{"lambda": strength})
+  reference = (queries - strength * bank_queries.mean(axis=0)) @ videos.T
+  np.testing.assert_allclose(got * temperature, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_dualis_matches_wang_et_al(rng):
+  sims, bank, gallery_bank = hub_sims(rng, 12, 20), hub_sims(rng, 30, 20), hub_sims(rng, 25, 20)
+  beta1, beta2, temperature = 30.0, 60.0, 0.01
+  got = nz.normalize(sims, "dualis", bank, temperature=temperature, gallery_bank=gallery_bank,
+                     beta1=beta1, beta2=beta2)
+  # DualIS: exp(b1 s) / sum_b exp(b1 bank_b) * exp(b2 s) / sum_g exp(b2 gallery_bank_g).
+  s64 = sims.astype(np.float64)
+  score = (np.exp(beta1 * s64) / np.exp(beta1 * bank.astype(np.float64)).sum(axis=0) *
+           np.exp(beta2 * s64) / np.exp(beta2 * gallery_bank.astype(np.float64)).sum(axis=0))
+  np.testing.assert_allclose(got * (beta1 + beta2) * temperature, np.log(score), rtol=1e-5,
+                             atol=1e-3)
+  with pytest.raises(ValueError, match="needs a gallery bank"):
+    nz.normalize(sims, "dualis", bank, temperature=temperature)
+  with pytest.raises(ValueError, match="takes no gallery bank"):
+    nz.normalize(sims, "is", bank, temperature=temperature, gallery_bank=gallery_bank)

@@ -27,7 +27,7 @@ def test_cli_end_to_end_on_real_matrix(shared_data_dir, tmp_path):
   result = json.loads(out_json.read_text())
   assert set(result) == {"method", "t2v", "v2t", "plain", "delta", "hyperparameters",
                          "normalization_error", "normalization_error_detail"}
-  assert result["hyperparameters"] == {"t2v": {}, "v2t": {}}  # NCL has no knob to choose
+  assert result["hyperparameters"] == {"t2v": {"alpha": 1.0}, "v2t": {"alpha": 1.0}}
   assert result["method"] == "ncl"
   for direction in ("t2v", "v2t"):
     assert tuple(result[direction]) == metrics.METRIC_NAMES

@@ -33,18 +33,21 @@ def test_balance_scores_match_a_numpy_reference(rng):
   # The documented split: a seeded permutation, halves as pseudo-queries / pseudo-bank.
   order = np.random.default_rng(3).permutation(len(bank))
   halves = [bank[np.sort(order[:30])].astype(np.float64), bank[np.sort(order[30:])]]
+  assert len(chosen.grid) == len(selection.grid("is")["beta"]) * len(selection.grid("is")["alpha"])
   for point in chosen.grid:
-    beta = point["beta"]
+    beta, alpha = point["beta"], point["alpha"]
     errors = []
     for q in (0, 1):
       queries, pseudo_bank = halves[q], halves[1 - q].astype(np.float64)
       # Inverted softmax (Smith et al. 2017) on the model's logit scale, then the row softmax.
-      logits = queries / temperature - logsumexp(beta * pseudo_bank, axis=0) / (beta * temperature)
+      logits = queries / temperature - alpha * logsumexp(beta * pseudo_bank, axis=0) / (
+          beta * temperature)
       mass = softmax(logits, axis=1).sum(axis=0)
       errors.append(np.mean(np.abs(mass / (len(queries) / bank.shape[1]) - 1)))
     assert point["score"] == pytest.approx(np.mean(errors), rel=1e-4)
   best = min(chosen.grid, key=lambda p: p["score"])
-  assert chosen.values == {"beta": best["beta"]} and chosen.criterion == "balance"
+  assert chosen.values == {"beta": best["beta"], "alpha": best["alpha"]}
+  assert chosen.criterion == "balance"
   assert chosen.rows == 60
 
 
@@ -53,14 +56,16 @@ def test_recall_criterion_uses_the_bank_labels(rng):
   labels = np.argmax(bank + 0.05 * rng.standard_normal(bank.shape), axis=1)
   chosen = selection.select_on_bank("csls", bank, temperature=0.05, bank_gt=labels)
   assert chosen.criterion == "recall"
-  assert [p["k"] for p in chosen.grid] == [1, 2, 5, 10, 20]  # k <= the 40-row pseudo-bank
+  # k <= the 40-row pseudo-bank
+  assert sorted({p["k"] for p in chosen.grid}) == [1, 2, 5, 10, 20]
   best_recall = max(p["score"] for p in chosen.grid)
-  assert next(p for p in chosen.grid if p["k"] == chosen.values["k"])["score"] == best_recall
+  assert next(p for p in chosen.grid if p["k"] == chosen.values["k"] and
+              p["alpha"] == chosen.values["alpha"])["score"] == best_recall
 
 
 def test_methods_without_knobs_and_dsl_without_labels(rng):
   bank = _hub_bank(rng)
-  assert selection.select_on_bank("ncl", bank, temperature=0.05).values == {}
+  assert selection.select_on_bank("none", bank, temperature=0.05).values == {}
   with pytest.raises(ValueError, match="labelled bank"):
     selection.select_on_bank("dsl", bank, temperature=0.05)
   with pytest.raises(ValueError, match="at least 4 rows"):
@@ -87,7 +92,7 @@ def test_choice_ignores_the_test_queries(shared_data_dir, tmp_path):
   assert chosen[0]["selection"] == chosen[1]["selection"]
   assert chosen[0]["t2v"] != chosen[1]["t2v"]  # the test rows did change
   assert chosen[0]["selection"]["t2v"]["criterion"] == "balance"
-  assert set(chosen[0]["hyperparameters"]["t2v"]) == {"k"}
+  assert set(chosen[0]["hyperparameters"]["t2v"]) == {"k", "alpha"}
 
 
 def test_cli_dsl_selects_on_labelled_banks_only(shared_data_dir, tmp_path, capsys):
@@ -123,10 +128,10 @@ def _unit(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _numpy_csls_logits(sims, bank_sims, k, temperature):
-  """CSLS (Conneau et al. 2018) without the per-query term, on the logit scale."""
+def _numpy_csls_logits(sims, bank_sims, k, temperature, alpha=1.0):
+  """CSLS (Conneau et al. 2018) without the per-query term, on the logit scale, bias x alpha."""
   r = np.sort(bank_sims, axis=0)[-k:].mean(axis=0)
-  return (sims - r[None, :] / 2) / temperature
+  return (sims - alpha * r[None, :] / 2) / temperature
 
 
 def test_validation_selection_then_test_report():
@@ -143,21 +148,24 @@ def test_validation_selection_then_test_report():
   chosen, report = evaluate.select_hyperparameters(
       val_t, val_v, np.arange(40), logit_scale=scale, text_bank=bank_t, video_bank=bank_v,
       methods=("csls",), eval_config=config)
-  # Independent reference: validation R@1 (then -MnR) of each k with numpy CSLS, bank x val videos.
+  # Independent reference: validation R@1 (then -MnR) of each (k, alpha) with numpy CSLS,
+  # bank x val videos; ties keep the first in grid order (k outer, alpha inner).
   sims = val_t @ val_v.T
   keys = {}
   for k in selection.grid("csls")["k"]:
-    m = metrics.t2v_metrics(_numpy_csls_logits(sims, bank_t @ val_v.T, k, 1 / scale))
-    keys[k] = (m["R@1"], -m["MnR"])
-  assert chosen["csls"]["t2v"] == {"k": max(keys, key=lambda k: (keys[k], -k))}
+    for alpha in selection.grid("csls")["alpha"]:
+      m = metrics.t2v_metrics(_numpy_csls_logits(sims, bank_t @ val_v.T, k, 1 / scale, alpha))
+      keys[(k, alpha)] = (m["R@1"], -m["MnR"])
+  best = max(keys.values())
+  k, alpha = next(point for point in keys if keys[point] == best)
+  assert chosen["csls"]["t2v"] == {"k": k, "alpha": alpha}
   assert report["csls"]["t2v"]["criterion"] == "validation"
   # The test split is then normalized at the chosen k with the same kind of bank.
   out = evaluate.retrieval_results(test_t, test_v, np.arange(30), logit_scale=scale,
                                    text_bank=bank_t, video_bank=bank_v, eval_config=config,
                                    methods=chosen)
-  k = chosen["csls"]["t2v"]["k"]
   expected = metrics.t2v_metrics(_numpy_csls_logits(test_t @ test_v.T, bank_t @ test_v.T, k,
-                                                    1 / scale))
+                                                    1 / scale, alpha))
   assert out["methods"]["csls"]["t2v"] == pytest.approx(expected)
   assert out["methods"]["csls"]["hyperparameters"] == chosen["csls"]
 
@@ -167,22 +175,105 @@ def test_unknown_extra_method_is_a_user_error():
   config.methods = "is, sinkhorn"
   with pytest.raises(UserError, match="unknown normalizer 'sinkhorn'"):
     evaluate.extra_methods(config)
-  config.methods = "qbnorm,is,csls,dsl"
-  assert evaluate.extra_methods(config) == ("qbnorm", "is", "csls", "dsl")
+  config.methods = "ncl,qbnorm,is,csls,nnn,dn,dsl"
+  assert evaluate.extra_methods(config) == ("ncl", "qbnorm", "is", "csls", "nnn", "dn", "dsl")
+  config.methods = "dualis"  # needs a gallery bank, which a training run does not keep
+  with pytest.raises(UserError, match="unknown normalizer 'dualis'"):
+    evaluate.extra_methods(config)
 
 
 @pytest.mark.slow
 def test_training_run_reports_methods_selected_on_validation(tmp_path):
   config = tu.tiny_config("ncl", total_steps=2, eval_every_steps=0)
-  config.eval.methods = "is,dsl"
+  config.eval.methods = "ncl,is,dsl"
   with tu.fast_compile():
     results = train.train_and_evaluate(config, str(tmp_path))
   assert results["hyperparameter_selection"]["split"] == "val"
-  for method, knob in (("is", "beta"), ("dsl", "dsl_temperature")):
+  for method, knob in (("ncl", "alpha"), ("is", "beta"), ("dsl", "dsl_temperature")):
     block = results["eval"]["methods"][method]
     for direction in ("t2v", "v2t"):
       assert 0 <= block[direction]["R@1"] <= block[direction]["R@5"] <= 100
       value = block["hyperparameters"][direction][knob]
       assert value in selection.grid(method)[knob]
       report = results["hyperparameter_selection"]["report"][method][direction]
-      assert report["values"] == {knob: value}
+      assert report["values"][knob] == value
+      assert report["values"] == block["hyperparameters"][direction]
+
+
+# ---------------------------------------------------------------------------------------------
+# posthoc --select val: options chosen on a validation split, applied to the test split.
+
+def _thirds(sims):
+  """Leak-free roles from one 1k matrix: validation pairs 0-299, test pairs 300-599, and bank
+  captions / videos 600-899 (their own answers in neither gallery)."""
+  val, test, bank = slice(0, 300), slice(300, 600), slice(600, 900)
+  return {"val": sims[val, val], "val_bank": sims[bank, val], "val_vbank": sims[val, bank].T,
+          "test": sims[test, test], "bank": sims[bank, test], "vbank": sims[test, bank].T}
+
+
+def test_select_val_never_reads_the_test_labels(shared_data_dir, tmp_path):
+  """Other test queries (rows replaced), same validation data -> the same choice."""
+  titles, video = np.load(shared_data_dir / TITLES), np.load(shared_data_dir / VIDEO)
+  parts = _thirds(titles)
+  parts["other"] = _thirds(video)["test"]  # every test row replaced by another one
+  paths = {name: tmp_path / f"{name}.npy" for name in parts}
+  for name, array in parts.items():
+    np.save(paths[name], np.ascontiguousarray(array))
+  results = []
+  for test in ("test", "other"):
+    out = tmp_path / f"{test}.json"
+    assert posthoc.main([str(paths[test]), "--method", "ncl", "--select", "val", "--bank",
+                         str(paths["bank"]), "--v2t-bank", str(paths["vbank"]), "--val",
+                         str(paths["val"]), "--val-bank", str(paths["val_bank"]),
+                         "--val-v2t-bank", str(paths["val_vbank"]), "--json", str(out)]) == 0
+    results.append(json.loads(out.read_text()))
+  assert results[0]["hyperparameters"] == results[1]["hyperparameters"]
+  assert results[0]["selection"] == results[1]["selection"]
+  assert results[0]["t2v"] != results[1]["t2v"]
+  assert results[0]["selection"]["rule"] == "val"
+  # The chosen alpha is the validation R@1 winner (ties: the first in grid order).
+  grid = results[0]["selection"]["t2v"]["grid"]
+  assert [p["alpha"] for p in grid] == list(selection.grid("ncl")["alpha"])
+  val_r1 = [metrics.t2v_metrics(nz.normalize(parts["val"], "ncl", parts["val_bank"],
+                                             temperature=0.01, alpha=p["alpha"]))["R@1"]
+            for p in grid]
+  assert [p["score"] for p in grid] == pytest.approx(val_r1)
+  best = grid[int(np.argmax([p["score"] for p in grid]))]["alpha"]
+  assert results[0]["hyperparameters"]["t2v"]["alpha"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--select", "val"], "needs --val"),
+    (["--val", "{test}"], "serves --select val only"),
+    (["--select", "val", "--val", "{test}", "--bank", "{bank}"], "needs --val-bank"),
+    (["--select", "val", "--val", "{test}", "--val-bank", "{bank}"], "needs a --bank file"),
+    (["--method", "dualis"], "needs --gallery-bank"),
+    (["--method", "is", "--gallery-bank", "{bank}"], "serves methods with a gallery bank"),
+])
+def test_select_val_and_gallery_bank_mistakes(tmp_path, rng, argv, message):
+  paths = {"test": tmp_path / "test.npy", "bank": tmp_path / "bank.npy"}
+  np.save(paths["test"], hub_sims(rng, 8, 8))
+  np.save(paths["bank"], hub_sims(rng, 20, 8))
+  with pytest.raises(UserError, match=message):
+    posthoc.main([str(paths["test"]), "--method", "ncl"] +
+                 [a.format(**paths) for a in argv])
+
+
+def test_dualis_through_posthoc_with_gallery_banks(tmp_path, rng):
+  sims, bank, vbank = hub_sims(rng, 10, 10), hub_sims(rng, 30, 10), hub_sims(rng, 30, 10)
+  gbank, vgbank = hub_sims(rng, 20, 10), hub_sims(rng, 20, 10)
+  paths = {}
+  for name, array in (("sims", sims), ("bank", bank), ("vbank", vbank), ("gbank", gbank),
+                      ("vgbank", vgbank)):
+    paths[name] = tmp_path / f"{name}.npy"
+    np.save(paths[name], array)
+  out = tmp_path / "out.json"
+  assert posthoc.main([str(paths["sims"]), "--method", "dualis", "--bank", str(paths["bank"]),
+                       "--v2t-bank", str(paths["vbank"]), "--gallery-bank", str(paths["gbank"]),
+                       "--v2t-gallery-bank", str(paths["vgbank"]), "--dualis-beta1", "20",
+                       "--select", "bank", "--json", str(out)]) == 0
+  result = json.loads(out.read_text())
+  t2v = result["hyperparameters"]["t2v"]
+  assert set(t2v) == {"beta1", "beta2"}
+  expected = nz.normalize(sims, "dualis", bank, temperature=0.01, gallery_bank=gbank, **t2v)
+  assert result["t2v"] == pytest.approx(metrics.t2v_metrics(expected))

@@ -1,8 +1,9 @@
 """``python -m ncl_jax.gallery biases|index|search``: NCL for large galleries from embeddings.
 
     python -m ncl_jax.gallery biases --bank BANK.npy --gallery GALLERY.npy --temperature 0.01 \\
-        --out BIASES.npy [--top_k K [--search exact|ivf]] [--col_marginals M.npy] [--tol 1e-4] \\
-        [--max_iterations N] [--json PATH|-]
+        --out BIASES.npy [--top_k K [--search exact|ivf] [--certify worst_case|sampled]] \\
+        [--col_marginals M.npy] [--tol 1e-4] [--max_iterations N] [--bank_groups G] \\
+        [--json PATH|-]
     python -m ncl_jax.gallery index --gallery GALLERY.npy --biases BIASES.npy \\
         --temperature 0.01 --out INDEX_DIR [--kind flat|ivf|hnsw]
     python -m ncl_jax.gallery search --index INDEX_DIR --queries Q.npy --k 10 --out TOPK.npz
@@ -10,8 +11,11 @@
 Embedding files are ``.npy`` [N, D] float32 or float16 with L2-normalised rows, read
 memory-mapped. ``biases`` runs the dense solver on all devices (add ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` to span hosts; process 0 writes the outputs) or, with
-``--top_k``, the sparse one. Outputs are never overwritten; bad input is one ``error:`` line
-and exit code 2.
+``--top_k``, the sparse one: for a quick try on a large bank start with ``--top_k 128``
+(the dense mode costs ``2 Nb Ng D`` FLOP per pass, and needs tens of passes). Progress lines
+(with the time left) go to stderr, and the run ends with one line: what it wrote, whether it
+converged, the error, passes and seconds. Outputs are never overwritten; bad input is one
+``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -39,14 +43,23 @@ def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="python -m ncl_jax.gallery", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  _add_biases(commands)
+  _add_index(commands)
+  _add_search(commands)
+  return parser
 
+
+def _add_biases(commands) -> None:
   biases = commands.add_parser("biases", help="NCL biases of a gallery from a query bank")
   biases.add_argument("--bank", required=True, help="BANK.npy [Nb, D]: bank query embeddings")
   biases.add_argument("--gallery", required=True, help="GALLERY.npy [Ng, D]: item embeddings")
   biases.add_argument("--temperature", type=float, required=True,
                       help="logit temperature (the model's; 0.01 for CLIP-style models)")
   biases.add_argument("--out", required=True, help="BIASES.npy to write, float32 [Ng]")
-  biases.add_argument("--top_k", type=int, help="sparse mode: keep each bank query's K best items")
+  biases.add_argument("--top_k", type=int,
+                      help="sparse mode: keep each bank query's K best items (e.g. 128): for a "
+                           "quick try on a large bank, minutes where the exact dense mode takes "
+                           "hours, with a certified error")
   biases.add_argument("--search", choices=("exact", "ivf"), default="exact",
                       help="sparse mode's top-k search: exact (flat, 2 Nb Ng D FLOP) or ivf "
                            "(inverted lists scanned in batches of queries: a fraction of that; "
@@ -55,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
   biases.add_argument("--nprobe", type=int,
                       help="--search ivf: each query's nearest lists that its batch scans "
                            "(default 16)")
+  biases.add_argument("--sample_rows", type=int, default=10_000,
+                      help="sparse mode: bank rows drawn (seeded) and scored exactly against the "
+                           "whole gallery for the sampled certificate (2 m Ng D FLOP; 0: none; "
+                           "default 10000)")
+  biases.add_argument("--confidence", type=float, default=0.999,
+                      help="sparse mode: probability of the sampled certificate (default 0.999)")
+  biases.add_argument("--sample_seed", type=int, default=0, help="sparse mode: the draw's seed")
+  biases.add_argument("--certify", choices=("worst_case", "sampled"), default="worst_case",
+                      help="sparse mode: the certificate 'converged' rests on: worst_case (a "
+                           "bound for every row) or sampled (holds with --confidence)")
   biases.add_argument("--col_marginals", help="M.npy [Ng]: positive target shares (default "
                       "uniform), e.g. each video's caption count")
   biases.add_argument("--tol", type=float, default=1e-4,
@@ -63,10 +86,16 @@ def _parser() -> argparse.ArgumentParser:
   biases.add_argument("--anderson", type=int, default=8, help="Anderson memory (0: plain)")
   biases.add_argument("--json", metavar="PATH|-", help="report to PATH (new file) or '-' stdout")
   biases.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+  biases.add_argument("--bank_groups", type=int, default=1,
+                      help="dense mode: split the bank's rows over G groups of devices (with G "
+                           "= processes, the gallery is split within each host and the bank "
+                           "across hosts; one all-reduce of the column sums per pass); default 1")
   biases.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
   biases.add_argument("--num_processes", type=int, help="processes in a multi-process run")
   biases.add_argument("--process_id", type=int, help="this process's index")
 
+
+def _add_index(commands) -> None:
   index = commands.add_parser("index", help="a FAISS index with the biases folded in")
   index.add_argument("--gallery", required=True, help="GALLERY.npy [Ng, D]")
   index.add_argument("--biases", required=True, help="BIASES.npy [Ng] from the biases command")
@@ -80,13 +109,14 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument("--hnsw_m", type=int, default=32, help="hnsw: links per node")
   index.add_argument("--ef_search", type=int, default=128, help="hnsw: candidates per search")
 
+
+def _add_search(commands) -> None:
   search = commands.add_parser("search", help="top-k NCL-normalized search of query embeddings")
   search.add_argument("--index", required=True, help="index folder from the index command")
   search.add_argument("--queries", required=True, help="Q.npy [Nq, D] query embeddings")
   search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
   search.add_argument("--out", required=True, help="TOPK.npz to write: indices, scores")
   search.add_argument("--gallery", help="GALLERY.npy: refuse unless the index was built from it")
-  return parser
 
 
 def _progress(quiet: bool):
@@ -129,9 +159,13 @@ def _biases(args) -> int:
   if args.top_k is not None and not 1 <= args.top_k < n_items:
     raise UserError(f"--top_k must be below the gallery size {n_items} (and >= 1), got "
                     f"{args.top_k}; drop --top_k for the exact dense mode")
-  if args.top_k is None and (args.search != "exact" or args.nlist or args.nprobe):
-    raise UserError("--search, --nlist and --nprobe choose the sparse mode's search: add "
+  if args.top_k is None and (args.search != "exact" or args.nlist or args.nprobe
+                             or args.certify != "worst_case"):
+    raise UserError("--search, --nlist, --nprobe and --certify belong to the sparse mode: add "
                     "--top_k K, or drop them for the exact dense mode")
+  if args.top_k is not None and args.bank_groups != 1:
+    raise UserError("--bank_groups belongs to the dense mode (the sparse mode runs on one "
+                    "host); drop it or --top_k")
   marginals = None
   if args.col_marginals:
     marginals = npy_files.load_vector(args.col_marginals, "--col_marginals", n_items,
@@ -144,29 +178,60 @@ def _biases(args) -> int:
   options = dict(temperature=args.temperature, col_marginals=marginals, tol=args.tol,
                  max_iterations=args.max_iterations, anderson=args.anderson, progress=progress)
   if args.top_k is None:
-    solution = solve.dense_biases(bank, gallery, **options)
+    solution = solve.dense_biases(bank, gallery, bank_groups=args.bank_groups, **options)
   else:
-    solution = solve.sparse_biases(bank, gallery, top_k=args.top_k, search=args.search,
-                                   nlist=args.nlist, nprobe=args.nprobe, **options)
+    solution = solve.sparse_biases(
+        bank, gallery, top_k=args.top_k, search=args.search, nlist=args.nlist,
+        nprobe=args.nprobe, sample_rows=args.sample_rows, confidence=args.confidence,
+        sample_seed=args.sample_seed, certify=args.certify, **options)
   report = dict(solution.report(), bank=list(bank.shape), gallery=list(gallery.shape),
                 temperature=args.temperature, out=args.out)
   if not writer:
     return 0
   npy_files.save_new_npy(args.out, solution.bias)
   if not solution.converged:
-    why = (f"the omitted-mass bound allows a column error of {solution.certified_error:.3g}"
-           if solution.mode == "sparse" and solution.error <= args.tol else
-           f"the column error is {solution.error:.3g} after {solution.iterations} updates")
-    hint = ("raise --max_iterations" if solution.mode == "dense" or solution.error > args.tol
-            else f"rerun with a larger --top_k (e.g. {2 * args.top_k})"
-            + (" or --nprobe, or --search exact" if args.search == "ivf" else ""))
-    print(f"warning: not converged to --tol {args.tol:g}: {why}; {hint}", file=sys.stderr)
+    print(f"warning: not converged to --tol {args.tol:g}: {_why_not(solution, args)}",
+          file=sys.stderr)
+  print(_summary(solution, args.out), file=sys.stderr)
   text = json.dumps(report, indent=2)
   if args.json == "-":
     print(text)
   elif args.json:
     npy_files.save_new_text(args.json, text + "\n")
   return 0
+
+
+def _certified(solution) -> float:
+  """The certified error ``converged`` rests on."""
+  if solution.certify == "sampled":
+    return solution.sampled_certified_error
+  return solution.certified_error
+
+
+def _why_not(solution, args) -> str:
+  """Why a run did not converge, and what to change."""
+  if solution.mode == "dense" or solution.error > args.tol:
+    return (f"the column error is {solution.error:.3g} after {solution.iterations} updates; "
+            "raise --max_iterations")
+  kind = ("sampled certificate (at --confidence)" if solution.certify == "sampled"
+          else "omitted-mass bound")
+  hint = (f"rerun with a larger --top_k (e.g. {2 * args.top_k})"
+          + (" or --nprobe, or --search exact" if args.search == "ivf" else ""))
+  if solution.certify != "sampled" and solution.sampled_certified_error is not None and (
+      solution.sampled_certified_error <= args.tol):
+    hint += (f"; the sampled certificate, {solution.sampled_certified_error:.3g}, meets it: "
+             "--certify sampled accepts that")
+  return f"the {kind} allows a column error of {_certified(solution):.3g}; {hint}"
+
+
+def _summary(solution, out: str) -> str:
+  """The run's last line: what was written, whether it converged, error, passes, time."""
+  state = "converged" if solution.converged else "NOT converged"
+  certified = ""
+  if solution.mode == "sparse":
+    certified = f", certified {_certified(solution):.3g} ({solution.certify})"
+  return (f"wrote {out}: {state} (tol {solution.tol:g}), column error {solution.error:.3g}"
+          f"{certified}, {solution.passes} passes, {solution.seconds:.1f} s")
 
 
 def _index(args) -> int:
@@ -205,6 +270,8 @@ def _search(args) -> int:
     index.check_gallery(inputs.open_embeddings(args.gallery, "--gallery"))
   indices, scores = index.search(queries, args.k)
   npy_files.save_new_npz(args.out, indices=indices, scores=scores)
+  print(f"wrote {args.out}: the top {args.k} items of {len(queries)} queries (indices int64, "
+        f"scores float32 q.v/T + g, [{len(queries)}, {args.k}])", file=sys.stderr)
   return 0
 
 

@@ -7,6 +7,14 @@ used, which keeps the extra coordinate small). An exact (``flat``) index therefo
 exactly the NCL ranking, and an approximate one (``ivf``, ``hnsw``) approximates it with no
 change to the query path. Returned scores are mapped back to ``q . v / T + g``.
 
+"Exactly the NCL ranking" holds up to ties, under this rule: items whose NCL scores are equal,
+or closer than the float32 rounding of the folded product (at most ``(D + 1) 2**-24 (|q| |v| +
+T |g - c|) / T`` in logits, about 1.6e-3 at D = 256, T = 0.01, ``|g - c| <= 5``), may come in
+any order among themselves. FAISS does not promise an order for tied scores (its flat search
+returned exact ties highest id first in a check here), whereas a stable ``argsort`` of the
+float64 scores puts the lower id first; the returned ids differ from that only within such
+groups, and the scores at each rank agree.
+
 An index folder holds ``index.faiss`` and ``manifest.json``: format, kind, temperature,
 dimension, gallery size, the bias offset, search parameters, fingerprints of the gallery and the
 biases, and a digest of ``index.faiss`` itself, so that a changed file, queries of another

@@ -36,7 +36,7 @@ class IvfLists(NamedTuple):
   Attributes:
     centroids: [nlist, D] float32 list centres.
     radius: [nlist] float64, the largest ``|v - c|`` over each list's items: an item ``v`` of
-      list ``c`` scores ``q.v <= q.c + radius_c`` for any unit query ``q``.
+      list ``c`` scores ``q.v <= q.c + |q| radius_c`` for any query ``q``.
     assignment: [Ng] int64 list of each item.
     scanned: [n_batches, nlist] bool, the lists each batch of queries scanned (filled by the
       search; see :attr:`TopK.scan_batch`).
@@ -73,6 +73,13 @@ class TopK(NamedTuple):
 
 
 SEARCH_KINDS = ("exact", "ivf")
+
+
+def time_left(done: int, total: int, since: float) -> str:
+  """``", ~N s left"`` at the rate since ``since`` (monotonic time), or ``""`` when done."""
+  if done >= total or done <= 0:
+    return ""
+  return f", ~{(time.monotonic() - since) / done * (total - done):.0f} s left"
 
 
 def tier_ranks(k: int, n_items: int, tiers: int = _TIERS) -> np.ndarray:
@@ -161,14 +168,14 @@ def _exact_search(bank, gallery, out: _Rows, depth: int, progress, start) -> Non
   index = faiss.IndexFlatIP(gallery.shape[1])
   for block, valid in normalize.host_chunks(gallery, _SEARCH_ROWS):
     index.add(block[valid])
-  n_bank = bank.shape[0]
+  n_bank, scan_start = bank.shape[0], time.monotonic()
   for first in range(0, n_bank, _SEARCH_ROWS):
     block = np.ascontiguousarray(bank[first:first + _SEARCH_ROWS], np.float32)
     rows = slice(first, first + len(block))
     out.put(rows, *index.search(block, depth))
     if progress:
       progress(f"top-{out.k} search: {rows.stop}/{n_bank} bank queries "
-               f"({time.monotonic() - start:.1f} s)")
+               f"({time.monotonic() - start:.1f} s{time_left(rows.stop, n_bank, scan_start)})")
 
 
 def _nearest_lists(bank, centroids, nprobe: int) -> np.ndarray:
@@ -212,6 +219,7 @@ def _ivf_search(bank, gallery, out: _Rows, depth: int, nlist: int, nprobe: int, 
   batch_of = np.empty(bank.shape[0], np.int32)
   scanned = []
   done, reported, n_bank = 0, time.monotonic(), bank.shape[0]
+  scan_start = reported
   for group in range(nlist):
     members = by_nearest[group_end[group - 1] if group else 0:group_end[group]]
     for first in range(0, len(members), _IVF_BATCH):
@@ -232,7 +240,7 @@ def _ivf_search(bank, gallery, out: _Rows, depth: int, nlist: int, nprobe: int, 
       if progress and time.monotonic() - reported >= 10:
         reported = time.monotonic()
         progress(f"top-{out.k} ivf search: {done}/{n_bank} bank queries "
-                 f"({reported - start:.1f} s)")
+                 f"({reported - start:.1f} s{time_left(done, n_bank, scan_start)})")
   return batch_of, lists._replace(scanned=np.stack(scanned))
 
 

@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse   # a JAX dependency
 
+from ncl_jax.errors import UserError
+
 # Bank rows per sparse update chunk.
 _SPARSE_ROWS = 65536
-# Rows may deviate from unit norm by the accepted tolerance (ncl_jax.gallery.inputs), which
-# scales a dot product's rounding error by up to (1 + 1e-2)^2; 1.1 covers it with room.
-_NORM_SLACK = 1.1
 
 
 def _omitted_exp_sums(kept_index, bias, n_items: int):
@@ -58,13 +57,36 @@ def solved_omitted_probability(kept_scores, kept_index, scale, bias, n_items: in
   return _sigmoid(level + np.log(_omitted_exp_sums(index, g, n_items)) - kept_lse)
 
 
-def float32_score_error(dim: int) -> float:
-  """Bound on the rounding error of a float32 dot product of two unit vectors of ``dim``.
+def float32_score_error(dim: int, norm_product: float = 1.0) -> float:
+  """Bound on the rounding error of a float32 dot product of two vectors of ``dim`` whose norms
+  multiply to at most ``norm_product``.
 
-  Recursive summation gives ``|fl(x.y) - x.y| <= dim * u * sum_i |x_i y_i| <= dim * u`` with
-  ``u = 2**-24`` (Cauchy-Schwarz bounds the sum by 1); blocked BLAS kernels do no worse.
+  Recursive summation gives ``|fl(x.y) - x.y| <= dim * u * sum_i |x_i y_i| <= dim * u |x| |y|``
+  with ``u = 2**-24`` (Cauchy-Schwarz); blocked BLAS kernels do no worse.
   """
-  return dim * 2.0 ** -24
+  return dim * 2.0 ** -24 * norm_product
+
+
+def max_row_norm(array, rows: int = _SPARSE_ROWS) -> float:
+  """The largest L2 norm of a row of ``array`` [N, D] (array or memmap, read in chunks)."""
+  return max(float(np.linalg.norm(np.asarray(array[first:first + rows], np.float64),
+                                  axis=1).max()) for first in range(0, array.shape[0], rows))
+
+
+def score_error(bank, gallery) -> float:
+  """The rounding allowance of one float32 bank x gallery score, from the rows' largest norms
+  (the command line accepts norms up to 1.01; the Python API checks none)."""
+  return float32_score_error(bank.shape[1], max_row_norm(bank) * max_row_norm(gallery))
+
+
+def kept_rounding_gap(scale: float, error: float) -> float:
+  """The most a row's plan moves in L1 when its kept scores are off by ``error`` each.
+
+  The kept scores come from float32 FAISS scores: if every kept logit of a row is off by at most
+  ``e = scale * error``, each probability changes by a factor within ``exp(+-2e)``, so the row's
+  L1 change is at most ``exp(2e) - 1``.
+  """
+  return float(np.expm1(2.0 * scale * error))
 
 
 def omitted_mass_bound(kept_scores, kept_index, scale, bias, n_items, score_error=0.0,
@@ -173,7 +195,9 @@ def omitted_level(deep_scores, deep_index, k: int, n_items: int, scale: float) -
 def unscanned_log_mass(block, scanned, lists, scale: float, bias,
                        score_error: float) -> np.ndarray:
   """log of an upper bound on ``sum exp(scale q.v_j + g_j - max g)`` over the items of the
-  lists a query did not scan, [r]: an item of list ``c`` scores at most ``q.c + radius_c``.
+  lists a query did not scan, [r]: an item ``v`` of list ``c`` scores
+  ``q.v = q.c + q.(v - c) <= q.c + |q| radius_c`` (Cauchy-Schwarz, with each query's own norm,
+  so rows of any norm are covered, not only unit ones).
 
   Args:
     block: [r, D] the queries.
@@ -185,8 +209,10 @@ def unscanned_log_mass(block, scanned, lists, scale: float, bias,
   """
   g = np.asarray(bias, np.float64)
   per_list = np.bincount(lists.assignment, np.exp(g - g.max()), minlength=len(lists.radius))
-  caps = np.asarray(block, np.float64) @ lists.centroids.T.astype(np.float64)
-  logits = (caps + lists.radius + score_error) * scale + np.log(np.maximum(per_list, 1e-300))
+  queries = np.asarray(block, np.float64)
+  caps = queries @ lists.centroids.T.astype(np.float64)
+  caps += np.linalg.norm(queries, axis=1, keepdims=True) * lists.radius
+  logits = (caps + score_error) * scale + np.log(np.maximum(per_list, 1e-300))
   logits[:, per_list == 0] = -np.inf     # empty lists hold nothing
   logits[np.asarray(scanned, bool)] = -np.inf
   peak = logits.max(axis=1)
@@ -198,7 +224,7 @@ def unscanned_log_mass(block, scanned, lists, scale: float, bias,
 
 
 @jax.jit
-def _sparse_row_probs(scores, index, level, log_rest, bias, scale):
+def row_probabilities(scores, index, level, log_rest, bias, scale):
   """The sparse plan's kept probabilities [r, K] and omitted weights ``w_i = exp(L_i - lse_i)``
   [r] of one chunk of rows (``lse_i`` the row's log-normaliser over kept and omitted items),
   fused in float32: gather, exp and row sums in one loop, no temporaries the size of the
@@ -264,7 +290,7 @@ class SparsePlan:
     for pattern, scores, ids, levels in self._chunks:
       n = len(ids)
       rest = np.maximum(total - pattern @ e, floor)   # float64 [n]
-      probs, weight = _sparse_row_probs(
+      probs, weight = row_probabilities(
           self._padded(scores), self._padded(ids), self._padded(levels),
           self._padded(np.log(rest).astype(np.float32)), g32, self._scale)
       probs = np.asarray(probs)[:n]
@@ -287,19 +313,28 @@ class Gap(NamedTuple):
   """The worst-case certificate's terms over all bank rows.
 
   Attributes:
-    gap: ``2 * mean over rows of max(omitted-mass bound, solved omitted probability)``: the
-      most the dense problem's relative L1 column error exceeds the solved one's.
+    gap: the most the dense problem's relative L1 column error exceeds the solved one's:
+      ``2 * mean over rows of max(omitted-mass bound, solved omitted probability)`` plus
+      ``rounding``.
     bound_max, bound_mean: the largest and the mean per-row omitted-mass bound.
+    rounding: :func:`kept_rounding_gap`: the kept scores are float32.
   """
 
   gap: float
   bound_max: float
   bound_mean: float
+  rounding: float
 
 
-def worst_case_gap(bank, found, bias, scale: float, n_items: int) -> Gap:
+def worst_case_gap(bank, found, bias, scale: float, n_items: int, error: float) -> Gap:
   """:class:`Gap` of the sparse solution ``bias`` for the top-k search result ``found``
   (:class:`ncl_jax.gallery.search.TopK` with its omitted levels), rows in chunks.
+
+  Per row, the true softmax ``P_i`` and the solved plan's ``S_i`` are compared through ``P'_i``,
+  the true row with the kept scores as stored: ``|P_i - P'_i|_1 <= rounding``, and ``P'_i`` and
+  ``S_i`` share their kept logits, so they differ by at most twice the larger of their omitted
+  probabilities (the bound covers ``P'_i``'s: its caps are raised by ``error``). Summed over
+  rows, the column sums of ``P`` and ``S`` differ by at most ``Nb * gap``.
 
   Args:
     bank: [Nb, D] the bank queries (read again only after an ivf search).
@@ -307,23 +342,130 @@ def worst_case_gap(bank, found, bias, scale: float, n_items: int) -> Gap:
     bias: [Ng] the solved biases.
     scale: ``1 / temperature``.
     n_items: gallery size.
+    error: the rounding allowance of one stored score (:func:`score_error`).
   """
   n_bank = found.scores.shape[0]
   bound_max, bound_sum, gap_sum = 0.0, 0.0, 0.0
-  score_error = float32_score_error(bank.shape[1]) * _NORM_SLACK
   bound_rows = _SPARSE_ROWS // 8   # the ivf term holds [rows, nlist] float64 arrays
   for first in range(0, n_bank, bound_rows):
     rows = slice(first, first + bound_rows)
     unscanned = None
     if found.lists is not None:
       scanned = found.lists.scanned[found.scan_batch[rows]]
-      unscanned = unscanned_log_mass(bank[rows], scanned, found.lists, scale, bias,
-                                     score_error)
+      unscanned = unscanned_log_mass(bank[rows], scanned, found.lists, scale, bias, error)
     bound = omitted_mass_bound(found.scores[rows], found.index[rows], scale, bias, n_items,
-                               score_error, found.tier_scores[rows], found.tier_ranks,
-                               unscanned)
+                               error, found.tier_scores[rows], found.tier_ranks, unscanned)
     solved = solved_omitted_probability(found.scores[rows], found.index[rows], scale, bias,
                                         n_items, found.omitted_level[rows])
     bound_max, bound_sum = max(bound_max, float(bound.max())), bound_sum + float(bound.sum())
     gap_sum += float(np.maximum(bound, solved).sum())
-  return Gap(2.0 * gap_sum / n_bank, bound_max, bound_sum / n_bank)
+  rounding = kept_rounding_gap(scale, error)
+  return Gap(2.0 * gap_sum / n_bank + rounding, bound_max, bound_sum / n_bank, rounding)
+
+
+# -- the sampled certificate ---------------------------------------------------------------------
+
+
+CERTIFICATES = ("worst_case", "sampled")
+
+
+def check_certificate_options(sample_rows: int, confidence: float, certify: str) -> None:
+  """Raises :class:`ncl_jax.errors.UserError` for options no certificate can use."""
+  if certify not in CERTIFICATES:
+    raise UserError(f"certify must be one of {CERTIFICATES}, got {certify!r}")
+  if sample_rows < 0 or (certify == "sampled" and sample_rows < 2):
+    raise UserError(f"--sample_rows must be >= 0 (>= 2 with --certify sampled), got "
+                    f"{sample_rows}")
+  if not 0.0 < confidence < 1.0:
+    raise UserError(f"--confidence must lie strictly between 0 and 1, got {confidence}")
+
+
+class SampledGap(NamedTuple):
+  """An upper confidence bound on the mean over all bank rows of ``|P_i - S_i|_1``, the L1
+  distance between a row's true softmax and the solved plan's row.
+
+  Attributes:
+    gap: the bound (at least the sample mean): holds with probability ``confidence`` over the
+      draw of the rows; the dense problem's column error is at most the solved one plus it.
+    mean: the sample mean.
+    omitted_mean: the sampled rows' mean true probability outside their kept items (the
+      distance is about twice that when the plan spreads the omitted mass elsewhere).
+    rows: rows drawn (or every bank row, then ``gap == mean`` and ``confidence == 1``).
+    confidence: the bound's probability.
+    seed: the draw's seed.
+  """
+
+  gap: float
+  mean: float
+  omitted_mean: float
+  rows: int
+  confidence: float
+  seed: int
+
+
+def sample_rows(n_bank: int, m: int, seed: int) -> np.ndarray:
+  """``m`` bank rows drawn uniformly with replacement (independent draws), sorted; every row
+  once when ``m >= n_bank``."""
+  if m >= n_bank:
+    return np.arange(n_bank)
+  return np.sort(np.random.default_rng(seed).integers(0, n_bank, m))
+
+
+def row_differences(bank, gallery, found, bias, scale: float, rows):
+  """``(|P_i - S_i|_1, P_i's mass outside the kept items)``, each [len(rows)], for bank rows
+  ``rows``: ``P_i`` the softmax of ``scale q_i.v_j + g_j`` over the whole gallery with scores in
+  float64 (exact up to float64 rounding), ``S_i`` the solved plan's row (the kept float32
+  scores, ``omitted_level`` + ``g_j`` elsewhere). Costs ``2 len(rows) Ng D`` FLOP and holds the
+  gallery in float64."""
+  items = np.asarray(gallery, np.float64)
+  g = np.asarray(bias, np.float64) - np.max(bias)
+  rows = np.asarray(rows)
+  chunk = max(1, (1 << 22) // items.shape[0])
+  distance, omitted = np.empty(len(rows)), np.empty(len(rows))
+  for first in range(0, len(rows), chunk):
+    picked, out = rows[first:first + chunk], slice(first, first + chunk)
+    true = _softmax(scale * (np.asarray(bank[picked], np.float64) @ items.T) + g)
+    plan = np.asarray(found.omitted_level[picked], np.float64)[:, None] + g
+    kept = np.asarray(found.index[picked], np.int64)
+    np.put_along_axis(plan, kept, scale * np.asarray(found.scores[picked], np.float64)
+                      + g[kept], axis=1)
+    distance[out] = np.abs(true - _softmax(plan)).sum(axis=1)
+    omitted[out] = 1.0 - np.take_along_axis(true, kept, axis=1).sum(axis=1)
+  return distance, omitted
+
+
+def _softmax(logits):
+  """Row softmax in place of ``logits`` [r, n] float64."""
+  logits -= logits.max(axis=1, keepdims=True)
+  np.exp(logits, out=logits)
+  logits /= logits.sum(axis=1, keepdims=True)
+  return logits
+
+
+def bernstein_upper(values, confidence: float, value_range: float) -> float:
+  """An upper confidence bound on the mean of the distribution ``values`` [m] were drawn from
+  independently, values in ``[0, value_range]``: the empirical Bernstein bound of Maurer and
+  Pontil (2009, theorem 4), ``mean + sqrt(2 V ln(2/d) / m) + 7 ln(2/d) / (3 (m - 1))`` for
+  values in [0, 1] (``V`` the sample variance, ``d = 1 - confidence``), scaled by the range.
+  It holds with probability at least ``confidence``."""
+  x = np.asarray(values, np.float64) / value_range
+  m = len(x)
+  if m < 2:
+    return float(value_range)
+  log_term = np.log(2.0 / (1.0 - confidence))
+  upper = (x.mean() + np.sqrt(2.0 * x.var(ddof=1) * log_term / m)
+           + 7.0 * log_term / (3.0 * (m - 1)))
+  return float(min(upper, 1.0) * value_range)
+
+
+def sampled_gap(bank, gallery, found, bias, scale: float, m: int, confidence: float,
+                seed: int) -> SampledGap:
+  """:class:`SampledGap` from ``m`` rows drawn with ``seed`` (:func:`sample_rows`), each row's
+  ``|P_i - S_i|_1 <= 2`` computed exactly (:func:`row_differences`)."""
+  rows = sample_rows(found.scores.shape[0], m, seed)
+  distances, omitted = row_differences(bank, gallery, found, bias, scale, rows)
+  mean, omitted_mean = float(distances.mean()), float(omitted.mean())
+  if m >= found.scores.shape[0]:   # every row: the exact mean
+    return SampledGap(mean, mean, omitted_mean, len(rows), 1.0, seed)
+  upper = bernstein_upper(distances, confidence, 2.0)
+  return SampledGap(upper, mean, omitted_mean, len(rows), confidence, seed)
