@@ -40,6 +40,8 @@ MODULE_MARKERS = {
     "test_multiprocess": "multiprocess",
     # The whole Quickstart demo run (minutes), to check the numbers the docs quote from it.
     "test_demo_numbers": "demo",
+    # libtpu (ncl_jax[tpu-compile], in .[test-all]): compiles for TPU topologies.
+    "test_tpu": "tpu",
 }
 # Markers of single tests in modules that are otherwise core.
 TEST_MARKERS = {

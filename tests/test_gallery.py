@@ -182,12 +182,16 @@ def test_sparse_mode_matches_dense_and_says_when_k_is_too_small(rng):
   assert narrow.certified_error > 1e-3 and narrow.omitted_mass_bound > 0
 
 
+def _random_plan(rng, n_rows=130, n_items=50, k=7):
+  """A sparse plan's inputs: kept scores [n, k], distinct kept ids, omitted levels; n_items."""
+  scores = rng.uniform(-0.2, 0.9, (n_rows, k)).astype(np.float32)
+  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(n_rows)])
+  return scores, index.astype(np.int32), rng.uniform(5.0, 15.0, n_rows), n_items
+
+
 def test_sparse_plan_split_over_devices_equals_one_device(rng):
   """Each of 4 devices owns a block of bank rows (130 rows: padded to 132); one psum per pass."""
-  n_items, k = 50, 7
-  scores = rng.uniform(-0.2, 0.9, (130, k)).astype(np.float32)
-  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(130)]).astype(np.int32)
-  levels = rng.uniform(5.0, 15.0, 130)
+  scores, index, levels, n_items = _random_plan(rng)
   bias = rng.normal(size=n_items)
   mesh = sharding.make_mesh(jax.devices()[:4])
   split = sparse_mesh.ShardedSparsePlan(scores, index, levels, n_items, 20.0, mesh)
@@ -231,10 +235,7 @@ def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
 
 
 def test_sparse_plan_equals_its_definition(rng):
-  n_items, k = 50, 7
-  scores = rng.uniform(-0.2, 0.9, (130, k)).astype(np.float32)
-  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(130)]).astype(np.int32)
-  levels = rng.uniform(5.0, 15.0, 130)
+  scores, index, levels, n_items = _random_plan(rng)
   bias = rng.normal(size=n_items)
   plan = sparse.SparsePlan(scores, index, levels, n_items, 20.0, rows=48)   # 3 chunks, padded
   expected = _reference_column_sums(scores, index, 20.0, bias, n_items, levels)

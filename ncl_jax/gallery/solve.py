@@ -269,18 +269,25 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
                               sparse.score_error(bank, gallery))
   certified = out.error + gap.gap
   _say(progress, f"worst-case certificate: {certified:.3g}", start)
-  sampled = {}
-  if sample_rows:
-    drawn = sparse.sampled_gap(bank, gallery, found, out.bias, scale, sample_rows, confidence,
-                               sample_seed)
-    _say(progress, f"sampled certificate: {out.error + drawn.gap:.3g} at confidence "
-         f"{drawn.confidence:g} from {drawn.rows} rows", start)
-    sampled = dict(sampled_certified_error=out.error + drawn.gap, confidence=drawn.confidence,
-                   sample_rows=drawn.rows, sample_seed=drawn.seed,
-                   sampled_omitted_mass_mean=drawn.omitted_mean)
+  sampled = _sampled_fields(bank, gallery, found, out, scale, sample_rows, confidence,
+                            sample_seed, lambda line: _say(progress, line, start))
   chosen = sampled["sampled_certified_error"] if certify == "sampled" else certified
   return Solution(out.bias, "sparse", out.iterations, out.error, certified, tol,
                   chosen <= tol, passes[0] + 1, time.monotonic() - start, top_k=top_k,
                   omitted_mass_bound=gap.bound_max, omitted_mass_mean=gap.bound_mean,
                   search=search, certify=certify, devices=1 if mesh is None else mesh.size,
                   **sampled)
+
+
+def _sampled_fields(bank, gallery, found, out, scale: float, sample_rows: int,
+                    confidence: float, seed: int, say: Progress) -> dict:
+  """The sampled certificate's :class:`Solution` fields (none when ``sample_rows`` is 0)."""
+  if not sample_rows:
+    return {}
+  drawn = sparse.sampled_gap(bank, gallery, found, out.bias, scale, sample_rows, confidence,
+                             seed)
+  say(f"sampled certificate: {out.error + drawn.gap:.3g} at confidence {drawn.confidence:g} "
+      f"from {drawn.rows} rows")
+  return dict(sampled_certified_error=out.error + drawn.gap, confidence=drawn.confidence,
+              sample_rows=drawn.rows, sample_seed=drawn.seed,
+              sampled_omitted_mass_mean=drawn.omitted_mean)
