@@ -160,6 +160,7 @@ def plot(path: str, results: dict) -> None:
   ax.axhline(0, color="black", lw=0.8)
   ax.set_xscale("log")
   ax.set_xticks(REAL_SIZES, [str(s) for s in REAL_SIZES])
+  ax.minorticks_off()
   ax.set_xlabel("bank captions (gallery: 500 videos)")
   ax.set_title("real MSR-VTT halves split, t2v")
   axes[0].legend(fontsize=8)
@@ -198,10 +199,16 @@ def main() -> None:
   parser.add_argument("--plot", help="PNG of the gain curves (not overwritten)")
   parser.add_argument("--json", help="the numbers (not overwritten)")
   parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--replot", metavar="JSON",
+                      help="draw --plot from an earlier run's --json instead of measuring")
   args = parser.parse_args()
   for path in (args.plot, args.json):
     if path and os.path.exists(path):
       raise SystemExit(f"error: {path} exists; choose a new file name")
+  if args.replot:
+    with open(args.replot, encoding="utf-8") as handle:
+      plot(args.plot, json.load(handle))
+    return
   start = time.time()
   results = {"synthetic": synthetic(args.seeds),
              "real": {name: real(os.path.join(args.data, file), args.seeds)

@@ -187,7 +187,7 @@ def _headline_table(results: dict) -> list[str]:
 
 def _thirds_table(results: dict) -> list[str]:
   lines = ["**Selection on a validation split, leak-free thirds** (6 role assignments per "
-           "matrix; test R@1 minus plain, t2v / v2t: mean and worst over the 6):", "",
+           "matrix; test R@1 minus plain, each cell t2v mean / worst ; v2t mean / worst over the 6):", "",
            "| matrix | method | published defaults mean / worst | `--select val` mean / worst | "
            "`--select bank` mean / worst | `--select bank` below plain (t2v, v2t cells of 12) |",
            "| --- | --- | --- | --- | --- | --- |"]
