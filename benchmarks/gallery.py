@@ -3,6 +3,8 @@
     python benchmarks/gallery.py sparse  --workdir DIR [--bank 1000000 --gallery 100000 --top_k 128]
                                          [--search ivf|exact]
     python benchmarks/gallery.py dense   --workdir DIR [--bank 200000 --gallery 20000 --passes 4]
+    python benchmarks/gallery.py bank_groups --workdir DIR [--bank 100000 --gallery 10000
+                                         --devices 2 --passes 4]
     python benchmarks/gallery.py serving --workdir DIR [--gallery 100000 --queries 10000]
 
 Data: clustered synthetic embeddings (D = 256 by default) with Zipf-popular concepts and hubs
@@ -12,7 +14,8 @@ Bank and held-out queries pick an item uniformly at random and perturb it, so NC
 target is the truth, and each held-out query's target item is known (R@1).
 
 * ``sparse``: ``ncl_jax.gallery.solve.sparse_biases`` on bank x gallery from memory-mapped files,
-  in a fresh process (wall time, peak RSS, certified error, omitted-mass bound), then R@1 of the
+  in a fresh process (wall time, peak RSS, the worst-case and the sampled certified error,
+  omitted-mass bound), then R@1 of the
   held-out queries, plain vs NCL (searched through flat indexes).
 * ``dense``: ``dense_biases`` from embeddings vs the existing streamed similarity-matrix path
   (``normalize.streamed_ncl_biases``) given its bank x gallery matrix precomputed and
@@ -20,6 +23,10 @@ target is the truth, and each held-out query's target item is known (R@1).
   each in a fresh process for its peak RSS. Then (unless ``--no_solve``) the exact biases to
   tol 1e-4 and sparse mode with the exact and the ivf search on the same data: held-out top-1
   agreement with the exact biases, R@1.
+* ``bank_groups``: dense mode on ``--devices`` CPU devices as one bank group (the gallery split
+  over the devices, each streaming the whole bank) and as ``--devices`` groups (each streaming
+  its share of the bank against the whole gallery, one all-reduce of the column sums per pass):
+  seconds per pass, the all-reduce alone, and the biases' difference.
 * ``serving``: ``index`` kinds flat and ivf (one build, nprobe = nlist/128 ... nlist/8; hnsw too
   with ``--hnsw``) at ``--gallery`` items with biases of scale 2 logits: build time, queries/s
   (batches of 4,096), recall@10 against the exact (flat) NCL ranking.
@@ -131,19 +138,42 @@ def _worker(job: dict) -> dict:
       out = solve.sparse_biases(bank, gallery, top_k=job["top_k"], search=job["search"],
                                 nlist=job.get("nlist"), nprobe=job.get("nprobe"), **options)
     else:
-      out = solve.dense_biases(bank, gallery, **options)
+      out = solve.dense_biases(bank, gallery, bank_groups=job.get("bank_groups", 1), **options)
     result = out.report()
+    if job.get("time_all_reduce"):
+      result["all_reduce_seconds"] = _time_group_sum(job.get("bank_groups", 1), len(gallery))
     bias = out.bias
   result.update(seconds=time.monotonic() - start, peak_rss_gb=_peak_rss_gb())
   np.save(job["out"], bias)
   return result
 
 
-def _run_worker(job: dict) -> dict:
+def _time_group_sum(groups: int, n_items: int, repeats: int = 20) -> float:
+  """Seconds of one all-reduce of the column sums over the bank groups (what a pass adds)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from ncl_jax.gallery import dense  # pylint: disable=g-import-not-at-top
+  mesh = dense.make_mesh(groups)
+  padded = -(-n_items // mesh.devices.shape[1]) * mesh.devices.shape[1]
+  totals = jax.device_put(np.ones((groups, padded), np.float32),
+                          NamedSharding(mesh, P(dense.BANK_AXIS, dense.GALLERY_AXIS)))
+  reduce = dense._group_sum(mesh)  # pylint: disable=protected-access
+  reduce(totals).block_until_ready()
+  start = time.monotonic()
+  for _ in range(repeats):
+    reduce(totals).block_until_ready()
+  return (time.monotonic() - start) / repeats
+
+
+def _run_worker(job: dict, devices: int | None = None) -> dict:
   before = _load()
+  env = dict(os.environ)
+  if devices:   # CPU devices for a mesh on this machine
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
+                        + f" --xla_force_host_platform_device_count={devices}").strip()
   # The worker's progress lines and errors go straight to this process's stderr.
   proc = subprocess.run([sys.executable, __file__, "_worker", json.dumps(job)], cwd=REPO,
-                        stdout=subprocess.PIPE, text=True, check=False)
+                        stdout=subprocess.PIPE, text=True, check=False, env=env)
   if proc.returncode:
     raise SystemExit(f"worker {job['kind']} failed (exit {proc.returncode}); see stderr")
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -248,6 +278,30 @@ def run_dense(args) -> None:
   _emit(record)
 
 
+def run_bank_groups(args) -> None:
+  """Dense mode on ``--devices`` CPU devices as 1 bank group (the gallery split over all of
+  them) and as ``--devices`` groups (the bank split, the gallery whole on each): the same
+  passes, timed in fresh processes, plus the per-pass all-reduce of the column sums alone."""
+  root = pathlib.Path(args.workdir)
+  paths = make_data(root / f"dense_{args.bank}x{args.gallery}", args.bank, args.gallery,
+                    args.heldout, args.dim, args)
+  common = dict(kind="dense", bank=str(paths["bank"]), gallery=str(paths["gallery"]),
+                temperature=args.temperature, tol=0.0, max_iterations=args.passes - 1,
+                time_all_reduce=True)
+  runs = {}
+  for groups in (1, args.devices):
+    out = root / f"bank_groups_{groups}.npy"
+    runs[groups] = _run_worker(dict(common, bank_groups=groups, out=str(out)),
+                               devices=args.devices)
+    runs[groups]["seconds_per_pass"] = runs[groups]["seconds"] / runs[groups]["passes"]
+  biases = [np.load(root / f"bank_groups_{g}.npy") for g in (1, args.devices)]
+  _emit({"section": "bank_groups", "bank": args.bank, "gallery": args.gallery, "dim": args.dim,
+         "devices": args.devices, "passes": args.passes,
+         "runs": {str(g): r for g, r in runs.items()},
+         "max_bias_difference": float(np.abs((biases[0] - biases[0].mean())
+                                             - (biases[1] - biases[1].mean())).max())})
+
+
 def run_serving(args) -> None:
   from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
   paths = make_data(pathlib.Path(args.workdir) / f"serving_{args.gallery}", args.gallery,
@@ -284,7 +338,7 @@ def main() -> None:
     print(json.dumps(_worker(json.loads(sys.argv[2]))))
     return
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("section", choices=("sparse", "dense", "serving"))
+  parser.add_argument("section", choices=("sparse", "dense", "bank_groups", "serving"))
   parser.add_argument("--workdir", required=True, help="data and results folder (reused)")
   parser.add_argument("--bank", type=int, help="bank queries")
   parser.add_argument("--gallery", type=int, help="gallery items")
@@ -306,12 +360,15 @@ def main() -> None:
   parser.add_argument("--passes", type=int, default=4, help="dense: passes timed per method")
   parser.add_argument("--no_solve", action="store_true", help="dense: timing comparison only")
   parser.add_argument("--hnsw", action="store_true", help="serving: also an hnsw index")
+  parser.add_argument("--devices", type=int, default=2,
+                      help="bank_groups: CPU devices (1 group of them vs this many groups)")
   args = parser.parse_args()
   defaults = {"sparse": (1_000_000, 100_000), "dense": (200_000, 20_000),
-              "serving": (None, 100_000)}[args.section]
+              "bank_groups": (100_000, 10_000), "serving": (None, 100_000)}[args.section]
   args.bank = args.bank or defaults[0]
   args.gallery = args.gallery or defaults[1]
-  {"sparse": run_sparse, "dense": run_dense, "serving": run_serving}[args.section](args)
+  {"sparse": run_sparse, "dense": run_dense, "bank_groups": run_bank_groups,
+   "serving": run_serving}[args.section](args)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ Retention keeps the last ``max_to_keep`` checkpoints *plus* the best one on ``be
 (orbax's own ``best_fn`` with ``max_to_keep`` would keep the N best instead, dropping the latest
 checkpoint that resume needs).
 
+Faults (docs/checkpoints.md): :meth:`Checkpointer.restore_latest` moves a damaged checkpoint to
+``workdir/damaged_checkpoints/`` with a warning and restores the newest intact one; a full disk
+stops a save with one :class:`ncl_jax.errors.UserError` that names the disk, the space needed
+and the last good checkpoint (kept), and leaves no half-written step.
+
 Config guard: a workdir that already holds a run with a different config raises
 :class:`ncl_jax.errors.UserError` unless ``overwrite=True``. Keys in :data:`RESUMABLE_KEYS` (and any
 key ending in ``_every_steps``) may change between runs: they change how long the run goes and
@@ -40,6 +45,8 @@ how often it logs, evaluates or saves, not what a step computes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -80,6 +87,8 @@ RESUMABLE_KEYS = frozenset({
 # Suffixes of leaf names that only set a frequency (log_every_steps, eval_every_steps, ...).
 RESUMABLE_SUFFIXES = ("_every_steps", "_every_epochs")
 
+# Where resume moves checkpoints it cannot read, inside the workdir (never deleted).
+DAMAGED_DIR = "damaged_checkpoints"
 _EXTRA = "extra"
 _DATA = "data"
 
@@ -88,6 +97,12 @@ _DATA = "data"
 # PreemptionWatcher.after_step). Preemption tests use it so that the signal arrives at an exact
 # step whatever the machine's speed; unset, it does nothing.
 TEST_SIGTERM_ENV = "NCL_JAX_TEST_SIGTERM_AFTER_STEP"
+
+# Test-only hook (not a user setting): with this environment variable set to a step number N,
+# :meth:`Checkpointer.save` kills its own process with SIGKILL right after starting the
+# asynchronous save of step N, while orbax is writing it: what ``kill -9`` in the middle of a
+# save leaves behind, at an exact step. Unset, it does nothing.
+TEST_KILL_IN_SAVE_ENV = "NCL_JAX_TEST_SIGKILL_IN_SAVE_STEP"
 
 _log = logging.getLogger(__name__)
 
@@ -99,7 +114,19 @@ class _NoMetricsWarningFilter(logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
+class _DiskFullLogFilter(logging.Filter):
+  """Drops orbax's own error logs (with tracebacks, from its background threads) about a full
+  disk: :class:`Checkpointer` reports that failure as one UserError line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.exc_info[1] is not None and _is_disk_full(record.exc_info[1]):
+      return False
+    message = record.getMessage()
+    return not ("No space left on device" in message or "Disk quota exceeded" in message)
+
+
 logging.getLogger("absl").addFilter(_NoMetricsWarningFilter())
+logging.getLogger("absl").addFilter(_DiskFullLogFilter())
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -240,15 +267,24 @@ class Checkpointer:
     self._config = json.loads(json.dumps(dict(config), default=_json_default))
     self.replaced_run = False
     self.changed_keys: list[str] = []
+    self._max_to_keep = max_to_keep
+    self._disk_failed = False
+    self._needed_bytes = _METADATA_MARGIN_BYTES
+    self._saving_step: int | None = None
     self._guard_workdir(overwrite, overwrite_hint)
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=self._manager_options(max_to_keep, save_interval_steps),
         item_names=(runs.STATE_ITEM, _EXTRA, _DATA),
     )
+    if self.latest_step is not None:  # resuming: fail now rather than after the steps up to a save
+      self._check_free_space(None, None)
 
   def _manager_options(self, max_to_keep: int, save_interval_steps: int):
-    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    # One more than asked: orbax picks the steps to delete when a save starts and deletes them
+    # even when that save then fails (a full disk), which would leave no checkpoint at all with
+    # max_to_keep=1. :meth:`_prune` removes the extra one once a save is known to be on disk.
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep + 1)]
     best_fn = None
     if self._best_metric is not None:
       best_fn = self._metric_value
@@ -265,6 +301,7 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         create=True,
         enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # a save killed half-way leaves a temporary folder
     )
 
   def _metric_value(self, metrics: Mapping[str, Any]) -> float:
@@ -371,16 +408,112 @@ class Checkpointer:
     if data_iterator is not None:
       items[_DATA] = grain_checkpoint.CheckpointSave(data_iterator)
     args = ocp.args.Composite(**items)
-    return bool(self._mngr.save(step, args=args, metrics=metrics, force=True))
+    with self._disk_errors(step):
+      self._mngr.wait_until_finished()  # the previous save is on disk (or its error raised)
+      self._prune()
+      self._check_free_space(step, state)
+      self._saving_step = step
+      started = bool(self._mngr.save(step, args=args, metrics=metrics, force=True))
+    if _test_kill_in_save_step() == step:
+      os.kill(os.getpid(), signal.SIGKILL)  # test-only: dies with this save under way
+    return started
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._mngr.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk.
+
+    Raises:
+      UserError: the disk filled up during the save (see :meth:`_disk_errors`).
+    """
+    with self._disk_errors(None):
+      self._mngr.wait_until_finished()
+      self._prune()
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's resources."""
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves and releases orbax's resources.
+
+    After a full-disk error was raised, the failed save's own errors are not raised again here
+    (the caller is already handling the first one).
+    """
+    try:
+      self.wait()
+    except Exception:  # pylint: disable=broad-except
+      if not self._disk_failed:
+        raise
+    finally:
+      with contextlib.suppress(Exception) if self._disk_failed else contextlib.nullcontext():
+        self._mngr.close()
+
+  # -- retention and disk space ---------------------------------------------------------------
+
+  def _prune(self) -> None:
+    """Deletes the checkpoints beyond the newest ``max_to_keep`` (and the best), once the newest
+    save is known to be complete: orbax keeps one more while a save is in flight."""
+    steps = self.all_steps
+    keep = set(steps[-self._max_to_keep:])
+    best = self.best_step
+    if best is not None:
+      keep.add(best)
+    for step in steps:
+      if step not in keep:
+        self._mngr.delete(step)
+
+  def _check_free_space(self, step: int, state: Any) -> None:
+    """Refuses to start a save that cannot fit, before it writes anything."""
+    needed = self._needed_bytes = self._checkpoint_bytes(state)
+    free = shutil.disk_usage(self.directory).free
+    fits = free >= needed
+    if jax.process_count() > 1:  # every process must take the same decision
+      fits = bool(np.all(multihost_utils.process_allgather(np.asarray(fits, np.int32))))
+    if not fits:
+      self._disk_failed = True
+      raise UserError(self._disk_full_message(step, free, needed))
+
+  def _checkpoint_bytes(self, state: Any) -> int:
+    """What the next checkpoint needs on disk: the newest one's size plus 10%, or the state's
+    array bytes plus 10% before the first save (orbax's compression only makes it smaller)."""
+    latest = self.latest_step
+    if latest is not None:
+      size = _folder_bytes(self.directory / str(latest))
+    else:
+      size = sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(state))
+    return int(size * 1.1) + _METADATA_MARGIN_BYTES
+
+  @contextlib.contextmanager
+  def _disk_errors(self, step: int | None):
+    """Turns a full disk during a save into one UserError and removes the half-written step."""
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as err:  # pylint: disable=broad-except
+      if not _is_disk_full(err):
+        raise
+      self._disk_failed = True
+      self._remove_partial_saves()
+      free = shutil.disk_usage(self.directory).free
+      raise UserError(self._disk_full_message(self._saving_step if step is None else step,
+                                              free, self._needed_bytes)) from None
+
+  def _remove_partial_saves(self) -> None:
+    """Deletes orbax's temporary step folders (a save that never committed)."""
+    if jax.process_index() != 0 or not self.directory.is_dir():
+      return
+    for path in self.directory.iterdir():
+      if ".orbax-checkpoint-tmp" in path.name:
+        shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(Exception):
+      self._mngr.reload()
+
+  def _disk_full_message(self, step: int | None, free: int, needed: int) -> str:
+    mount = _mount_point(self.directory)
+    good = self.latest_step
+    kept = (f"the last good checkpoint, step {good} in {self.directory / str(good)}, is kept "
+            "intact" if good is not None else "no checkpoint was saved before")
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    amount = f"at least {_mib(needed - free)}" if needed > free else "space"
+    return (f"the disk holding the workdir ({mount}) is full: {_mib(free)} free, but {what} "
+            f"needs about {_mib(needed)}; {kept}. Free {amount} on {mount} (or move the run to a "
+            "larger disk) and run the same command again to resume")
 
   def __enter__(self) -> "Checkpointer":
     return self
@@ -456,14 +589,87 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any, data_iterator: Any = None
                      ) -> tuple[Any, dict[str, Any]] | None:
-    """Restores the newest checkpoint (see :meth:`restore`); None if there is none."""
-    step = self.latest_step
-    return None if step is None else self.restore(step, abstract_state, data_iterator)
+    """Restores the newest intact checkpoint (see :meth:`restore`); None if there is none.
+
+    A checkpoint that fails to restore and cannot be read on its own either (a truncated array
+    file, an empty ``_METADATA`` or data-iterator file: :func:`ncl_jax.runs.checkpoint_damage`)
+    is moved to ``workdir/damaged_checkpoints/`` with a warning that names it, and the next
+    older one is tried. A failure on a checkpoint that does read on its own (a restore target
+    that does not fit) is raised as it is.
+    """
+    for step in reversed(self.all_steps):
+      try:
+        return self.restore(step, abstract_state, data_iterator)
+      except UserError:
+        raise
+      except Exception:  # pylint: disable=broad-except  (told apart from damage just below)
+        problem = runs.checkpoint_damage(self.directory / str(step))
+        if problem is None:
+          raise
+        self._set_aside(step, problem)
+    return None
+
+  def _set_aside(self, step: int, problem: str) -> None:
+    """Moves a damaged checkpoint out of the manager's sight (kept for inspection)."""
+    source = self.directory / str(step)
+    target = self.workdir / DAMAGED_DIR / str(step)
+    if jax.process_index() == 0:
+      copies = 0
+      while target.exists():
+        copies += 1
+        target = self.workdir / DAMAGED_DIR / f"{step}.{copies}"
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(source), str(target))
+    _barrier(f"ncl_jax_checkpointing_set_aside_{step}")
+    self._mngr.reload()
+    older = self.all_steps
+    _log.warning("checkpoint %s is damaged (%s); moved it to %s and %s", source, problem, target,
+                 f"trying the newest older checkpoint, step {older[-1]}" if older else
+                 "no older checkpoint is left: training starts from step 0")
 
   def restore_best(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """Restores the best checkpoint (see :meth:`restore`, :attr:`best_step`); None if none."""
     step = self.best_step
     return None if step is None else self.restore(step, abstract_state)
+
+
+# Room for the step's JSON items and orbax's metadata files beside the arrays.
+_METADATA_MARGIN_BYTES = 1 << 20
+
+
+def _folder_bytes(path: pathlib.Path) -> int:
+  total = 0
+  for folder, _, files in os.walk(path):
+    for name in files:
+      with contextlib.suppress(OSError):
+        total += os.path.getsize(os.path.join(folder, name))
+  return total
+
+
+def _mount_point(path: pathlib.Path) -> str:
+  path = pathlib.Path(os.path.abspath(path))
+  while not os.path.ismount(path) and path != path.parent:
+    path = path.parent
+  return str(path)
+
+
+def _mib(size: int) -> str:
+  return f"{size / 2 ** 20:.1f} MiB"
+
+
+def _is_disk_full(err: BaseException) -> bool:
+  """ENOSPC / EDQUOT anywhere in the chain, or tensorstore's RESOURCE_EXHAUSTED on a write."""
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    text = str(err)
+    if "No space left on device" in text or "Disk quota exceeded" in text or (
+        "RESOURCE_EXHAUSTED" in text and "os_error_code='28'" in text):
+      return True
+    err = err.__cause__ or err.__context__
+  return False
 
 
 def rewind_jsonl(path: str | os.PathLike, last_step: int | None) -> None:
@@ -490,6 +696,12 @@ def rewind_jsonl(path: str | os.PathLike, last_step: int | None) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text("".join(f"{line}\n" for line in kept))
   os.replace(tmp, path)
+
+
+def _test_kill_in_save_step() -> int | None:
+  """The step of :data:`TEST_KILL_IN_SAVE_ENV`, or None when it is unset or not a number."""
+  value = os.environ.get(TEST_KILL_IN_SAVE_ENV, "").strip()
+  return int(value) if value.isdigit() else None
 
 
 def _test_sigterm_step() -> int | None:

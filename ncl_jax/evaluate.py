@@ -215,55 +215,19 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
   temperature = 1.0 / logit_scale
   sims = text_emb @ video_emb.T
   protocol, tie = str(eval_config.v2t_protocol), str(eval_config.tie)
-  plain = {"t2v": metrics_lib.t2v_metrics(sims, caption_to_video, tie=tie),
-           "v2t": metrics_lib.v2t_metrics(sims.T, caption_to_video, protocol=protocol, tie=tie)}
-
-  share_t2v = normalize.expected_mass(n_texts, n_videos, caption_to_video, direction="t2v")
-  share_v2t = normalize.expected_mass(n_videos, n_texts, caption_to_video, direction="v2t")
-  options = dict(tol=float(eval_config.sinkhorn_tol),
-                 max_iterations=int(eval_config.sinkhorn_max_iterations))
-  if len(text_bank) and len(video_bank):
-    logits_t2v, biases_t2v = normalize.ncl(sims, text_bank @ video_emb.T,
-                                           temperature=temperature, col_marginals=share_t2v,
-                                           **options)
-    logits_v2t, biases_v2t = normalize.ncl(sims.T, video_bank @ text_emb.T,
-                                           temperature=temperature, col_marginals=share_v2t,
-                                           **options)
-    sinkhorn = {"t2v": {"iterations": biases_t2v.iterations, "error": biases_t2v.error},
-                "v2t": {"iterations": biases_v2t.iterations, "error": biases_v2t.error}}
-  else:  # an empty bank (no training step yet) leaves the scores as they are
-    logits_t2v, logits_v2t = sims / temperature, sims.T / temperature
-    sinkhorn = {"t2v": {"iterations": 0, "error": 0.0}, "v2t": {"iterations": 0, "error": 0.0}}
-  ncl = {"t2v": metrics_lib.t2v_metrics(logits_t2v, caption_to_video, tie=tie),
-         "v2t": metrics_lib.v2t_metrics(logits_v2t, caption_to_video, protocol=protocol,
-                                        tie=tie)}
-
-  masses = {
-      "plain": {"t2v": normalize.candidate_mass(sims, scale=logit_scale),
-                "v2t": normalize.candidate_mass(sims.T, scale=logit_scale)},
-      "ncl": {"t2v": normalize.candidate_mass(logits_t2v),
-              "v2t": normalize.candidate_mass(logits_v2t)},
-  }
-  shares = {"t2v": share_t2v, "v2t": share_v2t}
-  detail = {mode: {d: normalize.normalization_error(masses[mode][d], shares[d])
-                   for d in ("t2v", "v2t")} for mode in masses}
-  headline = {mode: 0.5 * (detail[mode]["t2v"]["relative_mae"] +
-                           detail[mode]["v2t"]["relative_mae"]) for mode in detail}
+  shares = {"t2v": normalize.expected_mass(n_texts, n_videos, caption_to_video, direction="t2v"),
+            "v2t": normalize.expected_mass(n_videos, n_texts, caption_to_video, direction="v2t")}
+  logits, sinkhorn = _ncl_logits(sims, text_emb, video_emb, text_bank, video_bank, shares,
+                                 temperature, eval_config)
+  masses = {"plain": {"t2v": normalize.candidate_mass(sims, scale=logit_scale),
+                      "v2t": normalize.candidate_mass(sims.T, scale=logit_scale)},
+            "ncl": {d: normalize.candidate_mass(logits[d]) for d in ("t2v", "v2t")}}
   if plot_prefix is not None and jax.process_index() == 0:
-    for d, candidates in (("t2v", "videos"), ("v2t", "captions")):
-      path = f"{plot_prefix}_{d}.png"
-      if not os.path.exists(path):  # a repeated evaluation keeps the first figure
-        plots.plot_mass_histograms(
-            path, masses["plain"][d], masses["ncl"][d], shares[d],
-            labels=("plain", "NCL-normalized"),
-            title=f"{d}: summed retrieval probability of the {n_texts if d == 't2v' else n_videos}"
-            f" test queries per {candidates[:-1]}")
-  for mode in detail:  # keep the JSON small: histograms live in the PNG
-    for d in detail[mode]:
-      detail[mode][d] = {k: v for k, v in detail[mode][d].items() if k != "histogram"}
+    _plot_masses(plot_prefix, masses, shares, n_texts, n_videos)
+  detail, headline = _normalization_errors(masses, shares)
   results = {
-      "plain": plain,
-      "ncl": ncl,
+      "plain": _both_directions(sims, sims.T, caption_to_video, protocol, tie),
+      "ncl": _both_directions(logits["t2v"], logits["v2t"], caption_to_video, protocol, tie),
       "normalization_error": headline,
       "normalization_error_detail": detail,
       "num_texts": int(n_texts),
@@ -273,13 +237,73 @@ def retrieval_results(text_emb: np.ndarray, video_emb: np.ndarray, caption_to_vi
       "temperature": float(temperature),
   }
   if methods:
-    banks = _direction_problems(sims, text_emb, video_emb, text_bank, video_bank)
-    results["methods"] = {
-        method: {**{d: _method_metrics(method, banks[d], options[d], caption_to_video,
-                                       temperature, d, protocol, tie) for d in banks},
-                 "hyperparameters": {d: dict(options[d]) for d in banks}}
-        for method, options in methods.items()}
+    results["methods"] = _other_methods(methods, sims, text_emb, video_emb, text_bank, video_bank,
+                                        caption_to_video, temperature, protocol, tie)
   return results
+
+
+def _both_directions(t2v_scores, v2t_scores, caption_to_video, protocol: str, tie: str) -> dict:
+  """Text-to-video and video-to-text metrics of [n_texts, n_videos] and [n_videos, n_texts]."""
+  return {"t2v": metrics_lib.t2v_metrics(t2v_scores, caption_to_video, tie=tie),
+          "v2t": metrics_lib.v2t_metrics(v2t_scores, caption_to_video, protocol=protocol,
+                                         tie=tie)}
+
+
+def _ncl_logits(sims, text_emb, video_emb, text_bank, video_bank, shares: dict,
+                temperature: float, eval_config) -> tuple[dict, dict]:
+  """NCL-normalized logits per direction and the Sinkhorn report ({"iterations", "error"}).
+
+  An empty bank (no training step yet) leaves the scores as they are.
+  """
+  if not (len(text_bank) and len(video_bank)):
+    return ({"t2v": sims / temperature, "v2t": sims.T / temperature},
+            {d: {"iterations": 0, "error": 0.0} for d in ("t2v", "v2t")})
+  options = dict(tol=float(eval_config.sinkhorn_tol),
+                 max_iterations=int(eval_config.sinkhorn_max_iterations))
+  problems = {"t2v": (sims, text_bank @ video_emb.T), "v2t": (sims.T, video_bank @ text_emb.T)}
+  logits, sinkhorn = {}, {}
+  for d, (scores, bank_scores) in problems.items():
+    logits[d], biases = normalize.ncl(scores, bank_scores, temperature=temperature,
+                                      col_marginals=shares[d], **options)
+    sinkhorn[d] = {"iterations": biases.iterations, "error": biases.error}
+  return logits, sinkhorn
+
+
+def _normalization_errors(masses: dict, shares: dict) -> tuple[dict, dict]:
+  """Per mode and direction, the error of the summed retrieval probabilities against their
+  expected shares (histograms left out: they live in the PNG), and per mode the mean relative
+  error of both directions."""
+  detail = {mode: {d: normalize.normalization_error(masses[mode][d], shares[d])
+                   for d in ("t2v", "v2t")} for mode in masses}
+  for by_direction in detail.values():
+    for d, error in by_direction.items():
+      by_direction[d] = {k: v for k, v in error.items() if k != "histogram"}
+  headline = {mode: 0.5 * (detail[mode]["t2v"]["relative_mae"] +
+                           detail[mode]["v2t"]["relative_mae"]) for mode in detail}
+  return detail, headline
+
+
+def _plot_masses(plot_prefix: str, masses: dict, shares: dict, n_texts: int,
+                 n_videos: int) -> None:
+  """Plain vs NCL histograms per direction to ``<plot_prefix>_<direction>.png``."""
+  for d, candidate, n_queries in (("t2v", "video", n_texts), ("v2t", "caption", n_videos)):
+    path = f"{plot_prefix}_{d}.png"
+    if not os.path.exists(path):  # a repeated evaluation keeps the first figure
+      plots.plot_mass_histograms(
+          path, masses["plain"][d], masses["ncl"][d], shares[d],
+          labels=("plain", "NCL-normalized"),
+          title=f"{d}: summed retrieval probability of the {n_queries} test queries per "
+          f"{candidate}")
+
+
+def _other_methods(methods, sims, text_emb, video_emb, text_bank, video_bank, caption_to_video,
+                   temperature: float, protocol: str, tie: str) -> dict:
+  """``{method: {"t2v", "v2t", "hyperparameters"}}`` of the other normalizers, same banks."""
+  banks = _direction_problems(sims, text_emb, video_emb, text_bank, video_bank)
+  return {method: {**{d: _method_metrics(method, banks[d], options[d], caption_to_video,
+                                         temperature, d, protocol, tie) for d in banks},
+                   "hyperparameters": {d: dict(options[d]) for d in banks}}
+          for method, options in methods.items()}
 
 
 def _direction_problems(sims, text_emb, video_emb, text_bank, video_bank) -> dict:

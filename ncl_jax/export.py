@@ -12,6 +12,7 @@
   embed_text.jax_exported    jax.export serialization of (params, tokens int32 [b, L]) -> [b, E]
   embed_video.jax_exported   (params, video [b, T, ...], frame_mask bool [b, T]) -> [b, E]
   bpe_simple_vocab_16e6.txt.gz   CLIP's tokenizer vocabulary (real data sets only)
+  synthetic_vocab.txt        the synthetic set's words, line i naming token id i (synthetic only)
 
 The exported functions are polymorphic in the batch size ``b`` and lowered for CPU, CUDA and TPU.
 They are StableHLO for **deployment, not archival**: a later JAX may refuse to load them (JAX
@@ -33,12 +34,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from jax import export as jax_export
 
+from ncl_jax import evaluate
 from ncl_jax import inference
 from ncl_jax import runs
+from ncl_jax import sharding
+from ncl_jax import tokenizer
+from ncl_jax.data import get_dataset
+from ncl_jax.data import synthetic
 from ncl_jax.errors import UserError
+from ncl_jax.models.dual_encoder import DualEncoder
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 # Verification thresholds: embeddings through the exported functions vs the training code path,
@@ -57,32 +67,19 @@ def exported_functions(config: ml_collections.ConfigDict, params: Any,
   They are the training evaluation's own jitted encoders (:func:`ncl_jax.evaluate.make_encoders`),
   so exported and training-time embeddings come from the same code.
   """
-  from jax import export  # pylint: disable=g-import-not-at-top
-  from ncl_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
-
   encoders = evaluate.make_encoders(DualEncoder(config.model))
   param_specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  (batch,) = export.symbolic_shape("b")
+  (batch,) = jax_export.symbolic_shape("b")
   video_shape, video_dtype = inference.video_input_shape(config)
   tokens = jax.ShapeDtypeStruct((batch, int(config.data.max_words)), jnp.int32)
   video = jax.ShapeDtypeStruct((batch,) + tuple(video_shape), video_dtype)
   mask = jax.ShapeDtypeStruct((batch, video_shape[0]), jnp.bool_)
-  text_exp = export.export(encoders.text, platforms=platforms)(param_specs, tokens)
-  video_exp = export.export(encoders.video, platforms=platforms)(param_specs, video, mask)
+  text_exp = jax_export.export(encoders.text, platforms=platforms)(param_specs, tokens)
+  video_exp = jax_export.export(encoders.video, platforms=platforms)(param_specs, video, mask)
   return text_exp, video_exp
 
 
-def _jaxlib_version() -> str | None:
-  try:
-    import jaxlib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return getattr(jaxlib, "__version__", None)
-
-
 def _save_params(path: pathlib.Path, params: Any) -> None:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path.resolve(), params)
   checkpointer.wait_until_finished()
@@ -106,49 +103,13 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
   run = runs.restore_run(workdir, step)
   vocab = runs.find_vocabulary(run.config)
   text_exp, video_exp = exported_functions(run.config, run.params, platforms)
-  video_shape, video_dtype = inference.video_input_shape(run.config)
-  results = run.results or {}
-  manifest = {
-      "format": runs.BUNDLE_FORMAT,
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "jaxlib_version": _jaxlib_version(),
-      "workdir": str(pathlib.Path(workdir).expanduser().resolve()),
-      "step": run.step,
-      "selected_on": results.get("selected_on"),
-      "loss": run.config.loss,
-      "dataset": run.config.data.name,
-      "input_mode": run.config.model.input_mode,
-      "embed_dim": int(run.config.model.embed_dim),
-      "text_input": {"shape": ["b", int(run.config.data.max_words)], "dtype": "int32"},
-      "video_input": {"shape": ["b", *map(int, video_shape)], "dtype": np.dtype(video_dtype).name},
-      "frame_mask_input": {"shape": ["b", int(video_shape[0])], "dtype": "bool"},
-      "logit_scale": float(np.exp(np.asarray(jax.device_get(run.params["logit_scale"]),
-                                             np.float64))),
-      "bank_size": {"text": int(len(run.text_bank)), "video": int(len(run.video_bank))},
-      "exported": {"text": runs.TEXT_FN_FILE, "video": runs.VIDEO_FN_FILE,
-                   "platforms": list(text_exp.platforms),
-                   "calling_convention_version": int(text_exp.calling_convention_version)},
-      "tokenizer": vocab.name if vocab else None,
-      "note": DEPLOYMENT_NOTE,
-  }
-  manifest["temperature"] = 1.0 / manifest["logit_scale"]
+  manifest = _manifest(workdir, run, text_exp, vocab)
   tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
   if tmp.exists():
     shutil.rmtree(tmp)  # our own leftover from a crashed export of this process id
   tmp.mkdir(parents=True)
   try:
-    _save_params(tmp / runs.PARAMS_DIR, run.params)
-    np.savez(tmp / runs.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
-    (tmp / runs.TEXT_FN_FILE).write_bytes(text_exp.serialize())
-    (tmp / runs.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
-    if vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
-      from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
-      for path in tokenizer.vocab_files(vocab):
-        shutil.copyfile(path, tmp / path.name)
-    config_json = json.dumps(run.config.to_dict(), indent=2) + "\n"
-    (tmp / runs.BUNDLE_CONFIG_FILE).write_text(config_json)
-    (tmp / runs.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_bundle(tmp, run, manifest, text_exp, video_exp, vocab)
     if out.exists():
       raise UserError(f"--out {out} appeared while exporting; nothing was overwritten")
     os.rename(tmp, out)
@@ -156,6 +117,79 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *, step: i
     if tmp.exists():
       shutil.rmtree(tmp)
   return manifest
+
+
+def _manifest(workdir, run: runs.RunCheckpoint, text_exp, vocab: pathlib.Path | None) -> dict:
+  """The bundle's manifest.json: versions, source, input shapes, temperature, bank sizes."""
+  config = run.config
+  video_shape, video_dtype = inference.video_input_shape(config)
+  logit_scale = float(np.exp(np.asarray(jax.device_get(run.params["logit_scale"]), np.float64)))
+  return {
+      "format": runs.BUNDLE_FORMAT,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "jax_version": jax.__version__,
+      "jaxlib_version": jaxlib.__version__,
+      "workdir": str(pathlib.Path(workdir).expanduser().resolve()),
+      "step": run.step,
+      "selected_on": (run.results or {}).get("selected_on"),
+      "loss": config.loss,
+      "dataset": config.data.name,
+      "input_mode": config.model.input_mode,
+      "embed_dim": int(config.model.embed_dim),
+      "text_input": {"shape": ["b", int(config.data.max_words)], "dtype": "int32"},
+      "video_input": {"shape": ["b", *map(int, video_shape)], "dtype": np.dtype(video_dtype).name},
+      "frame_mask_input": {"shape": ["b", int(video_shape[0])], "dtype": "bool"},
+      "logit_scale": logit_scale,
+      "bank_size": {"text": int(len(run.text_bank)), "video": int(len(run.video_bank))},
+      "exported": {"text": runs.TEXT_FN_FILE, "video": runs.VIDEO_FN_FILE,
+                   "platforms": list(text_exp.platforms),
+                   "calling_convention_version": int(text_exp.calling_convention_version)},
+      "tokenizer": _tokenizer_name(config, vocab),
+      "note": DEPLOYMENT_NOTE,
+      "temperature": 1.0 / logit_scale,
+  }
+
+
+def _tokenizer_name(config: ml_collections.ConfigDict, vocab: pathlib.Path | None) -> str | None:
+  """The tokenizer file the bundle holds (manifest.json's "tokenizer"), None for token ids."""
+  if config.data.name == "synthetic":
+    return runs.SYNTHETIC_VOCAB_FILE
+  return vocab.name if vocab else None
+
+
+def _write_tokenizer(folder: pathlib.Path, config: ml_collections.ConfigDict,
+                     vocab: pathlib.Path | None) -> None:
+  """Copies the run's tokenizer into the bundle. The synthetic set's is its word list, so
+  ``embed_texts(["c0_1 a17 w3"])`` works on a demo bundle."""
+  if config.data.name == "synthetic":
+    synthetic.SyntheticVocabulary(config.data).save(folder / runs.SYNTHETIC_VOCAB_FILE)
+  elif vocab:  # one file, or Hugging Face's vocab.json + merges.txt pair
+    for path in tokenizer.vocab_files(vocab):
+      shutil.copyfile(path, folder / path.name)
+
+
+def _write_bundle(folder: pathlib.Path, run: runs.RunCheckpoint, manifest: dict, text_exp,
+                  video_exp, vocab: pathlib.Path | None) -> None:
+  """Writes every file of a bundle into ``folder`` (the temporary one; the manifest last)."""
+  _save_params(folder / runs.PARAMS_DIR, run.params)
+  np.savez(folder / runs.BANK_FILE, text_bank=run.text_bank, video_bank=run.video_bank)
+  (folder / runs.TEXT_FN_FILE).write_bytes(text_exp.serialize())
+  (folder / runs.VIDEO_FN_FILE).write_bytes(video_exp.serialize())
+  _write_tokenizer(folder, run.config, vocab)
+  config_json = json.dumps(run.config.to_dict(), indent=2) + "\n"
+  (folder / runs.BUNDLE_CONFIG_FILE).write_text(config_json)
+  (folder / runs.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _training_embeddings(run: runs.RunCheckpoint, eval_data, batch_size: int):
+  """The split's embeddings through the run's jitted encoders, as the trainer's evaluation ran
+  them: in the trainer's layout when the batch splits over this machine's devices, else on one
+  device (embeddings are per row, so the layout changes them by float rounding at most)."""
+  devices = jax.devices()
+  mesh = sharding.make_mesh(devices if batch_size % len(devices) == 0 else devices[:1])
+  encoders = evaluate.make_encoders(DualEncoder(run.config.model))
+  params = sharding.put_replicated(jax.device_get(run.params), mesh)  # as the trainer holds them
+  return evaluate.encode_split(encoders, params, eval_data, mesh, batch_size)
 
 
 def _metrics_equal(a: dict, b: dict) -> bool:
@@ -178,11 +212,6 @@ def verify_bundle(workdir: str | os.PathLike, bundle_dir: str | os.PathLike) -> 
   Raises:
     UserError: the run has no results.json, or its data cannot be opened.
   """
-  from ncl_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from ncl_jax import sharding  # pylint: disable=g-import-not-at-top
-  from ncl_jax.data import get_dataset  # pylint: disable=g-import-not-at-top
-  from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
-
   results = runs.read_results(workdir)
   if results is None:
     raise UserError(f"--verify needs {pathlib.Path(workdir) / runs.RESULTS_FILE}, which a "
@@ -195,18 +224,8 @@ def verify_bundle(workdir: str | os.PathLike, bundle_dir: str | os.PathLike) -> 
   eval_data = dataset.eval_data(split)
   batch_size = int(config.eval.batch_size)
 
-  # The trainer's layout when the batch splits over this machine's devices, else one device
-  # (embeddings are per row, so the layout changes them by float rounding at most).
-  devices = jax.devices()
-  mesh = sharding.make_mesh(devices if batch_size % len(devices) == 0 else devices[:1])
-  encoders = evaluate.make_encoders(DualEncoder(config.model))
-  params = sharding.put_replicated(jax.device_get(run.params), mesh)  # as the trainer holds them
-  train_text, train_video = evaluate.encode_split(encoders, params, eval_data, mesh, batch_size)
-  text = np.concatenate([bundle.embed_texts(b["text_tokens"], batch_size)[b["mask"]]
-                         for b in eval_data.text_batches(batch_size)])
-  video = np.concatenate([
-      bundle.embed_videos(b["video"], b["frame_mask"], batch_size)[b["mask"]]
-      for b in eval_data.video_batches(batch_size)])
+  train_text, train_video = _training_embeddings(run, eval_data, batch_size)
+  text, video = inference.embed_split(bundle, eval_data, batch_size)
   diffs = {"text": float(np.abs(text - train_text).max()),
            "video": float(np.abs(video - train_video).max())}
   recomputed = evaluate.retrieval_results(

@@ -35,11 +35,19 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax import export as jax_export
 
+from ncl_jax import evaluate
 from ncl_jax import normalize
 from ncl_jax import runs
+from ncl_jax import sharding
 from ncl_jax.data.pipeline import sample_frame_indices
+from ncl_jax.data.synthetic import SyntheticVocabulary
 from ncl_jax.errors import UserError
+from ncl_jax.gallery import index as index_lib
+from ncl_jax.gallery import solve
+from ncl_jax.models.dual_encoder import DualEncoder
+from ncl_jax.tokenizer import ClipTokenizer
 
 BACKENDS = ("flax", "exported")
 NORMALIZATIONS = ("plain", "ncl")
@@ -65,7 +73,8 @@ class Bundle:
     max_words: L, token ids per caption.
     video_shape: shape of one padded video, e.g. (T, D) features or (T, H, W, 3) frames.
     video_dtype: float32 (features) or uint8 (frames, CLIP-normalised inside the encoder).
-    tokenizer: a CLIP tokenizer when the bundle holds a vocabulary, else None (token ids only).
+    tokenizer: CLIP's tokenizer, or the synthetic set's words, when the bundle holds a
+      vocabulary, else None (token ids only).
     manifest: the bundle's manifest.json (empty for a bundle made from a workdir in memory).
     backend: "flax" or "exported".
   """
@@ -104,8 +113,6 @@ class Bundle:
     if self.backend == "exported":
       text_exp, video_exp = self._exported
       return text_exp.call, video_exp.call
-    from ncl_jax import evaluate  # pylint: disable=g-import-not-at-top
-    from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
     encoders = evaluate.make_encoders(DualEncoder(self.config.model))
     return encoders.text, encoders.video
 
@@ -114,8 +121,9 @@ class Bundle:
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """Token ids int32 [N, max_words] of captions, with the bundle's CLIP tokenizer."""
     if self.tokenizer is None:
-      raise UserError("this bundle has no tokenizer vocabulary (e.g. the synthetic set, whose "
-                      "captions are token ids); pass token ids [N, max_words] instead of strings")
+      raise UserError("this bundle has no tokenizer vocabulary (exported without CLIP's "
+                      "vocabulary, or a synthetic-set bundle from before synthetic_vocab.txt); "
+                      "pass token ids [N, max_words] instead of strings")
     return np.asarray(self.tokenizer.encode_batch(list(texts), self.max_words), np.int32)
 
   def embed_texts(self, texts, batch_size: int = 64) -> np.ndarray:
@@ -256,8 +264,6 @@ class Gallery:
       raise UserError("the bundle's bank is empty (the run saved no training queries), so "
                       "NCL-normalized scores are undefined; use normalization='plain'")
     if len(self.bank) * len(self) > normalize.DENSE_LIMIT:
-      from ncl_jax import sharding  # pylint: disable=g-import-not-at-top
-      from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
       return solve.dense_biases(
           self.bank, self.embeddings, temperature=self.temperature,
           col_marginals=self.expected_share, tol=self._tol, max_iterations=self._max_iterations,
@@ -268,7 +274,6 @@ class Gallery:
 
   def _index(self, normalization: str):
     """The exact FAISS index of ``normalization`` (plain: zero biases at temperature 1)."""
-    from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
     if normalization not in self._indexes:
       if normalization == "ncl":
         bias, temperature = self.ncl_biases.bias, self.temperature
@@ -348,8 +353,18 @@ def video_input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 
 
 def _tokenizer_from(path: pathlib.Path):
-  from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
+  if path.name == runs.SYNTHETIC_VOCAB_FILE:
+    return SyntheticVocabulary.load(path)
   return ClipTokenizer(str(path))
+
+
+def _run_tokenizer(config: ml_collections.ConfigDict):
+  """The tokenizer a run trained with: the synthetic set's words, or CLIP's vocabulary found
+  next to the run's CLIP weights (None when there is none)."""
+  if config.data.name == "synthetic":
+    return SyntheticVocabulary(config.data)
+  vocab = runs.find_vocabulary(config)
+  return _tokenizer_from(vocab) if vocab else None
 
 
 def load_bundle(path: str | os.PathLike, backend: str = "flax") -> Bundle:
@@ -378,9 +393,8 @@ def load_bundle(path: str | os.PathLike, backend: str = "flax") -> Bundle:
     text_bank, video_bank = bank["text_bank"], bank["video_bank"]
   exported = None
   if backend == "exported":
-    from jax import export  # pylint: disable=g-import-not-at-top
     try:
-      exported = tuple(export.deserialize(bytearray((root / name).read_bytes()))
+      exported = tuple(jax_export.deserialize(bytearray((root / name).read_bytes()))
                        for name in (runs.TEXT_FN_FILE, runs.VIDEO_FN_FILE))
     except Exception as err:  # the serialization format is versioned by JAX, not by us
       raise UserError(f"JAX {jax.__version__} cannot load the functions exported with JAX "
@@ -399,9 +413,8 @@ def bundle_from_run(workdir: str | os.PathLike, step: int | None = None) -> Bund
   split, or ``step``) and the tokenizer vocabulary next to the run's CLIP weights, if any.
   """
   run = runs.restore_run(workdir, step)
-  vocab = runs.find_vocabulary(run.config)
   return Bundle(run.config, run.params, run.text_bank, run.video_bank,
-                tokenizer=_tokenizer_from(vocab) if vocab else None,
+                tokenizer=_run_tokenizer(run.config),
                 manifest={"workdir": str(workdir), "step": run.step})
 
 

@@ -46,6 +46,8 @@ PARAMS_DIR = "params"
 BANK_FILE = "bank.npz"
 TEXT_FN_FILE = "embed_text.jax_exported"
 VIDEO_FN_FILE = "embed_video.jax_exported"
+# The synthetic set's words, one a line (its captions' tokenizer; real sets bundle CLIP's BPE).
+SYNTHETIC_VOCAB_FILE = "synthetic_vocab.txt"
 
 
 class RunCheckpoint(NamedTuple):
@@ -117,6 +119,47 @@ def restore_params(path: str | os.PathLike, keys: Sequence[str] | None = None) -
         item=target, restore_args=restore_args, partial_restore=keys is not None))
 
 
+def checkpoint_damage(step_dir: str | os.PathLike) -> str | None:
+  """Why a checkpoint folder cannot be read on its own terms, or None when it reads.
+
+  Checks the JSON files orbax and Grain write (the state's ``_METADATA``, the ``extra`` item, the
+  data iterator's per-process state) and then reads the whole train state with a target built
+  from its own metadata, so a truncated or missing array file shows too. Meant for a checkpoint
+  whose restore failed: it tells damage from a restore target that does not fit.
+  """
+  step_dir = pathlib.Path(step_dir)
+  state_dir = step_dir / STATE_ITEM
+  if not state_dir.is_dir():
+    return f"{STATE_ITEM}/ is missing"
+  json_files = [state_dir / "_METADATA", step_dir / "extra" / "metadata",
+                *sorted((step_dir / "data").glob("process_*.json"))]
+  for path in json_files:
+    if not path.exists():
+      continue
+    try:
+      json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      relative = path.relative_to(step_dir)
+      return f"{relative} is empty" if _is_empty(path) else f"{relative} is not valid JSON"
+  try:
+    restore_params(state_dir)
+  except Exception as err:  # pylint: disable=broad-except  (any failure to read is damage)
+    return f"its train state cannot be read ({_first_line(err)})"
+  return None
+
+
+def _is_empty(path: pathlib.Path) -> bool:
+  try:
+    return path.stat().st_size == 0
+  except OSError:
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+  text = str(err).strip().splitlines()
+  return (text[0] if text else type(err).__name__)[:200]
+
+
 def _valid_rows(queue: dict) -> np.ndarray:
   embeddings = np.asarray(queue["embeddings"], np.float32)
   return embeddings[np.asarray(queue["valid"], bool)]
@@ -132,10 +175,25 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheck
   config = ml_collections.ConfigDict(json.loads((path / CONFIG_FILE).read_text()))
   results = read_results(path)
   step = select_step(path, results, step)
-  state = restore_params(path / CHECKPOINT_DIR / str(step) / STATE_ITEM,
-                         keys=("params", "text_queue", "video_queue"))
+  step_dir = path / CHECKPOINT_DIR / str(step)
+  try:
+    state = restore_params(step_dir / STATE_ITEM, keys=("params", "text_queue", "video_queue"))
+  except UserError:
+    raise
+  except Exception as err:  # pylint: disable=broad-except
+    raise UserError(_damaged_message(path, step, checkpoint_damage(step_dir) or
+                                     f"it cannot be read ({_first_line(err)})")) from None
   return RunCheckpoint(config, step, state["params"], _valid_rows(state["text_queue"]),
                        _valid_rows(state["video_queue"]), results)
+
+
+def _damaged_message(workdir: pathlib.Path, step: int, problem: str) -> str:
+  others = [s for s in available_steps(workdir) if s != step]
+  choose = (f"choose another with --step N (the run keeps {', '.join(map(str, others))}): "
+            f"python tools/export.py --workdir {workdir} --out BUNDLE --step N, and for the "
+            "explorer pass --bundle BUNDLE" if others else
+            "the run keeps no other checkpoint; train again in a new --workdir")
+  return f"checkpoint {workdir / CHECKPOINT_DIR / str(step)} is damaged: {problem}; {choose}"
 
 
 def find_vocabulary(config: ml_collections.ConfigDict) -> pathlib.Path | None:

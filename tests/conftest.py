@@ -38,6 +38,8 @@ MODULE_MARKERS = {
     "test_data_beam": "beam",
     # Groups of jax.distributed processes: minutes of CPU on a 2-core machine.
     "test_multiprocess": "multiprocess",
+    # libtpu (ncl_jax[tpu-compile], in .[test-all]): compiles for TPU topologies.
+    "test_tpu": "tpu",
 }
 # Markers of single tests in modules that are otherwise core.
 TEST_MARKERS = {

@@ -5,6 +5,7 @@ metrics, normalization errors) and NumPy written from the definitions (cosine sc
 mass per video, rank positions). The browser test drives Debian's Chromium through Playwright.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -272,7 +273,7 @@ def server(run, tmp_path_factory):
       process.kill()
       pytest.fail(f"the explorer did not start: {line!r} {process.stderr.read()[-2000:]}")
     url = line.split()[1]
-    yield {"url": url, "seconds": time.perf_counter() - started}
+    yield {"url": url, "seconds": time.perf_counter() - started, "pid": process.pid}
   finally:
     process.terminate()
     try:
@@ -354,6 +355,28 @@ def test_api_refuses_bad_input(server):
   assert _get(server["url"] + "api/info", {"Host": f"localhost:{port}"})[0] == 200
 
 
+# A short soak here; benchmarks/explore_soak.py runs the same one for 30 s (docs/explorer.md).
+SOAK_SECONDS = 4
+SOAK_MAX_RSS_GROWTH_MIB = 64
+
+
+def _soak_module():
+  path = REPO / "benchmarks" / "explore_soak.py"
+  spec = importlib.util.spec_from_file_location("explore_soak", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_clients_get_no_errors_and_memory_stays_bounded(server):
+  result = _soak_module().soak(server["url"], server["pid"], clients=16, seconds=SOAK_SECONDS)
+  assert result["errors"] == 0, result["error_examples"]
+  assert result["requests"] >= 32, result  # every client got answers, not one each
+  assert result["rss_growth_mib"] < SOAK_MAX_RSS_GROWTH_MIB, result
+  assert _api(server, "/api/info")[0] == 200  # still serving
+
+
 def _playwright():
   """Playwright's sync API, or ``unavailable`` where no browser is installed (.ci/run installs
   Chromium and sets NCL_JAX_REQUIRE_ALL, which turns the skip into a failure)."""
@@ -430,6 +453,20 @@ def test_cli_port_in_use(run):
     line = _one_error_line(_cli("--workdir", str(run), "--port", str(port)))
     assert "--port" in line and str(port) in line
     assert time.perf_counter() - started < 60  # refused before the model is loaded
+
+
+def test_a_damaged_checkpoint_is_named_with_how_to_choose_another(run, tmp_path):
+  from ncl_jax.explore import core
+  from ncl_jax.errors import UserError
+  damaged_run = tmp_path / "run"
+  shutil.copytree(run, damaged_run)
+  step = json.loads((run / "results.json").read_text())["selected_step"]
+  (damaged_run / "checkpoints" / str(step) / "data" / "process_0-of-1.json").write_bytes(b"")
+  (damaged_run / "checkpoints" / str(step) / "state" / "_METADATA").write_text("{")
+  with pytest.raises(UserError, match=rf"checkpoint .*/checkpoints/{step} is damaged: state/"
+                                      r"_METADATA is not valid JSON; .* tools/export.py .* "
+                                      r"--step N, and for the explorer pass --bundle BUNDLE"):
+    core.open_explorer(workdir=str(damaged_run))
 
 
 def test_cli_not_a_bundle(tmp_path):

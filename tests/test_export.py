@@ -57,8 +57,9 @@ def test_export_verify_reproduces_results(run_dir, tmp_path, capsys):
   report = json.loads(lines[-1])
   results = json.loads((run_dir / "results.json").read_text())
   assert report["verified"] is True
-  assert report["t2v"] == results["eval"]["plain"]["t2v"]
-  assert report["v2t"] == results["eval"]["plain"]["v2t"]
+  # results.json holds its floats at 10 decimals.
+  assert report["t2v"] == pytest.approx(results["eval"]["plain"]["t2v"], abs=1e-9)
+  assert report["v2t"] == pytest.approx(results["eval"]["plain"]["v2t"], abs=1e-9)
   assert report["ncl_matches_results"] is True
   assert report["step"] == results["selected_step"] and report["split"] == results["split"]
   assert max(report["max_abs_diff"].values()) <= 1e-5
@@ -66,7 +67,8 @@ def test_export_verify_reproduces_results(run_dir, tmp_path, capsys):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["jax_version"] == jax.__version__
   assert set(manifest["exported"]["platforms"]) == {"cpu", "cuda", "tpu"}
-  assert "not archival" in manifest["note"] and manifest["tokenizer"] is None
+  assert "not archival" in manifest["note"]
+  assert manifest["tokenizer"] == "synthetic_vocab.txt"  # the synthetic set's words
   config = train_testutils.tiny_config("ncl")
   # The bank is the queue at the selected step: min(queue size, steps x global batch) rows of
   # unit-norm embeddings in each direction.
@@ -87,7 +89,8 @@ def test_verify_fails_when_results_differ(run_dir, bundle_dir, tmp_path, capsys)
   with train_testutils.fast_compile():
     report = export.verify_bundle(changed, bundle_dir)
   assert report["verified"] is False
-  assert report["t2v"]["R@1"] == results["eval"]["plain"]["t2v"]["R@1"] - 1.0
+  assert report["t2v"]["R@1"] == pytest.approx(results["eval"]["plain"]["t2v"]["R@1"] - 1.0,
+                                              abs=1e-9)
 
 
 def test_refusals_are_one_clear_error(run_dir, bundle_dir, tmp_path, capsys):
@@ -102,6 +105,20 @@ def test_refusals_are_one_clear_error(run_dir, bundle_dir, tmp_path, capsys):
   assert _run_cli(tool, ["--workdir", str(run_dir), "--out", str(tmp_path / "c"),
                          "--step", "3"]) == 2
   assert "no checkpoint of step 3" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_is_named_with_how_to_choose_another(run_dir, tmp_path, capsys):
+  damaged_run = tmp_path / "run"
+  shutil.copytree(run_dir, damaged_run)
+  step = json.loads((run_dir / "results.json").read_text())["selected_step"]
+  (damaged_run / "checkpoints" / str(step) / "state" / "_METADATA").write_bytes(b"")
+  assert _run_cli(_tool("export"), ["--workdir", str(damaged_run), "--out",
+                                    str(tmp_path / "b")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "Traceback" not in err
+  assert err.startswith(f"error: checkpoint {damaged_run / 'checkpoints' / str(step)} is "
+                        "damaged: state/_METADATA is empty; choose another with --step N")
+  assert not (tmp_path / "b").exists()
 
 
 def test_exported_functions_match_the_model_for_any_batch(bundle_dir):
@@ -182,9 +199,19 @@ def test_embed_feeds_posthoc_with_the_runs_numbers(run_dir, bundle_dir, tmp_path
   assert _run_cli(tool, ["--bundle", str(bundle_dir), "--out", str(out)]) == 2
 
 
+def _without_tokenizer(bundle_dir, out):
+  shutil.copytree(bundle_dir, out)
+  manifest = json.loads((out / "manifest.json").read_text())
+  manifest["tokenizer"] = None
+  (out / "manifest.json").write_text(json.dumps(manifest))
+  return out
+
+
 def test_embed_captions_streams_a_caption_file_into_one_npy(bundle_dir, tmp_path, capsys):
   from ncl_jax import inference
   tool = _tool("embed")
+  # A bundle without a tokenizer reads token ids (the demo's bundle has the synthetic words).
+  bundle_dir = _without_tokenizer(bundle_dir, tmp_path / "ids_bundle")
   bundle = inference.load_bundle(bundle_dir)
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, 100, size=(37, bundle.max_words))

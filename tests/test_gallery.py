@@ -13,7 +13,7 @@ import pytest
 
 from ncl_jax import inference, normalize, sharding
 from ncl_jax.errors import UserError
-from ncl_jax.gallery import cli, dense, inputs, search, solve, sparse
+from ncl_jax.gallery import cli, dense, inputs, search, solve, sparse, sparse_mesh
 from ncl_jax.gallery import index as index_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -182,6 +182,30 @@ def test_sparse_mode_matches_dense_and_says_when_k_is_too_small(rng):
   assert narrow.certified_error > 1e-3 and narrow.omitted_mass_bound > 0
 
 
+def _random_plan(rng, n_rows=130, n_items=50, k=7):
+  """A sparse plan's inputs: kept scores [n, k], distinct kept ids, omitted levels; n_items."""
+  scores = rng.uniform(-0.2, 0.9, (n_rows, k)).astype(np.float32)
+  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(n_rows)])
+  return scores, index.astype(np.int32), rng.uniform(5.0, 15.0, n_rows), n_items
+
+
+def test_sparse_plan_split_over_devices_equals_one_device(rng):
+  """Each of 4 devices owns a block of bank rows (130 rows: padded to 132); one psum per pass."""
+  scores, index, levels, n_items = _random_plan(rng)
+  bias = rng.normal(size=n_items)
+  mesh = sharding.make_mesh(jax.devices()[:4])
+  split = sparse_mesh.ShardedSparsePlan(scores, index, levels, n_items, 20.0, mesh)
+  np.testing.assert_allclose(split(bias), sparse.SparsePlan(scores, index, levels, n_items,
+                                                            20.0)(bias), rtol=2e-5)
+  bank, items = _problem(rng, n_bank=300, n_items=40)
+  one = solve.sparse_biases(bank, items, temperature=0.05, top_k=8, tol=1e-6, sample_rows=0)
+  four = solve.sparse_biases(bank, items, temperature=0.05, top_k=8, tol=1e-6, sample_rows=0,
+                             mesh=mesh)
+  assert four.devices == 4 and one.devices == 1
+  np.testing.assert_allclose(_centred(four.bias), _centred(one.bias), atol=1e-4)
+  assert four.certified_error == pytest.approx(one.certified_error, rel=1e-3)
+
+
 def test_omitted_level_by_hand():
   # One row, n = 10 items, k = 2 kept, the search saw ranks 3..4 (scores 0.5, 0.4) and one
   # padded slot; 10 - 2 - 2 = 6 unseen items get at most the lowest seen score, 0.4.
@@ -211,10 +235,7 @@ def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
 
 
 def test_sparse_plan_equals_its_definition(rng):
-  n_items, k = 50, 7
-  scores = rng.uniform(-0.2, 0.9, (130, k)).astype(np.float32)
-  index = np.stack([rng.choice(n_items, k, replace=False) for _ in range(130)]).astype(np.int32)
-  levels = rng.uniform(5.0, 15.0, 130)
+  scores, index, levels, n_items = _random_plan(rng)
   bias = rng.normal(size=n_items)
   plan = sparse.SparsePlan(scores, index, levels, n_items, 20.0, rows=48)   # 3 chunks, padded
   expected = _reference_column_sums(scores, index, 20.0, bias, n_items, levels)
@@ -508,8 +529,13 @@ def _biases_args(files, out, *extra):
 def test_cli_biases_index_search_round_trip(files, tmp_path, capsys):
   out = tmp_path / "biases.npy"
   assert cli.main(_biases_args(files, out, "--json", "-")) == 0
-  report = json.loads(capsys.readouterr().out)
+  captured = capsys.readouterr()
+  report = json.loads(captured.out)
   assert report["converged"] and report["mode"] == "dense" and report["passes"] >= 1
+  # --quiet drops the progress lines, not the one closing line.
+  assert captured.err == (f"wrote {out}: converged (tol 0.0001), column error "
+                          f"{report['error']:.3g}, {report['passes']} passes, "
+                          f"{report['seconds']:.1f} s\n")
   bias = np.load(out)
   assert bias.dtype == np.float32 and bias.shape == (20,)
   assert cli.main(["index", "--gallery", str(files["gallery"]), "--biases", str(out),
@@ -517,6 +543,8 @@ def test_cli_biases_index_search_round_trip(files, tmp_path, capsys):
   assert cli.main(["search", "--index", str(tmp_path / "index"), "--queries",
                    str(files["queries"]), "--k", "4", "--out", str(tmp_path / "top.npz"),
                    "--gallery", str(files["gallery"])]) == 0
+  assert capsys.readouterr().err.splitlines()[-1].startswith(
+      f"wrote {tmp_path / 'top.npz'}: the top 4 items of 6 queries")
   top = np.load(tmp_path / "top.npz")
   order, scores = _exact_ranking(np.load(files["queries"]), np.load(files["gallery"]), bias,
                                  0.05, 4)
@@ -538,6 +566,20 @@ def test_cli_sparse_ivf_reports_its_search(files, tmp_path, capsys):
   if not report["converged"]:
     assert "--nprobe, or --search exact" in captured.err
   assert np.load(out).shape == (20,)
+
+
+def test_cli_biases_progress_shows_the_time_left(files, tmp_path, capsys):
+  out = tmp_path / "b.npy"
+  args = [a for a in _biases_args(files, out, "--tol", "1e-6") if a != "--quiet"]
+  assert cli.main(args) == 0
+  lines = capsys.readouterr().err.splitlines()
+  passes = [line for line in lines if line.startswith("pass ")]
+  assert len(passes) >= 3 and all(" s left)" in line for line in passes[2:-1]), passes
+  assert lines[-1].startswith(f"wrote {out}: converged")
+  # Passes left at the recent geometric rate: 1e-1 -> 1e-2 per pass reaches 1e-4 in 2 more.
+  assert solve._passes_left([1e-1, 1e-2], 1e-4, 100) == 2
+  assert solve._passes_left([1e-1, 1e-2], 1e-4, 1) == 1
+  assert solve._passes_left([1e-2, 1e-1], 1e-4, 100) is None
 
 
 def _save(path, array):
@@ -572,6 +614,13 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
       (base + ["--bank", str(files["bank"]), "--search", "ivf"], "add --top_k K"),
       (base + ["--bank", str(files["bank"]), "--top_k", "3", "--search", "ivf", "--nlist",
                "4", "--nprobe", "5"], r"--nprobe must lie in \[1, nlist = 4\]"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--bank_groups", "2"],
+       "--bank_groups belongs to the dense mode"),
+      (base + ["--bank", str(files["bank"]), "--certify", "sampled"], "belong to the sparse mode"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--confidence", "1.5"],
+       "--confidence must lie strictly between 0 and 1"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--certify", "sampled",
+               "--sample_rows", "0"], r"--sample_rows must be >= 0 \(>= 2 with --certify"),
   ]
   for argv, message in cases:
     with pytest.raises(UserError, match=message):

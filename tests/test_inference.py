@@ -2,6 +2,8 @@
 plain and NCL scores against references computed here, bias caching, inputs and errors."""
 
 import json
+import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import bundle_testutils
 import train_testutils
 from ncl_jax import inference, metrics, normalize
-from ncl_jax.data import get_dataset
+from ncl_jax.data import get_dataset, synthetic
 from ncl_jax.errors import UserError
 
 
@@ -119,8 +121,12 @@ def test_variable_length_videos_and_short_token_rows(bundle, test_split):
 
 
 def test_bad_inputs_raise_user_errors(bundle, tmp_path):
-  with pytest.raises(UserError, match="no tokenizer"):
+  with pytest.raises(UserError, match="unknown word 'a'"):  # the synthetic words only
     bundle.embed_texts(["a caption"])
+  without_vocabulary = inference.Bundle(bundle.config, bundle.params, bundle.text_bank,
+                                        bundle.video_bank)
+  with pytest.raises(UserError, match="no tokenizer"):
+    without_vocabulary.embed_texts(["c0_1"])
   with pytest.raises(UserError, match="videos must be"):
     bundle.embed_videos(np.zeros((2, 3, 5), np.float32))
   with pytest.raises(UserError, match="normalization must be"):
@@ -162,3 +168,45 @@ def test_bundle_from_workdir_and_bundled_vocabulary(run_dir, bundle, tmp_path):
   loaded = inference.load_bundle(tmp_path / "bundle")
   want = tokenizer.ClipTokenizer(vocab).encode_batch(["A dog, surfing!"], loaded.max_words)
   np.testing.assert_array_equal(loaded.tokenize(["A dog, surfing!"]), want)
+
+
+def _synthetic_ids(cfg, concept, synonym, attribute, noise):
+  """Token ids by the layout in ncl_jax/data/synthetic.py's docstring: 0 padding, then
+  concept synonyms, attributes, noise words; start and end are the last two ids."""
+  first_attribute = 1 + cfg.num_concepts * cfg.words_per_concept
+  first_noise = first_attribute + cfg.num_attributes
+  return [cfg.vocab_size - 2, 1 + concept * cfg.words_per_concept + synonym,
+          first_attribute + attribute, first_noise + noise, cfg.vocab_size - 1]
+
+
+def test_synthetic_bundle_embeds_the_sets_words(run_dir, bundle):
+  cfg = bundle.config.data
+  row = np.zeros((1, bundle.max_words), np.int32)
+  ids = _synthetic_ids(cfg, 0, 1, 7, 3)
+  row[0, :len(ids)] = ids
+  want = bundle.embed_texts(row)
+  np.testing.assert_allclose(bundle.embed_texts(["c0_1 a7 w3"]), want, atol=1e-6)
+  np.testing.assert_allclose(inference.bundle_from_run(run_dir).embed_texts(["c0_1 a7 w3"]),
+                             want, atol=1e-6)
+  # The demo's own vocabulary (200 attributes) round-trips through the bundle's file.
+  demo = synthetic.default_config()
+  path = pathlib.Path(run_dir).parent / "demo_vocab.txt"
+  synthetic.SyntheticVocabulary(demo).save(path)
+  loaded = synthetic.SyntheticVocabulary.load(path)
+  np.testing.assert_array_equal(loaded.encode_batch(["c0_1 a17 w3"], 6)[0],
+                                _synthetic_ids(demo, 0, 1, 17, 3) + [0])
+
+
+def test_docs_snippet_runs_on_the_demo_bundle(tmp_path_factory, capsys):
+  """docs/inference.md's Python snippet, as written, on the tiny run's bundle."""
+  doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "inference.md").read_text()
+  snippet = re.search(r"<!-- inference-snippet -->\n```python\n(.*?)```", doc, re.S).group(1)
+  assert '"/tmp/ncl_bundle"' in snippet
+  bundle_dir = bundle_testutils.tiny_bundle(tmp_path_factory)
+  namespace = {}
+  exec(snippet.replace('"/tmp/ncl_bundle"', repr(str(bundle_dir))), namespace)  # pylint: disable=exec-used
+  top, scores = namespace["top"], namespace["scores"]
+  assert top.shape == scores.shape == (1, 10)
+  assert np.all(np.diff(scores[0]) <= 0)  # best first
+  assert len(set(top[0].tolist())) == 10
+  assert capsys.readouterr().out.startswith("best test videos:")

@@ -1,4 +1,5 @@
-"""A run stopped by SIGTERM and started again ends exactly like an uninterrupted run.
+"""A run stopped by SIGTERM, killed with SIGKILL during a checkpoint save, or resumed from a
+damaged latest checkpoint ends exactly like an uninterrupted run.
 
 Both runs are the real command line (``python -m ncl_jax.main``) in subprocesses on 2 fake CPU
 devices, so the test covers the signal handler, the forced save, exit code 0, automatic resume
@@ -8,13 +9,16 @@ of ``metrics.jsonl``.
 The SIGTERM is real (the operating system delivers it to the trainer's handler), but the trainer
 raises it itself right after step ``STOP_AFTER`` through the test-only hook
 ``checkpointing.TEST_SIGTERM_ENV``, so the stop step does not depend on how fast the machine is.
-The timeouts only catch hangs.
+The timeouts only catch hangs. The SIGKILL comes the same way, from
+``checkpointing.TEST_KILL_IN_SAVE_ENV``: right after the trainer started the asynchronous save
+of a step, while orbax writes it.
 """
 
 import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,12 +59,15 @@ def _env(cache_dir):
   return env
 
 
-def _start(workdir, sigterm_after=None):
+def _start(workdir, sigterm_after=None, sigkill_in_save=None):
   cache_dir = pathlib.Path(workdir).parent / "jax_cache"
   env = _env(cache_dir)
   env.pop(checkpointing.TEST_SIGTERM_ENV, None)
+  env.pop(checkpointing.TEST_KILL_IN_SAVE_ENV, None)
   if sigterm_after is not None:
     env[checkpointing.TEST_SIGTERM_ENV] = str(sigterm_after)
+  if sigkill_in_save is not None:
+    env[checkpointing.TEST_KILL_IN_SAVE_ENV] = str(sigkill_in_save)
   return subprocess.Popen(_command(workdir), cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -86,27 +93,84 @@ def _finish(proc, timeout=TIMEOUT_S):
   return proc.returncode, output
 
 
-@pytest.mark.slow
-def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path):
-  reference_dir, resumed_dir = tmp_path / "uninterrupted", tmp_path / "resumed"
-  reference = _start(reference_dir)  # runs alongside the first half of the interrupted run
-  try:
-    _interrupted_then_resumed(resumed_dir)
-    code, output = _finish(reference)
-  finally:
-    if reference.poll() is None:
-      reference.kill()
-  assert code == 0, output
-  expected, got = _records(reference_dir), _records(resumed_dir)
-  assert _train_steps(expected) == list(range(1, TOTAL_STEPS + 1))
-  assert got == expected  # every logged value, bit for bit, including the validation metrics
-  expected_results = json.loads((reference_dir / "results.json").read_text())
-  assert json.loads((resumed_dir / "results.json").read_text()) == expected_results
+class _Reference:
+  """The uninterrupted run, started once for the module; its outputs are read when first needed."""
+
+  def __init__(self, workdir):
+    self.workdir = workdir
+    self._proc = _start(workdir)  # runs alongside the first interrupted run
+    self._checked = False
+
+  def outputs(self):
+    """(metrics.jsonl records, results.json) of the finished run."""
+    if not self._checked:
+      code, output = _finish(self._proc)
+      assert code == 0, output
+      assert _train_steps(_records(self.workdir)) == list(range(1, TOTAL_STEPS + 1))
+      self._checked = True
+    return _records(self.workdir), json.loads((self.workdir / "results.json").read_text())
+
+  def stop(self):
+    if self._proc.poll() is None:
+      self._proc.kill()
+      self._proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  run = _Reference(tmp_path_factory.mktemp("resume") / "uninterrupted")
+  yield run
+  run.stop()
+
+
+def _assert_same_as(reference, workdir):
+  expected_records, expected_results = reference.outputs()
+  assert _records(workdir) == expected_records  # every logged value, bit for bit, with validation
+  assert json.loads((workdir / "results.json").read_text()) == expected_results
   assert expected_results["step"] == TOTAL_STEPS
 
 
-def _interrupted_then_resumed(resumed_dir):
-  """Runs until SIGTERM after step STOP_AFTER, checks the stop, then runs the same command again."""
+@pytest.mark.slow
+def test_sigterm_then_rerun_matches_uninterrupted_run(reference):
+  # Beside the uninterrupted run, so that both share its compilation cache.
+  resumed_dir = reference.workdir.parent / "resumed"
+  damaged_dir = reference.workdir.parent / "damaged"
+  _interrupted_then_resumed(resumed_dir, damaged_copy=damaged_dir)
+  _assert_same_as(reference, resumed_dir)
+  _assert_same_as(reference, damaged_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_then_rerun_matches_uninterrupted_run(reference):
+  killed_dir = reference.workdir.parent / "killed"
+  kill_step = 14  # a periodic save (checkpoint_every_steps=7), between two validations
+  first = _start(killed_dir, sigkill_in_save=kill_step)
+  code, output = _finish(first)
+  assert code == -signal.SIGKILL, output
+  assert max(_train_steps(_records(killed_dir))) == kill_step
+  # The save never committed: orbax's temporary folder is there, the step is not.
+  names = [p.name for p in (killed_dir / "checkpoints").iterdir()]
+  assert str(kill_step) not in names, names
+  second = _start(killed_dir)
+  code, output = _finish(second)
+  assert code == 0, output
+  assert re.search(r"resumed from step (7|8)\b", output), output
+  assert not [n for n in os.listdir(killed_dir / "checkpoints") if "tmp" in n]
+  _assert_same_as(reference, killed_dir)
+
+
+def _damage_latest_checkpoint(workdir):
+  """Truncates the largest array file of the newest checkpoint to half; returns its step."""
+  step = _checkpoint_steps(workdir)[-1]
+  files = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*") if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  os.truncate(largest, largest.stat().st_size // 2)
+  return step
+
+
+def _interrupted_then_resumed(resumed_dir, damaged_copy):
+  """Runs until SIGTERM after step STOP_AFTER, checks the stop, then runs the same command again,
+  also in ``damaged_copy``: a copy of the stopped run whose newest checkpoint is truncated."""
   first = _start(resumed_dir, sigterm_after=STOP_AFTER)
   try:
     code, output = _finish(first)
@@ -120,16 +184,27 @@ def _interrupted_then_resumed(resumed_dir):
   assert not (resumed_dir / "results.json").exists()
   # The forced save holds the step the run stopped at; the log has nothing beyond it.
   assert _checkpoint_steps(resumed_dir)[-1] == STOP_AFTER
+  shutil.copytree(resumed_dir, damaged_copy)
+  damaged_step = _damage_latest_checkpoint(damaged_copy)
+  intact = _checkpoint_steps(damaged_copy)[-2]
 
-  second = _start(resumed_dir)
+  second, repaired = _start(resumed_dir), _start(damaged_copy)
   try:
     code, output = _finish(second)
+    repaired_code, repaired_output = _finish(repaired)
   finally:
-    if second.poll() is None:
-      second.kill()
+    for proc in (second, repaired):
+      if proc.poll() is None:
+        proc.kill()
   assert code == 0, output
   assert re.search(rf"resumed from step {STOP_AFTER}\b", output), output
   assert "received signal" not in output
+  assert repaired_code == 0, repaired_output
+  damaged = damaged_copy / "checkpoints" / str(damaged_step)
+  assert f"checkpoint {damaged} is damaged" in repaired_output, repaired_output
+  assert "Traceback" not in repaired_output
+  assert re.search(rf"resumed from step {intact}\b", repaired_output), repaired_output
+  assert (damaged_copy / checkpointing.DAMAGED_DIR / str(damaged_step)).is_dir()
 
 
 def test_sigterm_hook_is_off_unless_set_and_fires_after_its_step(monkeypatch):

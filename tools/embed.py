@@ -8,8 +8,9 @@ With ``--captions`` (one caption per line, e.g. all training captions or a query
 for ``python -m ncl_jax.gallery biases``) it writes the new file ``TEXT_EMB.npy``
 [n_lines, E] float32, row i from line i. The file is read twice (a line count, then the
 captions in batches) and the output is written through a memory map, so memory stays bounded
-for any number of lines; a progress line goes to stderr every ``--progress_seconds``. A bundle
-without a tokenizer (the synthetic set) takes lines of whitespace-separated token ids.
+for any number of lines; a progress line goes to stderr every ``--progress_seconds``. A
+synthetic-set bundle takes its words (``c0_1 a17 w3``); a bundle without a tokenizer takes lines
+of whitespace-separated token ids.
 
 Reads the data set the run was trained on (its ``config.data``; ``--data_dir`` points at another
 prepared copy) and writes to the new folder ``DIR`` (never overwritten):

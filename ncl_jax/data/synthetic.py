@@ -230,9 +230,29 @@ class SyntheticVocabulary:
     words += [f"a{j}" for j in range(cfg.num_attributes)]
     words += [f"w{m}" for m in range(cfg.vocab_size - 2 - first_noise)]
     words += ["<start>", "<end>"]
-    self.words = words
-    self.ids = {word: i for i, word in enumerate(words)}
-    self.start_id, self.end_id = cfg.vocab_size - 2, cfg.vocab_size - 1
+    self._set_words(words)
+
+  def _set_words(self, words: list[str]) -> None:
+    self.words = list(words)
+    self.ids = {word: i for i, word in enumerate(self.words)}
+    self.start_id, self.end_id = len(self.words) - 2, len(self.words) - 1
+
+  def save(self, path) -> None:
+    """Writes the words, one a line, line i holding token id i (an inference bundle's copy)."""
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("\n".join(self.words) + "\n")
+
+  @classmethod
+  def load(cls, path) -> "SyntheticVocabulary":
+    """The vocabulary :meth:`save` wrote."""
+    with open(path, encoding="utf-8") as f:
+      words = f.read().splitlines()
+    if len(words) < 3 or words[0] != "<pad>" or words[-2:] != ["<start>", "<end>"]:
+      raise UserError(f"{path} is not a synthetic vocabulary (<pad>, words, <start>, <end>, "
+                      "one a line)")
+    vocabulary = cls.__new__(cls)
+    vocabulary._set_words(words)  # pylint: disable=protected-access
+    return vocabulary
 
   def decode(self, ids) -> str:
     """The words of a token row, without start, end and padding tokens."""

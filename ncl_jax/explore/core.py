@@ -19,7 +19,14 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from PIL import Image
 
+from ncl_jax import inference
+from ncl_jax import metrics
+from ncl_jax import normalize
+from ncl_jax import plots
+from ncl_jax import runs
+from ncl_jax.data import EvalData, get_dataset, synthetic
 from ncl_jax.errors import UserError
 
 MAX_QUERY_CHARS = 300       # CLIP's 77 tokens rarely need more characters.
@@ -45,8 +52,6 @@ def check_run(workdir: str) -> pathlib.Path:
   if not path.is_dir():
     raise UserError(f"--workdir {path} does not exist; pass the --workdir of a finished "
                     "python -m ncl_jax.main run")
-  from ncl_jax import runs  # pylint: disable=g-import-not-at-top  (imports JAX)
-
   results = runs.read_results(path)
   if not results or "selected_step" not in results:
     raise UserError(f"--workdir {path} has no selected checkpoint ({runs.RESULTS_FILE} with "
@@ -59,8 +64,6 @@ def check_run(workdir: str) -> pathlib.Path:
 def check_bundle(bundle_dir: str) -> pathlib.Path:
   """A bundle folder, checked before anything is loaded (:func:`ncl_jax.inference.load_bundle`
   reads it)."""
-  from ncl_jax import runs  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(bundle_dir).expanduser()
   if not (path / runs.MANIFEST_FILE).is_file():
     raise UserError(f"--bundle {path} is not an ncl_jax bundle (no {runs.MANIFEST_FILE}); "
@@ -73,7 +76,6 @@ def text_tokenizer(bundle):
   if bundle.tokenizer is not None:
     return bundle.tokenizer
   if bundle.config.data.name == "synthetic":
-    from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.SyntheticVocabulary(bundle.config.data)
   raise UserError("this model has no tokenizer vocabulary, so typed queries cannot be embedded; "
                   "export it again with CLIP's bpe_simple_vocab_16e6.txt.gz next to its weights")
@@ -109,8 +111,6 @@ class ThumbnailCollector:
 
 def jpeg_thumbnail(frame: np.ndarray, pixels: int = THUMBNAIL_PIXELS) -> bytes:
   """JPEG bytes of a uint8 [H, W, 3] frame, its longest side at most ``pixels``."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's dependency)
-
   image = Image.fromarray(np.asarray(frame, np.uint8), "RGB")
   image.thumbnail((pixels, pixels))
   out = io.BytesIO()
@@ -153,9 +153,6 @@ def mass_table(queries: str, sims: np.ndarray, share: np.ndarray, *, logit_scale
   ``share`` [N] is each video's relative expected share (its caption count); it is scaled to the
   query count, since every query distributes a probability of 1.
   """
-  from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
-  from ncl_jax import plots  # pylint: disable=g-import-not-at-top
-
   expected = share * (sims.shape[0] / share.sum())
   masses = {"plain": normalize.candidate_mass(sims, scale=logit_scale),
             "ncl": normalize.candidate_mass(sims, scale=logit_scale, bias=bias)}
@@ -197,8 +194,6 @@ def compile_ahead(bundle, num_texts: int, num_videos: int, share: np.ndarray,
   summed probabilities over the bank and over the split's captions), so the real calls find
   their compiled functions.
   """
-  from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
-
   tokens = np.zeros((batch_size, bundle.max_words), np.int32)
   videos = np.zeros((batch_size,) + tuple(bundle.video_shape), bundle.video_dtype)
   frame_mask = np.ones(videos.shape[:2], bool)
@@ -226,10 +221,6 @@ class Explorer:
   """
 
   def __init__(self, bundle, eval_data, *, source: dict[str, Any], batch_size: int = 64):
-    from ncl_jax import inference  # pylint: disable=g-import-not-at-top
-    from ncl_jax import metrics  # pylint: disable=g-import-not-at-top
-    from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
-
     watch = Stopwatch()
     self.tokenizer = text_tokenizer(bundle)
     self.caption_to_video = np.asarray(eval_data.caption_to_video, np.int64)
@@ -476,10 +467,6 @@ def open_explorer(*, workdir: str | None = None, bundle_dir: str | None = None,
   Raises:
     UserError: see :func:`check_run` / :func:`check_bundle`; an unknown split; missing data.
   """
-  from ncl_jax import inference  # pylint: disable=g-import-not-at-top
-  from ncl_jax.data import EvalData, get_dataset  # pylint: disable=g-import-not-at-top
-  from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
   say = progress or (lambda _: None)
   watch = Stopwatch()
   if (workdir is None) == (bundle_dir is None):

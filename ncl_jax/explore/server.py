@@ -74,9 +74,16 @@ def create_app(explorer: core.Explorer, *, loopback_only: bool = True) -> fastap
   """
   app = fastapi.FastAPI(title="ncl_jax explorer", docs_url=None, redoc_url=None,
                         openapi_url="/api/openapi.json")
+  _add_guards(app, loopback_only)
+  _add_page_routes(app)
+  _add_api_routes(app, explorer)
+  return app
+
+
+def _add_guards(app: fastapi.FastAPI, loopback_only: bool) -> None:
+  """The Host check, the security headers and the JSON answers to bad requests."""
   if loopback_only:
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))
-  pages = {name: _static(name) for name in STATIC_FILES}  # read once; the page never changes
 
   @app.middleware("http")
   async def security_headers(request, call_next):
@@ -91,6 +98,11 @@ def create_app(explorer: core.Explorer, *, loopback_only: bool = True) -> fastap
   @app.exception_handler(RequestValidationError)
   async def invalid_parameter(_request, err: RequestValidationError):
     return responses.JSONResponse({"error": _validation_message(err)}, status_code=422)
+
+
+def _add_page_routes(app: fastapi.FastAPI) -> None:
+  """The static page: HTML, script and style sheet, read once (the page never changes)."""
+  pages = {name: _static(name) for name in STATIC_FILES}
 
   def page(name: str) -> responses.Response:
     return responses.Response(pages[name], media_type=STATIC_FILES[name])
@@ -110,6 +122,10 @@ def create_app(explorer: core.Explorer, *, loopback_only: bool = True) -> fastap
   @app.get("/favicon.ico", include_in_schema=False)
   def favicon():
     return responses.Response(status_code=204)  # no icon; saves the browser a 404
+
+
+def _add_api_routes(app: fastapi.FastAPI, explorer: core.Explorer) -> None:
+  """The JSON API over ``explorer``; FastAPI checks every parameter's range."""
 
   @app.get("/api/info")
   def info():
@@ -139,5 +155,3 @@ def create_app(explorer: core.Explorer, *, loopback_only: bool = True) -> fastap
     if explorer.thumbnails is None or not 0 <= index < explorer.num_videos:
       return responses.JSONResponse({"error": "no such thumbnail"}, status_code=404)
     return responses.Response(explorer.thumbnail(index), media_type="image/jpeg")
-
-  return app

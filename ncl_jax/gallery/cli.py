@@ -43,7 +43,13 @@ def _parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="python -m ncl_jax.gallery", description=__doc__.split("\n\n")[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter)
   commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  _add_biases(commands)
+  _add_index(commands)
+  _add_search(commands)
+  return parser
 
+
+def _add_biases(commands) -> None:
   biases = commands.add_parser("biases", help="NCL biases of a gallery from a query bank")
   biases.add_argument("--bank", required=True, help="BANK.npy [Nb, D]: bank query embeddings")
   biases.add_argument("--gallery", required=True, help="GALLERY.npy [Ng, D]: item embeddings")
@@ -88,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
   biases.add_argument("--num_processes", type=int, help="processes in a multi-process run")
   biases.add_argument("--process_id", type=int, help="this process's index")
 
+
+def _add_index(commands) -> None:
   index = commands.add_parser("index", help="a FAISS index with the biases folded in")
   index.add_argument("--gallery", required=True, help="GALLERY.npy [Ng, D]")
   index.add_argument("--biases", required=True, help="BIASES.npy [Ng] from the biases command")
@@ -101,13 +109,14 @@ def _parser() -> argparse.ArgumentParser:
   index.add_argument("--hnsw_m", type=int, default=32, help="hnsw: links per node")
   index.add_argument("--ef_search", type=int, default=128, help="hnsw: candidates per search")
 
+
+def _add_search(commands) -> None:
   search = commands.add_parser("search", help="top-k NCL-normalized search of query embeddings")
   search.add_argument("--index", required=True, help="index folder from the index command")
   search.add_argument("--queries", required=True, help="Q.npy [Nq, D] query embeddings")
   search.add_argument("--k", type=int, default=10, help="results per query (default 10)")
   search.add_argument("--out", required=True, help="TOPK.npz to write: indices, scores")
   search.add_argument("--gallery", help="GALLERY.npy: refuse unless the index was built from it")
-  return parser
 
 
 def _progress(quiet: bool):

@@ -64,8 +64,9 @@ def chunk_rows(n_local_items: int, rows: int | None = None) -> int:
   return int(min(max(rows, _MIN_CHUNK_ROWS), _MAX_CHUNK_ROWS))
 
 
-def sharded_rows(array, padded_rows: int, sharding: NamedSharding, fill=0):
-  """A global [padded_rows, ...] array from host rows; each process reads only its devices'.
+def sharded_rows(array, padded_rows: int, sharding: NamedSharding, fill=0, dtype=np.float32):
+  """A global [padded_rows, ...] ``dtype`` array from host rows; each process reads only its
+  devices'.
 
   Rows past ``len(array)`` are ``fill``. ``array`` may be a memmap: only the addressed rows are
   read.
@@ -75,7 +76,7 @@ def sharded_rows(array, padded_rows: int, sharding: NamedSharding, fill=0):
   def rows(index):
     window = index[0]
     start, stop = window.start or 0, padded_rows if window.stop is None else window.stop
-    block = np.full((stop - start,) + tuple(array.shape[1:]), fill, np.float32)
+    block = np.full((stop - start,) + tuple(array.shape[1:]), fill, dtype)
     real = max(0, min(stop, n) - start)
     block[:real] = array[start:start + real]
     return block

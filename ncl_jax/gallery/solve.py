@@ -39,7 +39,7 @@ import numpy as np
 from ncl_jax import normalize
 from ncl_jax.errors import UserError
 from ncl_jax.gallery import search as search_lib
-from ncl_jax.gallery import dense, sparse
+from ncl_jax.gallery import dense, sparse, sparse_mesh
 
 Progress = Callable[[str], None]
 
@@ -67,7 +67,7 @@ class Solution:
     omitted_mass_bound: sparse mode: the largest per-query bound on the probability outside
       the kept items (None in dense mode).
     omitted_mass_mean: sparse mode: the mean of those bounds.
-    devices, processes: the mesh it ran on (dense mode; 1 and 1 in sparse mode).
+    devices, processes: the mesh it ran on (sparse mode: one process; its plan's devices).
     bank_groups: dense mode: the groups of devices the bank's rows were split over.
     search: sparse mode: the top-k search, "exact" or "ivf" (None in dense mode).
     sampled_certified_error: sparse mode: ``error`` plus an upper confidence bound on the mean
@@ -215,7 +215,8 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
                   tol: float = 1e-4, max_iterations: int = 1000, anderson: int = 8,
                   search: str = "exact", nlist: int | None = None, nprobe: int | None = None,
                   sample_rows: int = 10_000, confidence: float = 0.999, sample_seed: int = 0,
-                  certify: str = "worst_case", progress: Progress | None = None) -> Solution:
+                  certify: str = "worst_case", mesh=None,
+                  progress: Progress | None = None) -> Solution:
   """NCL biases from each bank query's top-``top_k`` items, with a certified error.
 
   The solve keeps each row's ``top_k`` scores and gives its omitted items, together, the mass
@@ -239,6 +240,8 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
     confidence: the sampled certificate's probability, in (0, 1).
     sample_seed: seed of its draw.
     certify: "worst_case" or "sampled": the certificate ``converged`` rests on.
+    mesh: a 1-D mesh (axis ``"data"``) to split the kept entries over by bank rows
+      (:class:`ncl_jax.gallery.sparse_mesh.ShardedSparsePlan`); default: one host.
     progress: called with one line per search chunk and per pass.
 
   Returns:
@@ -255,7 +258,9 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
   found = search_lib.top_k_items(bank, gallery, top_k, search=search, nlist=nlist,
                                  nprobe=nprobe, temperature=temperature, progress=progress)
   scale = 1.0 / temperature
-  plan = sparse.SparsePlan(found.scores, found.index, found.omitted_level, n_items, scale)
+  plan_rows = (found.scores, found.index, found.omitted_level, n_items, scale)
+  plan = (sparse.SparsePlan(*plan_rows) if mesh is None
+          else sparse_mesh.ShardedSparsePlan(*plan_rows, mesh))
   b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
   counted, passes = _counting(plan, progress, start, tol, max_iterations)
   out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
@@ -264,17 +269,25 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
                               sparse.score_error(bank, gallery))
   certified = out.error + gap.gap
   _say(progress, f"worst-case certificate: {certified:.3g}", start)
-  sampled = {}
-  if sample_rows:
-    drawn = sparse.sampled_gap(bank, gallery, found, out.bias, scale, sample_rows, confidence,
-                               sample_seed)
-    _say(progress, f"sampled certificate: {out.error + drawn.gap:.3g} at confidence "
-         f"{drawn.confidence:g} from {drawn.rows} rows", start)
-    sampled = dict(sampled_certified_error=out.error + drawn.gap, confidence=drawn.confidence,
-                   sample_rows=drawn.rows, sample_seed=drawn.seed,
-                   sampled_omitted_mass_mean=drawn.omitted_mean)
+  sampled = _sampled_fields(bank, gallery, found, out, scale, sample_rows, confidence,
+                            sample_seed, lambda line: _say(progress, line, start))
   chosen = sampled["sampled_certified_error"] if certify == "sampled" else certified
   return Solution(out.bias, "sparse", out.iterations, out.error, certified, tol,
                   chosen <= tol, passes[0] + 1, time.monotonic() - start, top_k=top_k,
                   omitted_mass_bound=gap.bound_max, omitted_mass_mean=gap.bound_mean,
-                  search=search, certify=certify, **sampled)
+                  search=search, certify=certify, devices=1 if mesh is None else mesh.size,
+                  **sampled)
+
+
+def _sampled_fields(bank, gallery, found, out, scale: float, sample_rows: int,
+                    confidence: float, seed: int, say: Progress) -> dict:
+  """The sampled certificate's :class:`Solution` fields (none when ``sample_rows`` is 0)."""
+  if not sample_rows:
+    return {}
+  drawn = sparse.sampled_gap(bank, gallery, found, out.bias, scale, sample_rows, confidence,
+                             seed)
+  say(f"sampled certificate: {out.error + drawn.gap:.3g} at confidence {drawn.confidence:g} "
+      f"from {drawn.rows} rows")
+  return dict(sampled_certified_error=out.error + drawn.gap, confidence=drawn.confidence,
+              sample_rows=drawn.rows, sample_seed=drawn.seed,
+              sampled_omitted_mass_mean=drawn.omitted_mean)

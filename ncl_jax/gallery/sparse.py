@@ -224,7 +224,7 @@ def unscanned_log_mass(block, scanned, lists, scale: float, bias,
 
 
 @jax.jit
-def _sparse_row_probs(scores, index, level, log_rest, bias, scale):
+def row_probabilities(scores, index, level, log_rest, bias, scale):
   """The sparse plan's kept probabilities [r, K] and omitted weights ``w_i = exp(L_i - lse_i)``
   [r] of one chunk of rows (``lse_i`` the row's log-normaliser over kept and omitted items),
   fused in float32: gather, exp and row sums in one loop, no temporaries the size of the
@@ -290,7 +290,7 @@ class SparsePlan:
     for pattern, scores, ids, levels in self._chunks:
       n = len(ids)
       rest = np.maximum(total - pattern @ e, floor)   # float64 [n]
-      probs, weight = _sparse_row_probs(
+      probs, weight = row_probabilities(
           self._padded(scores), self._padded(ids), self._padded(levels),
           self._padded(np.log(rest).astype(np.float32)), g32, self._scale)
       probs = np.asarray(probs)[:n]
