@@ -41,6 +41,7 @@ from ncl_jax import evaluate
 from ncl_jax import normalize
 from ncl_jax import runs
 from ncl_jax import sharding
+from ncl_jax import streaming
 from ncl_jax.data.pipeline import sample_frame_indices
 from ncl_jax.data.synthetic import SyntheticVocabulary
 from ncl_jax.errors import UserError
@@ -258,7 +259,7 @@ class Gallery:
     return len(self.embeddings)
 
   @functools.cached_property
-  def ncl_biases(self) -> normalize.Biases:
+  def ncl_biases(self) -> streaming.Biases:
     """Candidate biases [N] from Sinkhorn on bank x gallery (computed on first use)."""
     if len(self.bank) == 0:
       raise UserError("the bundle's bank is empty (the run saved no training queries), so "
