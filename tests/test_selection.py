@@ -309,3 +309,22 @@ def test_dualis_through_posthoc_with_gallery_banks(tmp_path, rng):
   assert set(t2v) == {"beta1", "beta2"}
   expected = nz.normalize(sims, "dualis", bank, temperature=0.01, gallery_bank=gbank, **t2v)
   assert result["t2v"] == pytest.approx(metrics.t2v_metrics(expected))
+  # --select val: the validation split brings its own query and gallery banks.
+  val_argv = ["--select", "val", "--val", str(paths["sims"]), "--val-bank", str(paths["bank"]),
+              "--val-v2t-bank", str(paths["vbank"]), "--val-gallery-bank", str(paths["gbank"]),
+              "--val-v2t-gallery-bank", str(paths["vgbank"])]
+  base = [str(paths["sims"]), "--method", "dualis", "--bank", str(paths["bank"]), "--v2t-bank",
+          str(paths["vbank"]), "--gallery-bank", str(paths["gbank"]), "--v2t-gallery-bank",
+          str(paths["vgbank"])]
+  with pytest.raises(UserError, match="needs --val-gallery-bank"):
+    posthoc.main(base + val_argv[:-4])
+  out = tmp_path / "val.json"
+  assert posthoc.main(base + val_argv + ["--json", str(out)]) == 0
+  selected = json.loads(out.read_text())
+  assert selected["selection"]["rule"] == "val"
+  grid = selected["selection"]["t2v"]["grid"]
+  assert len(grid) == 16 and "wins" not in grid[0]  # no plain point in dualis's grid: no guard
+  best = max(grid, key=lambda p: p["score"])["score"]
+  chosen = selected["hyperparameters"]["t2v"]
+  assert next(p for p in grid if p["beta1"] == chosen["beta1"] and
+              p["beta2"] == chosen["beta2"])["score"] == best
