@@ -73,6 +73,26 @@ from ncl_jax.errors import UserError, run_cli
 _FINITE_CHECK_ROWS = 8192
 
 
+# --select val's inputs: (flag, metavar, help).
+_VALIDATION_FLAGS = (
+    ("--val", "VAL.npy", "validation queries x validation gallery [n_val_texts, n_val_videos], "
+                         "disjoint from the test split"),
+    ("--val-gt", "VAL_MAP.npy", "[n_val_texts] int, each validation text's video (default: the "
+                                "diagonal)"),
+    ("--val-bank", "VALBANK.npy", "the t2v bank's kind of queries scored against the validation "
+                                  "videos [n_bank, n_val_videos] (never the test ones); required "
+                                  "with a --bank file, else the validation queries are their own "
+                                  "bank"),
+    ("--val-v2t-bank", "VALVBANK.npy", "video queries scored against the validation captions "
+                                       "[n_bank_videos, n_val_texts]; required with a --v2t-bank "
+                                       "file"),
+    ("--val-gallery-bank", "VALGBANK.npy", "dualis: gallery-side bank against the validation "
+                                           "videos"),
+    ("--val-v2t-gallery-bank", "VALVGBANK.npy", "dualis: gallery-side bank against the "
+                                                "validation captions"),
+)
+
+
 class _Parser(argparse.ArgumentParser):
   """argparse whose mistakes become one UserError line instead of usage text."""
 
@@ -121,26 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                            "docs/normalization.md) on each direction's bank alone (label-free "
                            "cross-validated balance); val: choose them by R@1 on a validation "
                            "split (--val, --val-bank, ...); never on the test queries' labels")
-  parser.add_argument("--val", metavar="VAL.npy",
-                      help="--select val: validation queries x validation gallery "
-                           "[n_val_texts, n_val_videos], disjoint from the test split")
-  parser.add_argument("--val-gt", metavar="VAL_MAP.npy",
-                      help="--select val: [n_val_texts] int, each validation text's video "
-                           "(default: the diagonal)")
-  parser.add_argument("--val-bank", metavar="VALBANK.npy",
-                      help="--select val: the t2v bank's kind of queries scored against the "
-                           "validation videos [n_bank, n_val_videos] (never the test ones); "
-                           "required with a --bank file, else the validation queries are "
-                           "their own bank")
-  parser.add_argument("--val-v2t-bank", metavar="VALVBANK.npy",
-                      help="--select val: video queries scored against the validation captions "
-                           "[n_bank_videos, n_val_texts]; required with a --v2t-bank file")
-  parser.add_argument("--val-gallery-bank", metavar="VALGBANK.npy",
-                      help="--select val, dualis: gallery-side bank against the validation "
-                           "videos")
-  parser.add_argument("--val-v2t-gallery-bank", metavar="VALVGBANK.npy",
-                      help="--select val, dualis: gallery-side bank against the validation "
-                           "captions")
+  for flag, metavar, text in _VALIDATION_FLAGS:
+    parser.add_argument(flag, metavar=metavar, help=f"--select val: {text}")
   parser.add_argument("--bank-gt", metavar="BANK_MAP.npy",
                       help="--select bank with a --bank file: [n_bank] int, each bank row's "
                            "correct video; selects by the bank's R@1 instead of its balance")
@@ -458,9 +460,7 @@ def _check_args(args) -> None:
 
 def _check_val_args(args) -> None:
   """``--val*`` come with ``--select val``, and each validation bank matches the test bank."""
-  given = [flag for flag in ("--val", "--val-gt", "--val-bank", "--val-v2t-bank",
-                             "--val-gallery-bank", "--val-v2t-gallery-bank")
-           if getattr(args, _dest(flag))]
+  given = [flag for flag, _, _ in _VALIDATION_FLAGS if getattr(args, _dest(flag))]
   if args.select != "val":
     if given:
       raise UserError(f"{given[0]} serves --select val only")
