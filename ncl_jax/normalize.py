@@ -29,8 +29,23 @@ Methods (the rows of :data:`REGISTRY`, see :func:`normalize`):
   ``j``'s ``k`` nearest bank queries; this is ``CSLS / (2 * temperature)`` up to a per-query
   constant. Both are inductive with a training bank, transductive with the test queries.
 
-``ncl``, ``is`` and ``csls`` reduce to one bias per candidate (:class:`Biases`) added to
-``sims / temperature``; QB-Norm's bias is gated per query and DSL has none.
+* ``nnn`` (Nearest Neighbor Normalization, Chowdhury et al. 2024): ``(sims - alpha * r_j) / T``,
+  ``r_j`` the mean of candidate ``j``'s ``k`` largest bank similarities.
+* ``dn`` (Distribution Normalization, Zhou et al. 2023): ``(sims - lambda * mean_b bank_bj) / T``,
+  the query minus ``lambda`` x the bank's mean query, on a similarity matrix.
+* ``dualis`` (DBNorm's dual inverted softmax, Wang et al. 2023): the inverted softmax over the
+  query bank times one over a *gallery bank* (gallery-side items scored against the candidates).
+
+``ncl``, ``qbnorm``, ``is`` and ``csls`` take a strength ``alpha`` that scales their bias
+(``alpha = 1``: the method as published; ``0``: the plain ranking), as NNN's ``alpha`` does, so
+every selection grid can choose "no normalization". All but DSL reduce to one bias per
+candidate (:class:`Biases`) added to ``sims / temperature``; QB-Norm's is gated per query.
+
+**Inductive is not automatically better.** With a bank of captions whose answers are not in the
+gallery (training captions x test videos), a bank about the gallery's size makes the biases
+overfit it: on the real MSR-VTT halves split (500-caption bank, 500 videos) every bank method
+at full strength loses t2v R@1 (docs/normalization.md). Choose ``alpha`` on a validation split
+(``posthoc --select val``), or use a bank many times the gallery (benchmarks/bank_size.py).
 
 Banks of any size are streamed through jitted functions in fixed-size row chunks (pass a
 ``np.load(..., mmap_mode="r")`` memmap for banks larger than memory; the engine is
@@ -580,6 +595,8 @@ class Knob:
     grid: the values selection tries; empty: the option is not selected (e.g. a tolerance).
     at_most: ``"bank"`` or ``"candidates"``: grid values above the pseudo-bank's rows or the
       candidates are skipped (neighbour counts).
+    neutral: the value that gives the plain ranking (a strength's 0), or None; validation
+      selection keeps that point unless another wins clearly.
   """
 
   name: str
@@ -589,6 +606,7 @@ class Knob:
   check: str = "positive"
   grid: tuple = ()
   at_most: str | None = None
+  neutral: Any = None
 
   @property
   def kind(self) -> type:
@@ -707,7 +725,8 @@ _STRENGTH_HELP = "strength of the bias; 0 gives the plain ranking"
 
 
 def _alpha(default: float = 1.0, grid: tuple = _ALPHAS) -> Knob:
-  return Knob("alpha", "--alpha", default, _STRENGTH_HELP, check="nonnegative", grid=grid)
+  return Knob("alpha", "--alpha", default, _STRENGTH_HELP, check="nonnegative", grid=grid,
+              neutral=0.0)
 
 
 def _dn_logits(sims, bank=None, *, temperature: float, col_marginals=None, chunk_rows=None,
@@ -764,7 +783,7 @@ register(Normalizer(
 register(Normalizer(
     "dn", _dn_logits, "dn (distribution normalization)",
     knobs=(Knob("lambda", "--dn-lambda", 0.5, "weight of the bank's mean query subtracted",
-                check="nonnegative", grid=(0.0, 0.25, 0.5, 0.75, 1.0)),)))
+                check="nonnegative", grid=(0.0, 0.25, 0.5, 0.75, 1.0), neutral=0.0),)))
 register(Normalizer(
     "dualis", _dualis_logits,
     "dualis (DBNorm's dual inverted softmax; needs --gallery-bank)", gallery_bank=True,
