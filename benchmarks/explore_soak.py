@@ -142,11 +142,10 @@ def soak(url: str, pid: int, *, clients: int = 16, seconds: float = 30.0, seed: 
 
 
 def parse_args(argv):
+  import explore  # pylint: disable=g-import-not-at-top  (benchmarks/explore.py, beside this file)
   parser = argparse.ArgumentParser(prog="python benchmarks/explore_soak.py",
                                    description=__doc__.split("\n\n")[0])
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir", help="a finished training run")
-  source.add_argument("--bundle", help="an exported bundle")
+  explore.add_source_args(parser)
   parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
   parser.add_argument("--seconds", type=float, default=30.0, help="soak length (default 30)")
   return parser.parse_args(argv)
@@ -157,7 +156,7 @@ def main(argv=None) -> int:
   import tempfile  # pylint: disable=g-import-not-at-top
   import explore  # pylint: disable=g-import-not-at-top  (benchmarks/explore.py, beside this file)
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  source = ["--workdir", args.workdir] if args.workdir else ["--bundle", args.bundle]
+  source = explore.server_source(args)
   cache = tempfile.mkdtemp(prefix="ncl_explore_soak_cache_")
   try:
     process, url, _, _ = explore.start_server(source, cache)

@@ -436,9 +436,6 @@ class Checkpointer:
     """
     try:
       self.wait()
-    except UserError:
-      if not self._disk_failed:
-        raise
     except Exception:  # pylint: disable=broad-except
       if not self._disk_failed:
         raise

@@ -327,7 +327,7 @@ def test_api_search(server, explorer):
 
 def test_api_hubs_and_queries(server, explorer):
   status, _, hubs = _api(server, "/api/hubs", k=4)
-  assert status == 200 and hubs["over"] == "bank" and len(hubs["plain"]) == 4
+  assert status == 200 and hubs["over"] == "test" and len(hubs["plain"]) == 4
   assert hubs["plain"][0]["id"] == explorer.hubs(k=1)["plain"][0]["id"]
   assert len(hubs["histogram"]["edges"]) == len(hubs["histogram"]["plain"]) + 1
   status, _, queries = _api(server, "/api/queries", limit=5, order="worsened")
@@ -388,6 +388,7 @@ def _playwright():
 def test_page_in_chromium(server, tmp_path):
   """Chromium loads the page, a typed query fills both columns, the hubs view draws Fig. 2."""
   sync_api = _playwright()
+  bank_size = _api(server, "/api/info")[2]["bank_size"]
   problems = []
   with sync_api.sync_playwright() as playwright:
     browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
@@ -397,12 +398,19 @@ def test_page_in_chromium(server, tmp_path):
       page.on("pageerror", lambda err: problems.append(str(err)))
       page.goto(server["url"])
       page.wait_for_function("document.getElementById('source').textContent.includes('videos')")
+      # The page says what NCL is: the bias, the bank it comes from, the rank arrows.
+      about = page.text_content("#about-ncl")
+      for words in ("cos / T + bias", "bias per video", "fair share", "bank",
+                    f"{bank_size} training queries", "▲3", "three places"):
+        assert words in about, words
       page.fill("#query", "c0_0 c1_1 a3")
       page.press("#query", "Enter")
       page.wait_for_selector("#ncl-results .result")
       assert page.locator("#plain-results .result").count() == 10
       assert page.locator("#ncl-results .result").count() == 10
       assert page.locator("#ncl-results .change").count() == 10  # the rank change is marked
+      assert urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query) == {
+          "q": ["c0_0 c1_1 a3"]}  # the search is in the URL
       page.screenshot(path=str(tmp_path / "search.png"))
       page.click("button[data-view=queries]")
       page.wait_for_selector("#queries-table tbody tr")
@@ -414,7 +422,25 @@ def test_page_in_chromium(server, tmp_path):
       page.wait_for_selector("#hub-histogram rect")
       assert page.locator("#hub-histogram rect").count() >= 2
       assert page.locator("#hubs-plain tbody tr").count() == 20
+      assert page.url.endswith("#hubs")
+      # The hubs view opens on the split's captions (over the bank NCL is 1.000 by construction).
+      assert page.input_value("#hubs-over") == "test"
+      assert "captions of the split" in page.text_content("#hubs-summary")
       page.screenshot(path=str(tmp_path / "hubs.png"), full_page=True)
+
+      # A linked search is restored from the URL: the query, its k, both columns.
+      linked = browser.new_page(viewport={"width": 1280, "height": 900})
+      linked.on("pageerror", lambda err: problems.append(str(err)))
+      linked.goto(server["url"] + "?" + urllib.parse.urlencode({"q": "c0_1 a3", "k": 5}))
+      linked.wait_for_selector("#ncl-results .result")
+      assert linked.input_value("#query") == "c0_1 a3"
+      assert linked.locator("#plain-results .result").count() == 5
+      assert linked.locator("#ncl-results .result").count() == 5
+      # ... and a linked view: #hubs opens the hubs view directly.
+      linked.goto(server["url"] + "#hubs")
+      linked.wait_for_selector("#hubs-plain tbody tr")
+      assert linked.locator("#view-hubs").is_visible()
+      assert not linked.locator("#view-search").is_visible()
     finally:
       browser.close()
   assert not problems, problems  # e.g. a script error or a Content-Security-Policy violation
