@@ -38,7 +38,7 @@ def evaluate_banks(workdir: pathlib.Path, bank_size: int = 0) -> dict[str, dict]
   finished = json.loads((workdir / runs.RESULTS_FILE).read_text())
   if config.eval.bank != "queue" or not config.eval.select_metric.startswith("plain/"):
     raise SystemExit(f"{workdir}: train with eval.bank='queue' and a plain select_metric")
-  run = train._Run(config)  # pylint: disable=protected-access
+  run = train.Run(config)
   with checkpointing.Checkpointer(workdir, config=config.to_dict()) as ckpt:
     state, _ = ckpt.restore(finished["selected_step"], run.abstract_state)
   out = {}

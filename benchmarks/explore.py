@@ -39,12 +39,22 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="python benchmarks/explore.py",
-                                   description=__doc__.split("\n\n")[0])
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+  """--workdir RUN | --bundle BUNDLE: what the explorer serves (also benchmarks/explore_soak.py)."""
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--workdir", help="a finished training run")
   source.add_argument("--bundle", help="an exported bundle")
+
+
+def server_source(args: argparse.Namespace) -> list[str]:
+  """The explorer's command-line arguments for :func:`add_source_args`'s choice."""
+  return ["--workdir", args.workdir] if args.workdir else ["--bundle", args.bundle]
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="python benchmarks/explore.py",
+                                   description=__doc__.split("\n\n")[0])
+  add_source_args(parser)
   parser.add_argument("--starts", type=int, default=3, help="server starts to time")
   parser.add_argument("--searches", type=int, default=200, help="typed searches to time")
   parser.add_argument("--k", type=int, default=10, help="results per column")
@@ -118,7 +128,7 @@ def summary(values: list[float]) -> str:
 
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  source = ["--workdir", args.workdir] if args.workdir else ["--bundle", args.bundle]
+  source = server_source(args)
   print(f"machine: {machine()}", flush=True)
   starts, cpu, info = [], [], None
   cache = tempfile.mkdtemp(prefix="ncl_explore_bench_cache_")

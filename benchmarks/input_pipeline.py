@@ -20,7 +20,8 @@ Measures, on this machine:
    (batch 16), timed in interleaved windows so that the shared machine's load changes hit all
    loaders alike; wall-clock examples/s and examples per CPU-second of the loader's processes;
 5. a sizing table: examples/s a ViT-B/32 meanP train step (12 frames) consumes on TPU v5e-8,
-   TPU v4-8 and 8x H100 at an assumed utilisation, and the host cores that feeds.
+   TPU v4-8 and 8x H100 at an assumed utilisation, and the host cores that feeds (FLOPs per
+   example from the TPU compiler's cost analysis of the train step, docs/tpu_reports/).
 
 Prints a readable table and one JSON line. Numbers from a shared CPU are noisy.
 """
@@ -73,7 +74,7 @@ def features_mode(steps: int) -> dict:
   plain = get_dataset(data_config).train_iterator(batch_size, seed=0)
   batch_s = _time_batches(plain, steps)
 
-  run = train._Run(config)  # pylint: disable=protected-access
+  run = train.Run(config)
   state = run.initial_state()
   iterator = dataset.train_iterator(batch_size, seed=0)
   batches = [sharding.host_batch_to_global(next(iterator), run.mesh) for _ in range(steps + 3)]
@@ -329,39 +330,45 @@ def frames_loaders(num_videos: int, seconds: int, batch_size: int, batches: int,
 
 # -- sizing: what an accelerator consumes ---------------------------------------------------------
 
-# Dense bf16 peak per chip (vendor datasheets): TPU v5e 197 TFLOP/s, TPU v4 275 TFLOP/s,
-# H100 SXM 989 TFLOP/s (1979 is with 2:4 sparsity). "v4-8" is 4 chips (8 TensorCores).
-ACCELERATORS = (("TPU v5e-8", 8, 197e12), ("TPU v4-8", 4, 275e12), ("8x H100 SXM", 8, 989e12))
+# FLOPs per training example come from the TPU compiler's cost analysis of the real train step
+# (``python -m ncl_jax.main --config=configs/msrvtt.py --compile_only --topology=...``), whose
+# JSON reports are kept in docs/tpu_reports/ (docs/tpu.md); peaks from ncl_jax.chips. No GPU
+# compile is available here, so the H100 row uses the v5e-8 compile's FLOPs per example (the
+# same model and batch; only the per-device share of the replicated loss differs).
+COMPILE_REPORTS = ROOT / "docs" / "tpu_reports"
+ACCELERATORS = (("TPU v5e-8", "v5e", "b32_meanP_v5e-8.json", None),
+                ("TPU v4-8", "v4", "b32_meanP_v4-8.json", None),
+                ("8x H100 SXM", "h100", "b32_meanP_v5e-8.json", 8))
 
 
-def vit_meanp_train_flops(frames: int = 12, words: int = 32) -> dict:
-  """FLOPs of one training example of CLIP ViT-B/32 + text transformer + meanP (analytic).
-
-  Matmuls only (2 FLOPs per multiply-add); backward = 2x forward. Vision: 224 px, 32 px patches
-  -> 49 + 1 tokens, width 768, 12 layers, MLP 4x; text: ``words`` tokens, width 512, 12 layers.
-  Layer norms, softmax, the loss and Sinkhorn are < 1 % and left out.
-  """
-  def transformer(tokens, width, layers):
-    per_layer = 2 * tokens * (4 * width * width + 2 * width * 4 * width)  # qkv+out, MLP
-    attention = 2 * 2 * tokens * tokens * width                           # QK^T and AV
-    return layers * (per_layer + attention)
-
-  patch_embed = 2 * 49 * (32 * 32 * 3) * 768
-  vision_frame = patch_embed + transformer(50, 768, 12) + 2 * 768 * 512   # + projection
-  text = transformer(words, 512, 12) + 2 * 512 * 512
-  forward = frames * vision_frame + text
-  return {"vision_forward_per_frame": vision_frame, "text_forward": text,
-          "forward": forward, "train": 3 * forward}
+def compiled_train_flops(report_dir: pathlib.Path = COMPILE_REPORTS) -> dict:
+  """FLOPs per training example of ViT-B/32 meanP (12 frames, 32 words, batch 128) per
+  compile report, from the compiled train step: ``{file: (flops_per_example, devices)}``."""
+  flops = {}
+  for _, _, name, _ in ACCELERATORS:
+    path = report_dir / name
+    if path.is_file() and name not in flops:
+      report = json.loads(path.read_text())
+      flops[name] = (float(report["flops_per_example"]), int(report["devices"]))
+  return flops
 
 
-def sizing(examples_per_cpu_s: float, utilization: float = 0.4) -> list[dict]:
+def sizing(examples_per_cpu_s: float, utilization: float = 0.4,
+           report_dir: pathlib.Path = COMPILE_REPORTS) -> list[dict]:
   """Examples/s each accelerator's train step consumes at ``utilization`` of peak, and the host
   cores a frames-mode pipeline needs to keep up at ``examples_per_cpu_s`` per core."""
-  train = vit_meanp_train_flops()["train"]
+  from ncl_jax import chips  # pylint: disable=g-import-not-at-top
+  compiled = compiled_train_flops(report_dir)
   rows = []
-  for name, chips, peak in ACCELERATORS:
-    rate = chips * peak * utilization / train
-    rows.append({"accelerator": name, "peak_tflops": chips * peak / 1e12,
+  for name, chip, report, devices in ACCELERATORS:
+    if report not in compiled:
+      continue
+    per_example, report_devices = compiled[report]
+    devices = devices or report_devices
+    peak = chips.CHIPS[chip].peak_flops
+    rate = devices * peak * utilization / per_example
+    rows.append({"accelerator": name, "peak_tflops": devices * peak / 1e12,
+                 "flops_per_example": per_example, "flops_from": report,
                  "examples_per_s": rate, "steps_per_s_at_128": rate / 128,
                  "host_cores_needed": rate / examples_per_cpu_s})
   return rows
@@ -381,14 +388,14 @@ def _print_loaders(loaders: dict) -> None:
 
 
 def _print_sizing(rows: list[dict], per_core: float, utilization: float) -> None:
-  flops = vit_meanp_train_flops()
-  print(f"sizing: ViT-B/32 meanP, 12 frames + 32 words: {flops['train'] / 1e9:.0f} GFLOPs per "
-        f"training example; {utilization:.0%} of dense bf16 peak; host pipeline "
-        f"{per_core:.1f} examples per core-second (Grain, 2 workers, measured above)")
-  print(f"  {'accelerator':14s} {'peak TFLOP/s':>12s} {'examples/s':>10s} {'steps/s @128':>12s} "
-        f"{'host cores':>10s}")
+  print(f"sizing: ViT-B/32 meanP, 12 frames + 32 words, FLOPs per training example from the "
+        f"compiled train step (docs/tpu_reports/); {utilization:.0%} of dense bf16 peak; host "
+        f"pipeline {per_core:.1f} examples per core-second (Grain, 2 workers, measured above)")
+  print(f"  {'accelerator':14s} {'GFLOPs/example':>14s} {'peak TFLOP/s':>12s} {'examples/s':>10s} "
+        f"{'steps/s @128':>12s} {'host cores':>10s}")
   for r in rows:
-    print(f"  {r['accelerator']:14s} {r['peak_tflops']:12.0f} {r['examples_per_s']:10.0f} "
+    print(f"  {r['accelerator']:14s} {r['flops_per_example'] / 1e9:14.0f} "
+          f"{r['peak_tflops']:12.0f} {r['examples_per_s']:10.0f} "
           f"{r['steps_per_s_at_128']:12.1f} {r['host_cores_needed']:10.0f}")
 
 
@@ -431,7 +438,7 @@ def main() -> None:
   per_core = loaders["loaders"]["grain_2"]["examples_per_cpu_s"]
   rows = sizing(per_core, args.utilization)
   _print_sizing(rows, per_core, args.utilization)
-  report.update(loaders=loaders, sizing=rows, train_flops=vit_meanp_train_flops())
+  report.update(loaders=loaders, sizing=rows)
   print(json.dumps(report))
 
 

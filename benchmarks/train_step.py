@@ -72,7 +72,7 @@ class _Stepper:
   """A compiled train step of one config with a few fixed device batches."""
 
   def __init__(self, config, fill_queues: bool):
-    self.run = train._Run(config)
+    self.run = train.Run(config)
     state = self.run.initial_state()
     if fill_queues:
       state = state._replace(text_queue=_filled(state.text_queue, jax.random.PRNGKey(1)),

@@ -32,6 +32,11 @@ Retention keeps the last ``max_to_keep`` checkpoints *plus* the best one on ``be
 (orbax's own ``best_fn`` with ``max_to_keep`` would keep the N best instead, dropping the latest
 checkpoint that resume needs).
 
+Faults (docs/checkpoints.md): :meth:`Checkpointer.restore_latest` moves a damaged checkpoint to
+``workdir/damaged_checkpoints/`` with a warning and restores the newest intact one; a full disk
+stops a save with one :class:`ncl_jax.errors.UserError` that names the disk, the space needed
+and the last good checkpoint (kept), and leaves no half-written step.
+
 Config guard: a workdir that already holds a run with a different config raises
 :class:`ncl_jax.errors.UserError` unless ``overwrite=True``. Keys in :data:`RESUMABLE_KEYS` (and any
 key ending in ``_every_steps``) may change between runs: they change how long the run goes and
@@ -431,9 +436,6 @@ class Checkpointer:
     """
     try:
       self.wait()
-    except UserError:
-      if not self._disk_failed:
-        raise
     except Exception:  # pylint: disable=broad-except
       if not self._disk_failed:
         raise

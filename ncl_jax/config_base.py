@@ -115,6 +115,15 @@ def get_base_config(dataset: str) -> ml_collections.ConfigDict:
   config.max_to_keep = 3                  # recent checkpoints kept (plus the best on validation)
   # A workdir holding a run with a different config is never replaced unless this is True.
   config.overwrite_workdir = False
+
+  # Memory and speed. microbatches = M embeds each device's share of the batch in M chunks and
+  # keeps one chunk's activations at a time (GradCache): the loss and its gradient still span
+  # the whole global batch and the queues, at the cost of a second forward pass
+  # (docs/tpu.md says which M each model needs on each TPU).
+  config.microbatches = 1
+  # (first, last) steps traced with jax.profiler into WORKDIR/profile (TensorBoard's profile
+  # plugin, XProf); () traces nothing.
+  config.profile_steps = ()
   return config
 
 

@@ -1,7 +1,7 @@
 """User-facing errors and the one place where command-line tools turn them into exit codes.
 
 Every command-line entry point wraps its body with :func:`run_cli`. A :class:`UserError`
-(bad input, a missing file, a misspelled option) becomes one line on stderr and exit code 2,
+(bad input, a missing file, a misspelled option) becomes one line on stderr and exit code 2 (or its ``exit_code``),
 with no traceback; anything else is a bug and keeps its traceback.
 """
 
@@ -13,6 +13,8 @@ from typing import Callable, NoReturn
 
 class UserError(Exception):
   """A mistake the user can fix. The message names the problem and the fix."""
+
+  exit_code = 2  # subclasses may say more (3: a compiled step does not fit the accelerator)
 
 
 def fail(message: str) -> NoReturn:
@@ -26,5 +28,5 @@ def run_cli(main: Callable[[], int | None]) -> NoReturn:
     code = main()
   except UserError as err:
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(err.exit_code)
   sys.exit(code or 0)

@@ -319,6 +319,14 @@ def _direction_score(direction: str, caption_to_video, protocol: str, tie: str) 
                                                 tie=tie)
 
 
+def _direction_ranks(direction: str, caption_to_video, protocol: str, tie: str) -> Callable:
+  """Scores -> 1-based ground-truth ranks of one direction (protocol and tie policy)."""
+  if direction == "t2v":
+    return lambda scores: metrics_lib.t2v_ranks(scores, caption_to_video, tie=tie)
+  return lambda scores: metrics_lib.v2t_ranks(scores, caption_to_video, protocol=protocol,
+                                              tie=tie)
+
+
 def _method_metrics(method: str, problem, options, caption_to_video, temperature: float,
                     direction: str, protocol: str, tie: str) -> dict:
   queries, bank = problem
@@ -344,9 +352,10 @@ def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
                            eval_config) -> tuple[dict[str, Any], dict[str, Any]]:
   """Each method's options chosen on a *validation* split's labels, per direction.
 
-  The registry's grid (:func:`ncl_jax.selection.grid`) is scored by validation R@1 (ties: lower mean
-  rank) with the training bank, as :func:`retrieval_results` will use it on the test split
-  (:func:`ncl_jax.selection.select_on_queries`). With an empty bank (no training step yet)
+  The registry's grid (:func:`ncl_jax.selection.grid`) is scored by validation R@1 (ties: lower
+  mean rank) with the training bank, as :func:`retrieval_results` will use it on the test split
+  (:func:`ncl_jax.selection.select_on_queries`, with its guard: the plain point, strength 0,
+  stays unless another wins clearly). With an empty bank (no training step yet)
   the bank methods have nothing to normalize with and report plain scores, so their choice is
   empty.
 
@@ -372,14 +381,9 @@ def select_hyperparameters(text_emb: np.ndarray, video_emb: np.ndarray,
       if len(bank) == 0 and normalize.normalizer(method).uses_bank:
         chosen[method][direction], report[method][direction] = {}, None
         continue
-      metrics_of = _direction_score(direction, caption_to_video, protocol, tie)
-
-      def score(scores, metrics_of=metrics_of):
-        values = metrics_of(scores)
-        return values["R@1"], -values["MnR"]
-
       picked = selection_lib.select_on_queries(
-          method, queries, bank, temperature=1.0 / logit_scale, score=score,
+          method, queries, bank, temperature=1.0 / logit_scale,
+          ranks=_direction_ranks(direction, caption_to_video, protocol, tie),
           col_marginals=_shares(queries, caption_to_video, direction))
       chosen[method][direction] = picked.values
       report[method][direction] = picked.as_json()

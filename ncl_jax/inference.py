@@ -35,12 +35,20 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax import export as jax_export
 
+from ncl_jax import evaluate
 from ncl_jax import normalize
 from ncl_jax import runs
+from ncl_jax import sharding
+from ncl_jax import streaming
 from ncl_jax.data.pipeline import sample_frame_indices
 from ncl_jax.data.synthetic import SyntheticVocabulary
 from ncl_jax.errors import UserError
+from ncl_jax.gallery import index as index_lib
+from ncl_jax.gallery import solve
+from ncl_jax.models.dual_encoder import DualEncoder
+from ncl_jax.tokenizer import ClipTokenizer
 
 BACKENDS = ("flax", "exported")
 NORMALIZATIONS = ("plain", "ncl")
@@ -106,8 +114,6 @@ class Bundle:
     if self.backend == "exported":
       text_exp, video_exp = self._exported
       return text_exp.call, video_exp.call
-    from ncl_jax import evaluate  # pylint: disable=g-import-not-at-top
-    from ncl_jax.models.dual_encoder import DualEncoder  # pylint: disable=g-import-not-at-top
     encoders = evaluate.make_encoders(DualEncoder(self.config.model))
     return encoders.text, encoders.video
 
@@ -253,14 +259,12 @@ class Gallery:
     return len(self.embeddings)
 
   @functools.cached_property
-  def ncl_biases(self) -> normalize.Biases:
+  def ncl_biases(self) -> streaming.Biases:
     """Candidate biases [N] from Sinkhorn on bank x gallery (computed on first use)."""
     if len(self.bank) == 0:
       raise UserError("the bundle's bank is empty (the run saved no training queries), so "
                       "NCL-normalized scores are undefined; use normalization='plain'")
     if len(self.bank) * len(self) > normalize.DENSE_LIMIT:
-      from ncl_jax import sharding  # pylint: disable=g-import-not-at-top
-      from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
       return solve.dense_biases(
           self.bank, self.embeddings, temperature=self.temperature,
           col_marginals=self.expected_share, tol=self._tol, max_iterations=self._max_iterations,
@@ -271,7 +275,6 @@ class Gallery:
 
   def _index(self, normalization: str):
     """The exact FAISS index of ``normalization`` (plain: zero biases at temperature 1)."""
-    from ncl_jax.gallery import index as index_lib  # pylint: disable=g-import-not-at-top
     if normalization not in self._indexes:
       if normalization == "ncl":
         bias, temperature = self.ncl_biases.bias, self.temperature
@@ -353,7 +356,6 @@ def video_input_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...
 def _tokenizer_from(path: pathlib.Path):
   if path.name == runs.SYNTHETIC_VOCAB_FILE:
     return SyntheticVocabulary.load(path)
-  from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
   return ClipTokenizer(str(path))
 
 
@@ -392,9 +394,8 @@ def load_bundle(path: str | os.PathLike, backend: str = "flax") -> Bundle:
     text_bank, video_bank = bank["text_bank"], bank["video_bank"]
   exported = None
   if backend == "exported":
-    from jax import export  # pylint: disable=g-import-not-at-top
     try:
-      exported = tuple(export.deserialize(bytearray((root / name).read_bytes()))
+      exported = tuple(jax_export.deserialize(bytearray((root / name).read_bytes()))
                        for name in (runs.TEXT_FN_FILE, runs.VIDEO_FN_FILE))
     except Exception as err:  # the serialization format is versioned by JAX, not by us
       raise UserError(f"JAX {jax.__version__} cannot load the functions exported with JAX "

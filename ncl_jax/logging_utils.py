@@ -95,3 +95,46 @@ class Progress:
     else:
       speed = "-- steps/s  ETA --"
     return f"step {step}/{self._total}  loss {loss:.4f}  {speed}"
+
+
+class Throughput:
+  """Steps/s, TFLOP/s per device and MFU between consecutive reports (the trainer's logs).
+
+  The first report only starts the clock (the first steps include compilation). FLOPs per step
+  and device come from the compiled train step's cost analysis; MFU needs the device's peak
+  FLOP/s (:mod:`ncl_jax.chips`) and is left out where it is unknown (CPU).
+  """
+
+  def __init__(self, flops_per_step_per_device: float | None = None,
+               peak_flops: float | None = None):
+    self.flops = flops_per_step_per_device or None
+    self.peak = peak_flops or None
+    self._last = None  # (time, step) of the previous report
+    self._seconds = 0.0
+    self._steps = 0
+
+  def report(self, step: int) -> dict[str, float]:
+    """``{"steps_per_s", "tflops_per_device", "mfu"}`` since the previous report, or {}."""
+    now = time.perf_counter()
+    last, self._last = self._last, (now, step)
+    if last is None or step <= last[1]:
+      return {}
+    self._seconds += now - last[0]
+    self._steps += step - last[1]
+    return self._rates(step - last[1], now - last[0])
+
+  def summary(self) -> dict[str, float | None]:
+    """The same rates over every measured window of the run (None before any)."""
+    rates = self._rates(self._steps, self._seconds) if self._steps else {}
+    return {"steps_per_s": rates.get("steps_per_s"),
+            "tflops_per_device": rates.get("tflops_per_device"), "mfu": rates.get("mfu"),
+            "flops_per_step_per_device": self.flops, "peak_flops_per_device": self.peak}
+
+  def _rates(self, steps: int, seconds: float) -> dict[str, float]:
+    rates = {"steps_per_s": steps / max(seconds, 1e-9)}
+    if self.flops:
+      flops_per_s = self.flops * rates["steps_per_s"]
+      rates["tflops_per_device"] = flops_per_s / 1e12
+      if self.peak:
+        rates["mfu"] = flops_per_s / self.peak
+    return rates

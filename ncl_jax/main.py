@@ -7,6 +7,10 @@ Multi-process runs (TPU pods, several GPU hosts) call ``jax.distributed.initiali
 with ``--distributed`` (TPU VMs and clusters that JAX detects on its own) or with
 ``--coordinator_address``/``--num_processes``/``--process_id`` (any cluster, or localhost).
 A single host never initializes the distributed runtime.
+
+``--compile_only --topology=v5e-8 [--compile_report=PATH.json]`` compiles the config's train step
+for a Cloud TPU slice on any host (libtpu needed, no TPU) and reports whether it fits the chips'
+memory and its FLOPs per step (docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,16 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for jax.distributed (multi-process).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes - 1.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the train step for --topology (a TPU slice, described "
+    "without TPUs: needs libtpu, pip install 'ncl_jax[tpu-compile]'), report memory and FLOPs "
+    "per device, and exit: 0 when it fits, 3 when it does not. Needs no data, no weights, no "
+    "--workdir.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "With --compile_only: a TPU slice (v5e-8, v4-8, v5p-8, v6e-8, v5e-16, "
+    "...) or a topology such as v5e:2x4.")
+_COMPILE_REPORT = flags.DEFINE_string(
+    "compile_report", None, "With --compile_only: also write the report to this JSON file.")
 
 
 def maybe_initialize_distributed(distributed: bool, coordinator: str | None,
@@ -92,6 +106,22 @@ def _config_file_arg(argv: list[str]) -> str | None:
   return None
 
 
+def compile_only(config, topology: str | None, report_path: str | None) -> int:
+  """``--compile_only``: compiles for a TPU topology, prints the report; 0 fits, 3 does not."""
+  if not topology:
+    errors.fail("--compile_only needs --topology, e.g. --topology=v5e-8")
+  from ncl_jax import tpu  # pylint: disable=g-import-not-at-top
+  if report_path and os.path.exists(report_path):
+    errors.fail(f"{report_path} exists; choose a new --compile_report path")
+  report = tpu.compile_report(config, topology)
+  print(tpu.describe(report), flush=True)
+  if report_path:
+    tpu.write_report(report, report_path)
+  if not report["fits"]:
+    raise tpu.DoesNotFitError(tpu.does_not_fit_message(report))
+  return 0
+
+
 def check_workdir(workdir: str) -> None:
   """Raises UserError unless ``workdir`` is, or can become, a directory (before any import)."""
   path = pathlib.Path(workdir)
@@ -110,6 +140,9 @@ def check_workdir(workdir: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _COMPILE_ONLY.value:
+    compile_only(_CONFIG.value, _TOPOLOGY.value, _COMPILE_REPORT.value)
+    return
   if _WORKDIR.value is None:
     errors.fail("--workdir is required (the run directory for checkpoints, logs and results)")
   check_workdir(_WORKDIR.value)

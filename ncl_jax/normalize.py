@@ -29,99 +29,47 @@ Methods (the rows of :data:`REGISTRY`, see :func:`normalize`):
   ``j``'s ``k`` nearest bank queries; this is ``CSLS / (2 * temperature)`` up to a per-query
   constant. Both are inductive with a training bank, transductive with the test queries.
 
-``ncl``, ``is`` and ``csls`` reduce to one bias per candidate (:class:`Biases`) added to
-``sims / temperature``; QB-Norm's bias is gated per query and DSL has none.
+* ``nnn`` (Nearest Neighbor Normalization, Chowdhury et al. 2024): ``(sims - alpha * r_j) / T``,
+  ``r_j`` the mean of candidate ``j``'s ``k`` largest bank similarities.
+* ``dn`` (Distribution Normalization, Zhou et al. 2023): ``(sims - lambda * mean_b bank_bj) / T``,
+  the query minus ``lambda`` x the bank's mean query, on a similarity matrix.
+* ``dualis`` (DBNorm's dual inverted softmax, Wang et al. 2023): the inverted softmax over the
+  query bank times one over a *gallery bank* (gallery-side items scored against the candidates).
+
+``ncl``, ``qbnorm``, ``is`` and ``csls`` take a strength ``alpha`` that scales their bias
+(``alpha = 1``: the method as published; ``0``: the plain ranking), as NNN's ``alpha`` does, so
+every selection grid can choose "no normalization". All but DSL reduce to one bias per
+candidate (:class:`Biases`) added to ``sims / temperature``; QB-Norm's is gated per query.
+
+**Inductive is not automatically better.** With a bank of captions whose answers are not in the
+gallery (training captions x test videos), a bank about the gallery's size makes the biases
+overfit it: on the real MSR-VTT halves split (500-caption bank, 500 videos) every bank method
+at full strength loses t2v R@1 (docs/normalization.md). Choose ``alpha`` on a validation split
+(``posthoc --select val``), or use a bank many times the gallery (benchmarks/bank_size.py).
 
 Banks of any size are streamed through jitted functions in fixed-size row chunks (pass a
-``np.load(..., mmap_mode="r")`` memmap for banks larger than memory); only [n_candidates]
-vectors persist between chunks. A small NCL bank goes through :func:`ncl_jax.sinkhorn.sinkhorn`.
+``np.load(..., mmap_mode="r")`` memmap for banks larger than memory; the engine is
+:mod:`ncl_jax.streaming`); only [n_candidates] vectors persist between chunks. A small NCL bank
+goes through :func:`ncl_jax.sinkhorn.sinkhorn`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ncl_jax import sinkhorn as sinkhorn_lib
+from ncl_jax import streaming
+from ncl_jax.streaming import Biases
 
 
-# Rows per streamed chunk hold about this many entries (4 MiB of float32): small enough to stay
-# in the L2 cache between the passes over a chunk, which measured faster than 4x larger chunks.
-_CHUNK_ELEMENTS = 1 << 20
 # Banks up to this many entries are solved in one piece by ncl_jax.sinkhorn.sinkhorn.
 DENSE_LIMIT = 1 << 24
-# Floor on a column's summed probability in the streamed NCL update: a column that underflows
-# to zero then rises by at most log(b / _TINY) per iteration instead of becoming infinite.
-_TINY = 1e-30
-
-
-class Biases(NamedTuple):
-  """Candidate biases from a query bank.
-
-  Attributes:
-    bias: [n_candidates] float32, added to ``sims / temperature``.
-    iterations: Sinkhorn iterations run (0 for non-iterative methods).
-    error: relative L1 marginal error at the end (0 for non-iterative methods).
-  """
-
-  bias: np.ndarray
-  iterations: int
-  error: float
-
-
-def _chunk_rows(n_rows: int, n_cols: int, chunk_rows: int | None) -> int:
-  # A multiple of 16 rows keeps every float32 chunk of a .npy memmap 64-byte aligned, which
-  # lets jax.device_put alias it instead of copying.
-  rows = chunk_rows or max(16, _CHUNK_ELEMENTS // max(n_cols, 1) // 16 * 16)
-  return max(1, min(rows, n_rows))
-
-
-def host_chunks(matrix, chunk_rows: int):
-  """Yields (float32 [chunk_rows, m] numpy block, [chunk_rows] bool valid), zero-padded tails.
-
-  Reads one block of rows at a time, so a memory-mapped matrix (any float dtype) is never
-  loaded whole. A multiple of 16 rows keeps float32 memmap blocks 64-byte aligned.
-  """
-  n_rows = matrix.shape[0]
-  for start in range(0, n_rows, chunk_rows):
-    block = np.ascontiguousarray(matrix[start:start + chunk_rows], np.float32)
-    valid = np.ones(chunk_rows, bool)
-    if block.shape[0] < chunk_rows:
-      valid[block.shape[0]:] = False
-      block = np.concatenate(
-          [block, np.zeros((chunk_rows - block.shape[0], block.shape[1]), np.float32)])
-    yield block, valid
-
-
-def _chunks(matrix, chunk_rows: int):
-  """:func:`host_chunks` with each block on the default device.
-
-  Blocks go to the device with ``jax.device_put(..., may_alias=True)``: on CPU a 64-byte
-  aligned block (every default-sized chunk of a .npy memmap) is aliased instead of copied. The
-  blocks are never written to.
-  """
-  for block, valid in host_chunks(matrix, chunk_rows):
-    yield jax.device_put(block, may_alias=True), valid
-
-
-@jax.jit
-def _chunk_mass(block, valid, scale, bias):
-  """Σ_i softmax_j(scale * block_ij + bias_j) over the valid rows: [m] float32.
-
-  One ``exp`` per entry: rows are max-shifted, so every row's largest term is exactly 1.
-  """
-  logits = block * scale + bias[None, :]
-  peak = jnp.max(logits, axis=1, keepdims=True)
-  e = jnp.exp(logits - peak)
-  weights = jnp.where(valid, 1.0 / jnp.sum(e, axis=1), 0.0)
-  # Full float32 precision: at the GPU default (TF32) the column sums would carry ~1e-3
-  # relative error and stall Sinkhorn above its tolerance.
-  return jnp.matmul(weights, e, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.jit
@@ -152,22 +100,9 @@ def candidate_mass(scores, *, scale: float = 1.0, bias=None, chunk_rows: int | N
     [n_candidates] float64; sums to n_queries.
   """
   n_rows, n_cols = scores.shape
-  rows = _chunk_rows(n_rows, n_cols, chunk_rows)
+  rows = streaming.chunk_rows_for(n_rows, n_cols, chunk_rows)
   bias = jnp.zeros(n_cols, jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
-  return _streamed_mass(scores, rows, jnp.float32(scale), bias)
-
-
-def _streamed_mass(matrix, rows: int, scale, bias) -> np.ndarray:
-  """Σ over all rows of :func:`_chunk_mass`, [m] float64.
-
-  Chunk results are summed on the device without waiting for each, so chunk slicing and
-  dispatch overlap the computation; one transfer per pass.
-  """
-  total = None
-  for block, valid in _chunks(matrix, rows):
-    mass = _chunk_mass(block, valid, scale, bias)
-    total = mass if total is None else total + mass
-  return np.asarray(total, np.float64)
+  return streaming.streamed_mass(scores, rows, jnp.float32(scale), bias)
 
 
 def expected_mass(n_queries: int, n_candidates: int, text_to_video=None, *,
@@ -216,31 +151,6 @@ def normalization_error(mass, expected, *, bins: int = 50) -> dict:
           "histogram": {"counts": counts.tolist(), "edges": edges.tolist()}}
 
 
-def balanced_marginals(col_marginals, n_bank: int, n_cols: int) -> np.ndarray:
-  """Column targets that carry the bank's total mass (each bank query distributes 1)."""
-  if col_marginals is None:
-    return np.full(n_cols, n_bank / n_cols, np.float64)
-  b = np.asarray(col_marginals, np.float64)
-  if b.shape != (n_cols,) or np.any(b <= 0):
-    raise ValueError(f"col_marginals must be {n_cols} positive values, got shape {b.shape}")
-  return b * (n_bank / b.sum())
-
-
-def _anderson_step(points: list[np.ndarray], residuals: list[np.ndarray]) -> np.ndarray:
-  """Anderson-accelerated step for the fixed point ``g = g + r(g)`` from recent (g, r) pairs.
-
-  Mixes the last iterates with weights that minimise the linearised residual (a small
-  regularised least-squares problem on [n_candidates, memory] differences).
-  """
-  g, r = points[-1], residuals[-1]
-  d_points = np.stack([b - a for a, b in zip(points[:-1], points[1:])], axis=1)
-  d_residuals = np.stack([b - a for a, b in zip(residuals[:-1], residuals[1:])], axis=1)
-  gram = d_residuals.T @ d_residuals
-  gram += 1e-10 * (np.trace(gram) + 1e-30) * np.eye(gram.shape[0])
-  gamma = np.linalg.solve(gram, d_residuals.T @ r)
-  return g + r - (d_points + d_residuals) @ gamma
-
-
 def streamed_ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-4,
                         max_iterations: int = 1000, anderson: int = 8,
                         chunk_rows: int | None = None) -> Biases:
@@ -276,59 +186,12 @@ def streamed_ncl_biases(bank, *, temperature: float, col_marginals=None, tol: fl
     first (bias updates, including undone extrapolations).
   """
   n_bank, n_cols = bank.shape
-  b = balanced_marginals(col_marginals, n_bank, n_cols)
-  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  b = streaming.balanced_marginals(col_marginals, n_bank, n_cols)
+  rows = streaming.chunk_rows_for(n_bank, n_cols, chunk_rows)
   scale = jnp.float32(1.0 / temperature)
-  return column_fixed_point(
-      lambda g: _streamed_mass(bank, rows, scale, jnp.asarray(g, jnp.float32)), b, tol=tol,
+  return streaming.column_fixed_point(
+      lambda g: streaming.streamed_mass(bank, rows, scale, jnp.asarray(g, jnp.float32)), b, tol=tol,
       max_iterations=max_iterations, anderson=anderson)
-
-
-def column_fixed_point(column_mass: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *,
-                       tol: float = 1e-4, max_iterations: int = 1000,
-                       anderson: int = 8) -> Biases:
-  """Anderson-accelerated Sinkhorn column update ``g <- g + log b - log column_mass(g)``.
-
-  The loop of :func:`streamed_ncl_biases`, for any way of computing the column sums (a
-  streamed similarity matrix, tiles of embeddings sharded over devices, a sparse top-k
-  matrix). It is deterministic given ``column_mass``'s values, so processes that all receive
-  the same column sums take the same steps.
-
-  Args:
-    column_mass: maps biases [n_candidates] float64 to the current plan's column sums
-      [n_candidates] (each query's softmax over candidates, summed over the queries).
-    b: [n_candidates] positive targets summing to the number of queries.
-    tol, max_iterations, anderson: see :func:`streamed_ncl_biases`.
-
-  Returns:
-    :class:`Biases`; ``error`` is the relative L1 column error of the last evaluated ``g``.
-  """
-  log_b = np.log(b)
-  g = np.zeros(len(b), np.float64)
-  points, residuals = [], []  # recent accepted iterates and their residuals (Anderson history)
-  error, previous_error, iteration, extrapolated = np.inf, np.inf, 0, False
-  while True:
-    colsum = np.asarray(column_mass(g), np.float64)
-    error = float(np.abs(colsum - b).sum() / b.sum())
-    if error <= tol or iteration >= max_iterations:
-      break
-    iteration += 1
-    underflow = bool(np.any(colsum < _TINY))
-    if extrapolated and (error > previous_error or underflow):
-      # The extrapolated step made things worse: back to the last accepted iterate, plain step.
-      g = points[-1] + residuals[-1]
-      points, residuals, extrapolated = [], [], False
-      continue
-    residual = log_b - np.log(np.maximum(colsum, _TINY))
-    previous_error = error
-    if underflow:  # the floored residual is not smooth: no extrapolation through it
-      points, residuals = [], []
-    points = (points + [g])[-(anderson + 1):]
-    residuals = (residuals + [residual])[-(anderson + 1):]
-    step = _anderson_step(points, residuals) if anderson and len(points) > 1 else None
-    extrapolated = step is not None and bool(np.all(np.isfinite(step)))
-    g = step if extrapolated else g + residual
-  return Biases(g.astype(np.float32), iteration, error)
 
 
 def ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-4,
@@ -349,7 +212,7 @@ def ncl_biases(bank, *, temperature: float, col_marginals=None, tol: float = 1e-
     return streamed_ncl_biases(bank, temperature=temperature, col_marginals=col_marginals,
                                tol=tol, max_iterations=max_iterations, anderson=anderson,
                                chunk_rows=chunk_rows)
-  b = balanced_marginals(col_marginals, n_bank, n_cols)
+  b = streaming.balanced_marginals(col_marginals, n_bank, n_cols)
   out = sinkhorn_lib.sinkhorn(
       jnp.asarray(np.asarray(bank, np.float32) / np.float32(temperature)),
       col_marginals=jnp.asarray(b, jnp.float32), tol=tol, max_iterations=max_iterations)
@@ -373,10 +236,10 @@ def qbnorm_biases(bank, *, beta: float = 20.0, k: int = 1, chunk_rows: int | Non
   n_bank, n_cols = bank.shape
   if not 1 <= k <= n_cols:
     raise ValueError(f"k must lie in [1, {n_cols}], got {k}")
-  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  rows = streaming.chunk_rows_for(n_bank, n_cols, chunk_rows)
   lse = np.full(n_cols, -np.inf, np.float64)
   active = np.zeros(n_cols, bool)
-  for block, valid in _chunks(bank, rows):
+  for block, valid in streaming.device_chunks(bank, rows):
     lse = np.logaddexp(lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(beta)),
                                        np.float64))
     top = np.asarray(_chunk_top_k(block, k))[valid]
@@ -443,10 +306,10 @@ def dsl(sims, *, temperature: float, dsl_temperature: float = 1.0,
   """
   sims = _as_float32(sims)
   n_rows, n_cols = sims.shape
-  rows = _chunk_rows(n_rows, n_cols, chunk_rows)
+  rows = streaming.chunk_rows_for(n_rows, n_cols, chunk_rows)
   scale = 1.0 / (temperature * dsl_temperature)
   col_lse = np.full(n_cols, -np.inf, np.float64)
-  for block, valid in _chunks(sims, rows):
+  for block, valid in streaming.device_chunks(sims, rows):
     col_lse = np.logaddexp(col_lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(scale)),
                                                np.float64))
   inv_t, col_lse = np.float32(1.0 / temperature), col_lse.astype(np.float32)
@@ -522,9 +385,9 @@ def inverted_softmax_biases(bank, *, temperature: float, beta: float | None = No
   if not beta > 0:
     raise ValueError(f"beta must be positive, got {beta}")
   n_bank, n_cols = bank.shape
-  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  rows = streaming.chunk_rows_for(n_bank, n_cols, chunk_rows)
   lse = np.full(n_cols, -np.inf, np.float64)
-  for block, valid in _chunks(bank, rows):
+  for block, valid in streaming.device_chunks(bank, rows):
     lse = np.logaddexp(lse, np.asarray(_chunk_col_lse(block, valid, jnp.float32(beta)),
                                        np.float64))
   return Biases((-lse / (beta * temperature)).astype(np.float32), 0, 0.0)
@@ -585,9 +448,9 @@ def top_k_mean(bank, k: int, *, chunk_rows: int | None = None) -> np.ndarray:
   n_bank, n_cols = bank.shape
   if not 1 <= k <= n_bank:
     raise ValueError(f"k must lie in [1, {n_bank}] (the bank's rows), got {k}")
-  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  rows = streaming.chunk_rows_for(n_bank, n_cols, chunk_rows)
   top = np.empty((0, n_cols), np.float32)  # each column's k largest bank scores so far
-  for block, valid in _chunks(bank, rows):
+  for block, valid in streaming.device_chunks(bank, rows):
     top = np.concatenate([top, np.asarray(block)[valid]])
     if top.shape[0] > k:
       top = -np.partition(-top, k - 1, axis=0)[:k]
@@ -597,9 +460,9 @@ def top_k_mean(bank, k: int, *, chunk_rows: int | None = None) -> np.ndarray:
 def column_mean(bank, *, chunk_rows: int | None = None) -> np.ndarray:
   """Each candidate's mean bank similarity, [n_candidates] float64, in one streamed pass."""
   n_bank, n_cols = bank.shape
-  rows = _chunk_rows(n_bank, n_cols, chunk_rows)
+  rows = streaming.chunk_rows_for(n_bank, n_cols, chunk_rows)
   total = np.zeros(n_cols, np.float64)
-  for block, valid in host_chunks(bank, rows):
+  for block, valid in streaming.host_chunks(bank, rows):
     total += block[valid].sum(axis=0, dtype=np.float64)
   return total / max(n_bank, 1)
 
@@ -732,6 +595,8 @@ class Knob:
     grid: the values selection tries; empty: the option is not selected (e.g. a tolerance).
     at_most: ``"bank"`` or ``"candidates"``: grid values above the pseudo-bank's rows or the
       candidates are skipped (neighbour counts).
+    neutral: the value that gives the plain ranking (a strength's 0), or None; validation
+      selection keeps that point unless another wins clearly.
   """
 
   name: str
@@ -741,6 +606,7 @@ class Knob:
   check: str = "positive"
   grid: tuple = ()
   at_most: str | None = None
+  neutral: Any = None
 
   @property
   def kind(self) -> type:
@@ -859,7 +725,8 @@ _STRENGTH_HELP = "strength of the bias; 0 gives the plain ranking"
 
 
 def _alpha(default: float = 1.0, grid: tuple = _ALPHAS) -> Knob:
-  return Knob("alpha", "--alpha", default, _STRENGTH_HELP, check="nonnegative", grid=grid)
+  return Knob("alpha", "--alpha", default, _STRENGTH_HELP, check="nonnegative", grid=grid,
+              neutral=0.0)
 
 
 def _dn_logits(sims, bank=None, *, temperature: float, col_marginals=None, chunk_rows=None,
@@ -916,7 +783,7 @@ register(Normalizer(
 register(Normalizer(
     "dn", _dn_logits, "dn (distribution normalization)",
     knobs=(Knob("lambda", "--dn-lambda", 0.5, "weight of the bank's mean query subtracted",
-                check="nonnegative", grid=(0.0, 0.25, 0.5, 0.75, 1.0)),)))
+                check="nonnegative", grid=(0.0, 0.25, 0.5, 0.75, 1.0), neutral=0.0),)))
 register(Normalizer(
     "dualis", _dualis_logits,
     "dualis (DBNorm's dual inverted softmax; needs --gallery-bank)", gallery_bank=True,

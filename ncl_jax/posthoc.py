@@ -2,9 +2,11 @@
 
 Usage::
 
-  python -m ncl_jax.posthoc SIMS.npy --method {none,ncl,dsl,qbnorm,is,csls} [--bank test|BANK.npy]
-      [--v2t-bank test|VBANK.npy] [--temperature 0.01] [--gt MAP.npy]
-      [--select given|bank] [--bank-gt BANK_MAP.npy] [--v2t-bank-gt VBANK_MAP.npy]
+  python -m ncl_jax.posthoc SIMS.npy --method {none,ncl,dsl,qbnorm,is,csls,nnn,dn,dualis}
+      [--bank test|BANK.npy] [--v2t-bank test|VBANK.npy] [--temperature 0.01] [--gt MAP.npy]
+      [--alpha A] [method options] [--gallery-bank GBANK.npy --v2t-gallery-bank VGBANK.npy]
+      [--select given|bank|val] [--bank-gt BANK_MAP.npy] [--v2t-bank-gt VBANK_MAP.npy]
+      [--val VAL.npy [--val-gt MAP.npy] [--val-bank VALBANK.npy] [--val-v2t-bank VALVBANK.npy]]
       [--plot OUT.png] [--json PATH|-]
   python -m ncl_jax.posthoc --demo --method ncl      # a generated matrix, no files needed
 
@@ -23,19 +25,27 @@ Video-to-text (v2t) needs a bank of *video* queries x the test captions: ``--v2t
 x test captions) is inductive. ``dsl`` is always transductive and accepts no bank file (except
 as a labelled selection bank with ``--select bank``).
 
-Hyper-parameters. ``--select given`` (default) uses ``--qb-beta``, ``--qb-k``, ``--is-beta``,
-``--csls-k`` and ``--dsl-temperature`` as given; ``--select bank`` chooses them per direction on
-that direction's bank alone (:mod:`ncl_jax.selection`: pseudo-queries vs pseudo-bank halves,
-scored by the label-free relative normalization error, or by R@1 when ``--bank-gt`` /
-``--v2t-bank-gt`` label the bank files' rows). The values used are in JSON
-``"hyperparameters"``, the selection's rule and grid scores in ``"selection"``.
+The methods, their options (flags, defaults, grids) and their help come from the normalizer
+registry (:data:`ncl_jax.normalize.REGISTRY`). ``dualis`` also needs gallery-side banks:
+``--gallery-bank`` (e.g. training videos x test videos) and ``--v2t-gallery-bank`` (training
+captions x test captions).
+
+Hyper-parameters. ``--select given`` (default) uses the method's flags (``--alpha``,
+``--qb-beta``, ...) as given; ``--select bank`` chooses them per direction on that direction's
+bank alone (:mod:`ncl_jax.selection`: pseudo-queries vs pseudo-bank halves, scored by the
+label-free relative normalization error, or by R@1 when ``--bank-gt`` / ``--v2t-bank-gt``
+label the bank files' rows); ``--select val`` chooses them by R@1 on a validation split:
+``--val`` (validation queries x validation gallery, ``--val-gt`` its map) normalized with
+``--val-bank`` / ``--val-v2t-bank``, the same kind of banks scored against the validation
+gallery (never the test one; needed when the test banks are files). The values used are in
+JSON ``"hyperparameters"``, the selection's rule and grid scores in ``"selection"``.
 
 Output: a table on stdout (on stderr when ``--json -`` writes JSON to stdout) with, per
 direction, the plain row, the method's row and their difference, and, with ``--json``,
 ``{"method", "t2v": {R@1, R@5, R@10, MdR, MnR}, "v2t": {...}, "plain": {"t2v", "v2t"},
 "delta": {"t2v", "v2t"}, "normalization_error": {"before", "after"},
 "normalization_error_detail": {"t2v": {"before": {...}, "after": {...}}, "v2t": {...}},
-"hyperparameters": {"t2v", "v2t"}}`` (plus ``"selection"`` with ``--select bank``):
+"hyperparameters": {"t2v", "v2t"}}`` (plus ``"selection"`` with ``--select bank`` or ``val``):
 ``t2v``/``v2t`` are the method's metrics, ``plain`` the unnormalized ones, ``delta`` method minus
 plain (R@K in percent, differences in points). ``--method none`` writes its (plain) metrics
 once, as ``t2v``/``v2t``, with no ``plain`` or ``delta`` block. ``before``/``after`` are the t2v
@@ -61,6 +71,26 @@ from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
 
 _FINITE_CHECK_ROWS = 8192
+
+
+# --select val's inputs: (flag, metavar, help).
+_VALIDATION_FLAGS = (
+    ("--val", "VAL.npy", "validation queries x validation gallery [n_val_texts, n_val_videos], "
+                         "disjoint from the test split"),
+    ("--val-gt", "VAL_MAP.npy", "[n_val_texts] int, each validation text's video (default: the "
+                                "diagonal)"),
+    ("--val-bank", "VALBANK.npy", "the t2v bank's kind of queries scored against the validation "
+                                  "videos [n_bank, n_val_videos] (never the test ones); required "
+                                  "with a --bank file, else the validation queries are their own "
+                                  "bank"),
+    ("--val-v2t-bank", "VALVBANK.npy", "video queries scored against the validation captions "
+                                       "[n_bank_videos, n_val_texts]; required with a --v2t-bank "
+                                       "file"),
+    ("--val-gallery-bank", "VALGBANK.npy", "dualis: gallery-side bank against the validation "
+                                           "videos"),
+    ("--val-v2t-gallery-bank", "VALVGBANK.npy", "dualis: gallery-side bank against the "
+                                                "validation captions"),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,26 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                            "docs/normalization.md) on each direction's bank alone (label-free "
                            "cross-validated balance); val: choose them by R@1 on a validation "
                            "split (--val, --val-bank, ...); never on the test queries' labels")
-  parser.add_argument("--val", metavar="VAL.npy",
-                      help="--select val: validation queries x validation gallery "
-                           "[n_val_texts, n_val_videos], disjoint from the test split")
-  parser.add_argument("--val-gt", metavar="VAL_MAP.npy",
-                      help="--select val: [n_val_texts] int, each validation text's video "
-                           "(default: the diagonal)")
-  parser.add_argument("--val-bank", metavar="VALBANK.npy",
-                      help="--select val: the t2v bank's kind of queries scored against the "
-                           "validation videos [n_bank, n_val_videos] (never the test ones); "
-                           "required with a --bank file, else the validation queries are "
-                           "their own bank")
-  parser.add_argument("--val-v2t-bank", metavar="VALVBANK.npy",
-                      help="--select val: video queries scored against the validation captions "
-                           "[n_bank_videos, n_val_texts]; required with a --v2t-bank file")
-  parser.add_argument("--val-gallery-bank", metavar="VALGBANK.npy",
-                      help="--select val, dualis: gallery-side bank against the validation "
-                           "videos")
-  parser.add_argument("--val-v2t-gallery-bank", metavar="VALVGBANK.npy",
-                      help="--select val, dualis: gallery-side bank against the validation "
-                           "captions")
+  for flag, metavar, text in _VALIDATION_FLAGS:
+    parser.add_argument(flag, metavar=metavar, help=f"--select val: {text}")
   parser.add_argument("--bank-gt", metavar="BANK_MAP.npy",
                       help="--select bank with a --bank file: [n_bank] int, each bank row's "
                            "correct video; selects by the bank's R@1 instead of its balance")
@@ -215,6 +227,13 @@ def _bank_label(bank_arg: str, direction: str) -> str:
   return f"{bank_arg}"
 
 
+def _direction_ranks(args, direction: str, scores, mapping=None) -> np.ndarray:
+  """1-based ground-truth ranks of one direction's [n_queries, n_candidates] scores."""
+  if direction == "t2v":
+    return metrics.t2v_ranks(scores, mapping, tie=args.tie)
+  return metrics.v2t_ranks(scores, mapping, protocol=args.v2t_protocol, tie=args.tie)
+
+
 def _direction_metrics(args, direction: str, scores, mapping=None) -> dict:
   """R@1/5/10, MdR, MnR of one direction's [n_queries, n_candidates] scores."""
   if direction == "t2v":
@@ -272,14 +291,9 @@ def _choose(args, direction: str, problem: _Problem, inputs) -> selection_lib.Se
         col_marginals=problem.expected, gallery_bank=problem.gallery_bank)
   if args.select == "val":
     val = inputs.val[direction]
-    metrics_of = functools.partial(_direction_metrics, args, direction, mapping=val.mapping)
-
-    def score(scores):
-      values = metrics_of(scores)
-      return values["R@1"], -values["MnR"]
-
     return selection_lib.select_on_queries(
-        args.method, val.raw, val.bank, temperature=args.temperature, score=score,
+        args.method, val.raw, val.bank, temperature=args.temperature,
+        ranks=functools.partial(_direction_ranks, args, direction, mapping=val.mapping),
         col_marginals=val.expected, gallery_bank=val.gallery_bank)
   return None
 
@@ -446,9 +460,7 @@ def _check_args(args) -> None:
 
 def _check_val_args(args) -> None:
   """``--val*`` come with ``--select val``, and each validation bank matches the test bank."""
-  given = [flag for flag in ("--val", "--val-gt", "--val-bank", "--val-v2t-bank",
-                             "--val-gallery-bank", "--val-v2t-gallery-bank")
-           if getattr(args, _dest(flag))]
+  given = [flag for flag, _, _ in _VALIDATION_FLAGS if getattr(args, _dest(flag))]
   if args.select != "val":
     if given:
       raise UserError(f"{given[0]} serves --select val only")

@@ -15,7 +15,9 @@ needs the other's.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 from typing import Any, NamedTuple, Sequence
@@ -104,7 +106,7 @@ def restore_params(path: str | os.PathLike, keys: Sequence[str] | None = None) -
   train state) the other entries, such as the optimizer state, are never read.
   """
   path = pathlib.Path(path).resolve()
-  with ocp.StandardCheckpointer() as reader:
+  with _no_step_metadata_warning(), ocp.StandardCheckpointer() as reader:
     tree = reader.metadata(path).item_metadata.tree
   if keys is not None:
     missing = [k for k in keys if k not in tree]
@@ -114,9 +116,30 @@ def restore_params(path: str | os.PathLike, keys: Sequence[str] | None = None) -
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+  with _no_step_metadata_warning(), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+    return reader.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=keys is not None))
+
+
+class _StepMetadataFilter(logging.Filter):
+  """Drops orbax's "Metadata file does not exist: .../_CHECKPOINT_METADATA" warning: a train
+  state is an item folder (checkpoints/<step>/state) whose step metadata lives one level up,
+  and restoring the item does not need it, so the warning is only noise for the user."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Metadata file does not exist")
+                and message.endswith("_CHECKPOINT_METADATA"))
+
+
+@contextlib.contextmanager
+def _no_step_metadata_warning():
+  absl_logger, quiet = logging.getLogger("absl"), _StepMetadataFilter()
+  absl_logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(quiet)
 
 
 def checkpoint_damage(step_dir: str | os.PathLike) -> str | None:

@@ -35,6 +35,7 @@ R@1 on the validation split (never the test split), with the training bank as th
 from __future__ import annotations
 
 import itertools
+import statistics
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -45,6 +46,10 @@ from ncl_jax import normalize as norm_lib
 CRITERIA = ("balance", "recall")
 # Rows of the bank the selection reads at most (two halves of this many / 2).
 MAX_ROWS = 20000
+# Level of select_on_queries' one-sided sign test against the plain ranking, Bonferroni-
+# corrected over the grid (docs/normalization.md: measured on held-out thirds of both real
+# matrices).
+GUARD_LEVEL = 0.05
 
 
 class Selection(NamedTuple):
@@ -164,14 +169,22 @@ def select_on_bank(method: str, bank, *, temperature: float, bank_gt=None, col_m
 
 
 def select_on_queries(method: str, queries, bank, *, temperature: float,
-                      score: Callable[[np.ndarray], tuple[float, float]], col_marginals=None,
-                      gallery_bank=None) -> Selection:
-  """Chooses ``method``'s options by a score on labelled queries that are not the test queries.
+                      ranks: Callable[[np.ndarray], np.ndarray], col_marginals=None,
+                      gallery_bank=None, guard: float | None = GUARD_LEVEL) -> Selection:
+  """Chooses ``method``'s options by R@1 on labelled queries that are not the test queries.
 
-  The validation split of a training run is the use: its captions (or videos) are the queries,
-  the training bank is the bank, and ``score`` reads the validation labels. Every grid point of
-  the registry's grid normalizes ``queries`` with ``bank`` (DSL over ``queries`` themselves); the
-  highest ``score`` wins (ties keep the first in grid order).
+  The validation split is the use (``posthoc --select val``, a training run's
+  ``config.eval.methods``): its queries with the same kind of bank as the test queries get.
+  Every grid point of the registry normalizes ``queries`` with ``bank`` (DSL over ``queries``
+  themselves) and is scored by R@1, ties broken by the lower mean rank, then by grid order.
+
+  **Guard.** A few hundred validation queries pick a winner that often owes its margin to
+  chance. Where the grid holds a point that is the plain ranking (strength ``alpha = 0``,
+  DN's ``lambda = 0``), the winner replaces it only if it fixes significantly more
+  validation queries' top-1 than it breaks: ``wins - losses >= z * sqrt(wins + losses)``
+  against that plain point, a one-sided sign test (normal approximation) at level ``guard``
+  divided by the number of other grid points (Bonferroni: the winner is the best of many);
+  ``guard = None`` takes the unguarded winner.
 
   Args:
     method: a registered method (:func:`ncl_jax.normalize.method_names`).
@@ -179,25 +192,49 @@ def select_on_queries(method: str, queries, bank, *, temperature: float,
     bank: [n_bank, n_candidates] bank similarities (ignored by ``dsl``); None: the queries are
       their own bank (transductive, as when the test queries are).
     temperature: the model's logit temperature.
-    score: normalized logits [n_queries, n_candidates] -> (primary, tie-break), larger better.
+    ranks: normalized logits [n_queries, n_candidates] -> [n_queries] 1-based ranks of the
+      ground truth (the labels live in this function).
     col_marginals: the candidates' expected shares (NCL reads them).
     gallery_bank: the gallery-side bank of methods that need one (``dualis``).
+    guard: the sign test's level before the correction (:data:`GUARD_LEVEL`); None: no test.
 
   Returns:
-    A :class:`Selection` with criterion ``"validation"``; each grid point's ``score`` is the
-    primary score.
+    A :class:`Selection` with criterion ``"validation"``; each grid point's ``score`` is its
+    R@1 (percent), ``wins``/``losses`` its top-1 changes against the plain point.
   """
   row = norm_lib.normalizer(method)
   if not row.grid:
     return Selection({}, "none", [], 0)
-  grid, best, best_key = [], None, None
   n_bank = (queries if bank is None else bank).shape[0]
-  for options in grid_points(method, n_bank, queries.shape[1]):
+  points = grid_points(method, n_bank, queries.shape[1])
+  hits, keys = [], []
+  for options in points:
     logits = norm_lib.normalize(queries, method, bank if row.uses_bank else None,
                                 temperature=temperature, col_marginals=col_marginals,
                                 gallery_bank=gallery_bank, **options)
-    key = tuple(float(v) for v in score(logits))
-    grid.append({**options, "score": key[0]})
-    if best_key is None or key > best_key:
-      best, best_key = options, key
-  return Selection(dict(best), "validation", grid, int(queries.shape[0]))
+    point_ranks = np.asarray(ranks(logits), np.float64)
+    hits.append(point_ranks <= 1)
+    keys.append((100.0 * float(np.mean(point_ranks <= 1)), -float(np.mean(point_ranks))))
+  best = max(range(len(points)), key=lambda i: (keys[i], -i))
+  plain = next((i for i, p in enumerate(points) if _is_plain(row, p)), None)
+  grid = [{**p, "score": keys[i][0]} for i, p in enumerate(points)]
+  if plain is not None and guard is not None:
+    for i, point in enumerate(grid):
+      point["wins"] = int(np.sum(hits[i] & ~hits[plain]))
+      point["losses"] = int(np.sum(~hits[i] & hits[plain]))
+    wins, losses = grid[best]["wins"], grid[best]["losses"]
+    if wins - losses < guard_z(guard, len(points)) * np.sqrt(wins + losses):
+      best = plain
+  return Selection(dict(points[best]), "validation", grid, int(queries.shape[0]))
+
+
+def guard_z(level: float, n_points: int) -> float:
+  """z of a one-sided test at ``level`` / (``n_points`` - 1) (0 for ``level >= 0.5``)."""
+  corrected = min(0.5, level / max(n_points - 1, 1))
+  return statistics.NormalDist().inv_cdf(1.0 - corrected)
+
+
+def _is_plain(row, point: dict) -> bool:
+  """Whether ``point`` sets a knob to the value that gives the plain ranking."""
+  return any(knob.neutral is not None and point.get(knob.name) == knob.neutral
+             for knob in row.knobs)

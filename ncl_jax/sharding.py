@@ -48,14 +48,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_divisible(size: int, mesh: Mesh, what: str) -> None:
-  """Raises a UserError unless ``size`` splits evenly over the mesh's devices and processes."""
+  """Raises a UserError unless ``size`` splits evenly over the mesh's devices and processes.
+
+  The processes are those of the mesh's devices (distinct ``process_index``), so a mesh of a
+  TPU topology described for an ahead-of-time compile counts its hosts, not this one.
+  """
   n = mesh.devices.size
   if size % n:
     errors.fail(f"{what} = {size} is not divisible by the number of devices ({n}); "
                 f"choose a multiple of {n}")
-  if size % jax.process_count():
-    errors.fail(f"{what} = {size} is not divisible by the number of processes "
-                f"({jax.process_count()})")
+  processes = mesh_process_count(mesh)
+  if size % processes:
+    errors.fail(f"{what} = {size} is not divisible by the number of processes ({processes})")
+
+
+def mesh_process_count(mesh: Mesh) -> int:
+  """The processes (hosts) that hold the mesh's devices."""
+  return len({d.process_index for d in mesh.devices.flat})
 
 
 def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

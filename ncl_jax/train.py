@@ -35,7 +35,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ncl_jax import checkpointing
+from ncl_jax import chips
 from ncl_jax import errors
 from ncl_jax import evaluate as evaluate_lib
 from ncl_jax import logging_utils
@@ -54,9 +55,12 @@ from ncl_jax import sharding
 from ncl_jax.data import get_dataset, normalize_frames
 from ncl_jax.models import dual_encoder
 from ncl_jax.queue import Queue, enqueue, init_queue
-from ncl_jax.train_state import TrainState, clamp_logit_scale, make_optimizer
+from ncl_jax.train_state import (LOGIT_SCALE_NAME, TrainState, clamp_logit_scale,
+                                 make_optimizer)
 
 DATA = sharding.DATA_AXIS
+# jax.profiler traces of config.profile_steps, under the workdir.
+PROFILE_DIR = "profile"
 # Runs this short log every step, whatever log_every_steps says.
 LOG_EVERY_STEP_UP_TO = 100
 
@@ -206,9 +210,77 @@ def _gather_queue(queue: Queue) -> Queue:
                valid=jax.lax.all_gather(queue.valid, DATA, tiled=True))
 
 
+def _chunks(tree: Any, count: int) -> Any:
+  """Splits every leading axis [b, ...] into [count, b / count, ...]."""
+  return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), tree)
+
+
+def _gradients_in_one_pass(embed, loss_fn, params, batch, key, text_queue, video_queue):
+  """Loss, aux, local embeddings, logit scale and dL/dparams (times n, see the module
+  docstring) with one forward and backward pass over the device's whole local batch;
+  ``embed(params, batch, key) -> (text_emb, video_emb, scale)``."""
+
+  def objective(params):
+    text_emb, video_emb, scale = embed(params, batch, key)
+    all_text = jax.lax.all_gather(text_emb, DATA, tiled=True)
+    all_video = jax.lax.all_gather(video_emb, DATA, tiled=True)
+    loss, aux = loss_fn(all_text, all_video, scale, text_queue, video_queue)
+    return loss, (aux, text_emb, video_emb, scale)
+
+  (loss, (aux, text_emb, video_emb, scale)), grads = jax.value_and_grad(
+      objective, has_aux=True)(params)
+  return loss, aux, text_emb, video_emb, scale, grads
+
+
+def _gradients_in_chunks(embed, loss_fn, params, batch, key, text_queue, video_queue,
+                         microbatches: int):
+  """The same as :func:`_gradients_in_one_pass` with the activations of one chunk at a time.
+
+  GradCache (Gao et al., 2021): (1) embed the local batch in ``microbatches`` chunks, keeping
+  only the embeddings; (2) the loss and its gradient with respect to the embeddings (and the
+  logit scale) on the whole global batch, queues included, so the contrastive objective is
+  unchanged; (3) each chunk's forward pass again, backpropagating its share of those gradients
+  into the parameters, summed over chunks. Each chunk gets its own dropout key, the same in (1)
+  and (3).
+  """
+  chunks = _chunks(batch, microbatches)
+  keys = jax.random.split(key, microbatches)
+
+  def embed_chunk(_, inputs):
+    text_emb, video_emb, _ = embed(params, *inputs)
+    return None, (text_emb, video_emb)
+
+  _, (text_emb, video_emb) = jax.lax.scan(embed_chunk, None, (chunks, keys))
+  text_emb = text_emb.reshape(-1, text_emb.shape[-1])
+  video_emb = video_emb.reshape(-1, video_emb.shape[-1])
+  scale = jnp.exp(params[LOGIT_SCALE_NAME])
+
+  def loss_of_embeddings(text_emb, video_emb, scale):
+    all_text = jax.lax.all_gather(text_emb, DATA, tiled=True)
+    all_video = jax.lax.all_gather(video_emb, DATA, tiled=True)
+    return loss_fn(all_text, all_video, scale, text_queue, video_queue)
+
+  (loss, aux), (d_text, d_video, d_scale) = jax.value_and_grad(
+      loss_of_embeddings, argnums=(0, 1, 2), has_aux=True)(text_emb, video_emb, scale)
+  d_text, d_video = _chunks((d_text, d_video), microbatches)
+  # The scale does not depend on the chunk: a 1/M share of its cotangent in each of M chunks.
+  d_scale_share = d_scale / microbatches
+
+  def backprop_chunk(grads, inputs):
+    chunk, chunk_key, chunk_d_text, chunk_d_video = inputs
+    _, pullback = jax.vjp(lambda p: embed(p, chunk, chunk_key), params)
+    (chunk_grads,) = pullback((chunk_d_text, chunk_d_video, d_scale_share))
+    return jax.tree.map(jnp.add, grads, chunk_grads), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads, _ = jax.lax.scan(backprop_chunk, zeros, (chunks, keys, d_text, d_video))
+  return loss, aux, text_emb, video_emb, scale, grads
+
+
 def make_train_step(model: dual_encoder.DualEncoder, loss_fn: losses.LossFn,
                     tx: optax.GradientTransformation, mesh,
-                    schedules: Mapping[str, optax.Schedule] | None = None) -> Callable:
+                    schedules: Mapping[str, optax.Schedule] | None = None, *,
+                    microbatches: int = 1) -> Callable:
   """Builds the jitted, data-parallel ``step(state, batch) -> (state, metrics)``.
 
   Args:
@@ -218,6 +290,9 @@ def make_train_step(model: dual_encoder.DualEncoder, loss_fn: losses.LossFn,
     tx: the optimiser.
     mesh: 1-D mesh with axis "data".
     schedules: learning-rate schedules to report in the metrics.
+    microbatches: M > 1 embeds each device's batch in M chunks and keeps the activations of
+      one chunk at a time (:func:`_gradients_in_chunks`); the objective and its gradient stay
+      those of the whole global batch.
 
   Returns:
     A function of the (donated) train state and a global batch ``{"text_tokens" [B, L],
@@ -228,25 +303,23 @@ def make_train_step(model: dual_encoder.DualEncoder, loss_fn: losses.LossFn,
   frames = model.config.input_mode == "frames"
   schedules = dict(schedules or {})
 
+  def embed(params, batch, key):
+    video = batch["video"]
+    if frames:  # uint8 on the wire, CLIP-normalised float on the device (per chunk)
+      video = normalize_frames(video, xp=jnp)
+    return model.apply({"params": params}, batch["text_tokens"], video, batch["frame_mask"],
+                       rngs={"dropout": key})
+
   def per_device(state: TrainState, batch: dict[str, jax.Array]):
     key = jax.random.fold_in(state.rng, state.step)
-    video = batch["video"]
-    if frames:  # uint8 on the wire, CLIP-normalised float on the device
-      video = normalize_frames(video, xp=jnp)
     text_queue = _gather_queue(state.text_queue)
     video_queue = _gather_queue(state.video_queue)
-
-    def objective(params):
-      text_emb, video_emb, scale = model.apply(
-          {"params": params}, batch["text_tokens"], video, batch["frame_mask"],
-          rngs={"dropout": key})
-      all_text = jax.lax.all_gather(text_emb, DATA, tiled=True)
-      all_video = jax.lax.all_gather(video_emb, DATA, tiled=True)
-      loss, aux = loss_fn(all_text, all_video, scale, text_queue, video_queue)
-      return loss, (aux, text_emb, video_emb, scale)
-
-    (loss, (aux, text_emb, video_emb, scale)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+    if microbatches > 1:
+      loss, aux, text_emb, video_emb, scale, grads = _gradients_in_chunks(
+          embed, loss_fn, state.params, batch, key, text_queue, video_queue, microbatches)
+    else:
+      loss, aux, text_emb, video_emb, scale, grads = _gradients_in_one_pass(
+          embed, loss_fn, state.params, batch, key, text_queue, video_queue)
     # Every device computed the same global loss; see the module docstring for why the mean
     # over devices of these gradients is exactly the global gradient.
     grads = jax.lax.pmean(grads, DATA)
@@ -273,18 +346,109 @@ def make_train_step(model: dual_encoder.DualEncoder, loss_fn: losses.LossFn,
 # -- the job -------------------------------------------------------------------------------------
 
 
-class _Run:
+class Program(NamedTuple):
+  """The compiled-to-be parts of a run, built from the config alone (no data, no weights).
+
+  Attributes:
+    model: the dual encoder.
+    loss_fn: the training objective (single-device, global-batch semantics).
+    tx: the optimiser.
+    schedules: its learning-rate schedules, by parameter group.
+    shardings: NamedShardings of the train state.
+    abstract_state: the train state as ShapeDtypeStructs carrying those shardings.
+    train_step: the jitted ``step(state, batch) -> (state, metrics)``.
+    encoders: the jitted evaluation embedding steps (text and video).
+  """
+
+  model: dual_encoder.DualEncoder
+  loss_fn: losses.LossFn
+  tx: optax.GradientTransformation
+  schedules: dict[str, optax.Schedule]
+  shardings: Any
+  abstract_state: TrainState
+  train_step: Callable
+  encoders: Any
+
+
+def check_sizes_split(config: ml_collections.ConfigDict, mesh) -> None:
+  """UserError unless the batch, queue and evaluation sizes split over the mesh (and the
+  micro-batches over each device's share)."""
+  if config.loss not in losses.LOSS_NAMES:
+    errors.fail(f"config.loss must be one of {', '.join(losses.LOSS_NAMES)}, "
+                f"got {config.loss!r}")
+  sharding.check_divisible(config.global_batch_size, mesh, "config.global_batch_size")
+  sharding.check_divisible(config.ncl.queue_size, mesh, "config.ncl.queue_size")
+  sharding.check_divisible(config.eval.batch_size, mesh, "config.eval.batch_size")
+  microbatches = int(config.get("microbatches", 1))
+  per_device = int(config.global_batch_size) // mesh.devices.size
+  if microbatches < 1 or per_device % microbatches:
+    errors.fail(f"config.microbatches = {microbatches} must be >= 1 and divide the "
+                f"{per_device} examples per device (global_batch_size "
+                f"{config.global_batch_size} over {mesh.devices.size} devices)")
+
+
+def build_program(config: ml_collections.ConfigDict, mesh, total_steps: int, *,
+                  pretrained: bool | None = None) -> Program:
+  """The train step and evaluation steps of ``config`` on ``mesh``, without data or weights.
+
+  Args:
+    config: a training config (``config.model`` as it will train: options adopted from a CLIP
+      checkpoint must already be in it).
+    mesh: the 1-D "data" mesh (real devices, or a TPU topology's for ahead-of-time compiles).
+    total_steps: the run's length (only the learning-rate schedule depends on it).
+    pretrained: whether CLIP weights are loaded (their learning rate differs); default:
+      ``bool(config.clip_dir)``.
+  """
+  check_sizes_split(config, mesh)
+  pretrained = bool(config.clip_dir) if pretrained is None else pretrained
+  model = dual_encoder.DualEncoder(config.model)
+  abstract_params = jax.eval_shape(functools.partial(init_params, model), config.seed)
+  labels = dual_encoder.param_labels(abstract_params, config.model, pretrained=pretrained)
+  tx, schedules = make_optimizer(config.optimizer, labels, total_steps)
+  abstract = jax.eval_shape(lambda p: state_from_params(config, tx, p), abstract_params)
+  shardings = state_shardings(abstract, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  loss_fn = make_loss_fn(config)
+  train_step = make_train_step(model, loss_fn, tx, mesh, schedules,
+                               microbatches=int(config.get("microbatches", 1)))
+  return Program(model=model, loss_fn=loss_fn, tx=tx, schedules=schedules,
+                 shardings=shardings, abstract_state=abstract_state, train_step=train_step,
+                 encoders=evaluate_lib.make_encoders(model))
+
+
+def state_from_params(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                      params: Any) -> TrainState:
+  """Step 0 of ``config``'s run from ``params``."""
+  return new_train_state(params, tx, int(config.ncl.queue_size), int(config.model.embed_dim),
+                         int(config.seed))
+
+
+def batch_shapes(config: ml_collections.ConfigDict, mesh, rows: int | None = None
+                 ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The training batch of ``config`` as ShapeDtypeStructs split over "data" (``rows``
+  examples, default the global batch): what the data pipeline feeds the train step."""
+  rows = int(config.global_batch_size) if rows is None else rows
+  frames, words = int(config.data.max_frames), int(config.data.max_words)
+  if config.model.input_mode == "frames":
+    size = int(config.data.get("image_size", config.model.vision.image_size))
+    video = ((rows, frames, size, size, 3), jnp.uint8)
+  else:
+    video = ((rows, frames, int(config.model.feature_dim)), jnp.float32)
+  split = sharding.batch_sharded(mesh)
+  shapes = {"text_tokens": ((rows, words), jnp.int32), "video": video,
+            "frame_mask": ((rows, frames), jnp.bool_)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=split)
+          for k, (shape, dtype) in shapes.items()}
+
+
+class Run:
   """Everything the loop needs, built once from the config."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh=None):
-    if config.loss not in losses.LOSS_NAMES:
-      errors.fail(f"config.loss must be one of {', '.join(losses.LOSS_NAMES)}, "
-                  f"got {config.loss!r}")
     self.config = config
     self.mesh = sharding.make_mesh() if mesh is None else mesh
-    sharding.check_divisible(config.global_batch_size, self.mesh, "config.global_batch_size")
-    sharding.check_divisible(config.ncl.queue_size, self.mesh, "config.ncl.queue_size")
-    sharding.check_divisible(config.eval.batch_size, self.mesh, "config.eval.batch_size")
+    check_sizes_split(config, self.mesh)
     use_clip_vocabulary(config)
     self.dataset = open_dataset(config.data)
     check_model_matches_data(config.model, self.dataset)
@@ -301,20 +465,17 @@ class _Run:
       adopted = convert.adopt_checkpoint_options(config.model, clip_config)
       if adopted:
         log(f"model options from the CLIP checkpoint {config.clip_dir}: {', '.join(adopted)}")
-    self.model = dual_encoder.DualEncoder(config.model)
-    self.loss_fn = make_loss_fn(config)
-    abstract_params = jax.eval_shape(functools.partial(init_params, self.model), config.seed)
-    labels = dual_encoder.param_labels(abstract_params, config.model,
-                                       pretrained=bool(config.clip_dir))
-    self.tx, self.schedules = make_optimizer(config.optimizer, labels, self.total_steps)
+    program = build_program(config, self.mesh, self.total_steps)
+    self.program = program
+    self.model, self.loss_fn, self.tx = program.model, program.loss_fn, program.tx
+    self.schedules, self.shardings = program.schedules, program.shardings
+    self.abstract_state, self.train_step = program.abstract_state, program.train_step
+    self.encoders = program.encoders
     self.embed_dim = int(config.model.embed_dim)
-    abstract = jax.eval_shape(self._state_from_params, abstract_params)
-    self.shardings = state_shardings(abstract, self.mesh)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.shardings)
-    self.train_step = make_train_step(self.model, self.loss_fn, self.tx, self.mesh,
-                                      self.schedules)
-    self.encoders = evaluate_lib.make_encoders(self.model)
+    self.workdir = ""  # set by train_and_evaluate
+    # MFU: FLOPs per step from the compiled step (first step), peak from the chip table.
+    self.throughput = logging_utils.Throughput(
+        peak_flops=chips.peak_flops_of(self.mesh.devices.flat[0].device_kind))
     evaluate_lib.check_bank(config.eval.bank, config.eval.bank_size)
     self._bank_batches = None  # the training batches of a re-encoded bank, made on first use
     self._reencoded_bank = None  # ((step, size), (text, video)) of the last re-encoded bank
@@ -328,8 +489,7 @@ class _Run:
         num_workers=num_workers)
 
   def _state_from_params(self, params):
-    return new_train_state(params, self.tx, int(self.config.ncl.queue_size), self.embed_dim,
-                           int(self.config.seed))
+    return state_from_params(self.config, self.tx, params)
 
   def initial_state(self) -> TrainState:
     """A fresh train state, created directly with its shardings."""
@@ -451,7 +611,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
   Raises:
     UserError: bad config, missing data, a workdir holding another run, or a non-finite loss.
   """
-  run = _Run(config, mesh)
+  run = Run(config, mesh)
+  run.workdir = workdir
   best_mode = evaluate_lib.select_metric_mode(config.eval.select_metric)  # checks the key early
   if evaluate_lib.extra_methods(config.eval) and run.dataset.validation_split is None:
     errors.fail(f"config.eval.methods chooses each normalizer's hyper-parameters on the "
@@ -497,7 +658,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, mesh=
     ckpt.close()
 
 
-def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss):
+def check_finite(step: int, values: Mapping[str, float]) -> None:
+  """UserError naming the step when its loss or gradient norm is NaN or infinite.
+
+  Runs before the step's state can be saved, so the last checkpoint stays the last good one.
+  """
+  for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+    if key in values and not math.isfinite(values[key]):
+      errors.fail(f"the training {name} is not finite at step {step} "
+                  f"({key} = {values[key]}); the run stopped. Lower config.optimizer.lr or "
+                  "check the data; the last checkpoint is kept")
+
+
+def step_flops_per_device(train_step, state: TrainState, batch) -> float | None:
+  """FLOPs of one train step on one device, from the compiled step's cost analysis.
+
+  Compiling here fills jit's cache, so the first real call does not compile again. XLA counts
+  a loop body once (Sinkhorn's while_loop is undercounted), so this is a lower bound.
+  """
+  cost = train_step.lower(state, batch).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get("flops", 0.0))
+  return flops if flops > 0 else None
+
+
+class ProfileWindow:
+  """A jax.profiler trace of steps ``first..last`` (``config.profile_steps``) in WORKDIR/profile.
+
+  Open it with TensorBoard's profile plugin or XProf. ``()`` traces nothing.
+  """
+
+  def __init__(self, steps, workdir: str):
+    steps = tuple(steps or ())
+    if steps and (len(steps) != 2 or not 1 <= int(steps[0]) <= int(steps[1])):
+      errors.fail(f"config.profile_steps must be (first, last) with 1 <= first <= last, or (), "
+                  f"got {steps}")
+    self._steps = tuple(int(s) for s in steps)
+    self._dir = os.path.join(workdir, PROFILE_DIR)
+    self._tracing = False
+
+  def __enter__(self):
+    return self
+
+  def before_step(self, step: int) -> None:
+    if self._steps and not self._tracing and self._steps[0] <= step <= self._steps[1]:
+      jax.profiler.start_trace(self._dir)
+      self._tracing = True
+
+  def after_step(self, step: int, metrics) -> None:
+    if self._tracing and step >= self._steps[1]:
+      jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
+      self._stop()
+      log(f"profile of steps {self._steps[0]}-{self._steps[1]} written to {self._dir}")
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self._tracing = False
+
+  def __exit__(self, *exc):
+    if self._tracing:
+      self._stop()
+    return False
+
+
+def _train_loop(run: Run, state: TrainState, iterator, ckpt, writer, last_loss):
   """Runs the steps; returns (final state, last loss), or (None, loss) after SIGTERM."""
   config = run.config
   total = run.total_steps
@@ -508,15 +733,15 @@ def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss)
   step = int(state.step)
   progress = logging_utils.Progress(total, step)
   pending: list[tuple[int, dict[str, jax.Array]]] = []
+  counted_flops = False
 
   def flush():
     nonlocal last_loss
     for s, metrics in pending:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(values["loss"]):
-        errors.fail(f"the training loss is not finite at step {s} (loss = {values['loss']}); "
-                    "the run stopped. Lower config.optimizer.lr or check the data; the last "
-                    "checkpoint is kept")
+      check_finite(s, values)
+      if s == pending[-1][0]:
+        values.update(run.throughput.report(s))
       writer.write(s, values)
       last_loss = values["loss"]
     if pending:
@@ -526,11 +751,17 @@ def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss)
   def extra():
     return {"last_loss": last_loss, "seed": int(config.seed)}
 
-  with checkpointing.PreemptionWatcher() as watcher:
+  with checkpointing.PreemptionWatcher() as watcher, ProfileWindow(
+      config.profile_steps, run.workdir) as profile:
     while step < total:
       batch = sharding.host_batch_to_global(next(iterator), run.mesh)
+      if not counted_flops:
+        run.throughput.flops = step_flops_per_device(run.train_step, state, batch)
+        counted_flops = True
+      profile.before_step(step + 1)
       state, metrics = run.train_step(state, batch)
       step += 1
+      profile.after_step(step, metrics)
       watcher.after_step(step)  # test-only SIGTERM hook, a no-op unless its variable is set
       pending.append((step, metrics))
       last = step == total
@@ -558,7 +789,7 @@ def _train_loop(run: _Run, state: TrainState, iterator, ckpt, writer, last_loss)
   return state, last_loss
 
 
-def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, last_loss):
+def _final_evaluation(run: Run, state: TrainState, ckpt, writer, workdir: str, last_loss):
   """Restores the checkpoint selected on validation and evaluates the test split(s) once."""
   final_step = int(state.step)
   ckpt.wait()
@@ -605,6 +836,8 @@ def _final_evaluation(run: _Run, state: TrainState, ckpt, writer, workdir: str, 
                  for s, r in per_split.items()},
       "num_devices": int(run.mesh.devices.size),
       "num_processes": jax.process_count(),
+      "device_kind": run.mesh.devices.flat[0].device_kind,
+      "throughput": run.throughput.summary(),
   }
   _write_json(os.path.join(workdir, runs.RESULTS_FILE), payload)
   writer.flush()

@@ -5,7 +5,7 @@ here, at import time of the first conftest, ahead of every test module.
 
 The markers of the suite's optional parts are set here, per module (or per test where one test
 of a module needs more): the core suite (``pip install -e '.[test]'``) deselects them with
-``-m "not (interop or beam or browser or multiprocess or tpu)"``, the complete suite
+``-m "not (interop or beam or browser or multiprocess or tpu or demo)"``, the complete suite
 (``.[test-all]``) runs everything.
 """
 
@@ -38,6 +38,10 @@ MODULE_MARKERS = {
     "test_data_beam": "beam",
     # Groups of jax.distributed processes: minutes of CPU on a 2-core machine.
     "test_multiprocess": "multiprocess",
+    # The whole Quickstart demo run (minutes), to check the numbers the docs quote from it.
+    "test_demo_numbers": "demo",
+    # libtpu (ncl_jax[tpu-compile], in .[test-all]): compiles for TPU topologies.
+    "test_tpu": "tpu",
 }
 # Markers of single tests in modules that are otherwise core.
 TEST_MARKERS = {

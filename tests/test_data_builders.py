@@ -3,6 +3,8 @@ real formats with small real videos written by PyAV."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -329,3 +331,18 @@ def test_summary_reports_videos_stored_under_several_names(tmp_path, capsys):
   batch = next(data.video_batches(len(data.video_ids)))
   want = dummy.frame_colour(colours["11@N01_1_aa.mov"], 0).astype(int)
   assert np.abs(batch["video"][row, 0].astype(int) - want).max() <= TOLERANCE
+
+
+def test_prepare_without_a_terminal_prints_no_progress_debris(videos, tmp_path):
+  """Run with pipes (a log file, CI): no carriage-return progress bars and no TFDS size line."""
+  repo = DUMMY.parents[2]
+  proc = subprocess.run(
+      [sys.executable, "-m", "ncl_jax.data.prepare", "msvd", "--manual_dir", str(DUMMY / "msvd"),
+       "--videos_dir", videos["msvd"][0], "--data_dir", str(tmp_path), "--image_size", str(SIZE)],
+      cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  output = proc.stdout + proc.stderr
+  assert "\r" not in output
+  assert "Downloading and preparing" not in output and "Subsequent calls" not in output
+  assert "written to" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("{")

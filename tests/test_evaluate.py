@@ -157,7 +157,7 @@ def test_encoding_is_padded_over_devices_and_drops_nothing():
   config = tu.tiny_config()
   with tu.fast_compile():
     mesh = sharding.make_mesh()
-    run = train._Run(config, mesh)
+    run = train.Run(config, mesh)
     params = jax.device_get(run.initial_state().params)
     data = run.dataset.eval_data("test")  # 28 captions and videos in batches of 16: 12 padded
     text, video = evaluate.encode_split(run.encoders, params, data, mesh, batch_size=16)
@@ -192,7 +192,7 @@ def test_reencoded_bank_holds_the_queued_pairs_embedded_with_the_evaluated_param
   # must give back exactly the rows the train steps wrote into the queues.
   config = tu.tiny_config("ncl", optimizer__lr=0.0, optimizer__weight_decay=0.0)
   with tu.fast_compile():
-    run = train._Run(config, sharding.make_mesh(jax.devices()[:1]))  # 1 device compiles faster
+    run = train.Run(config, sharding.make_mesh(jax.devices()[:1]))  # 1 device compiles faster
     state, batches = run.initial_state(), run.train_iterator()
     for _ in range(3):  # batch 16, queue 32: the queues hold steps 2 and 3
       state, _ = run.train_step(state, sharding.host_batch_to_global(next(batches), run.mesh))

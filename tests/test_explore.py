@@ -5,6 +5,7 @@ metrics, normalization errors) and NumPy written from the definitions (cosine sc
 mass per video, rank positions). The browser test drives Debian's Chromium through Playwright.
 """
 
+import importlib.util
 import io
 import json
 import os
@@ -272,7 +273,7 @@ def server(run, tmp_path_factory):
       process.kill()
       pytest.fail(f"the explorer did not start: {line!r} {process.stderr.read()[-2000:]}")
     url = line.split()[1]
-    yield {"url": url, "seconds": time.perf_counter() - started}
+    yield {"url": url, "seconds": time.perf_counter() - started, "pid": process.pid}
   finally:
     process.terminate()
     try:
@@ -326,7 +327,7 @@ def test_api_search(server, explorer):
 
 def test_api_hubs_and_queries(server, explorer):
   status, _, hubs = _api(server, "/api/hubs", k=4)
-  assert status == 200 and hubs["over"] == "bank" and len(hubs["plain"]) == 4
+  assert status == 200 and hubs["over"] == "test" and len(hubs["plain"]) == 4
   assert hubs["plain"][0]["id"] == explorer.hubs(k=1)["plain"][0]["id"]
   assert len(hubs["histogram"]["edges"]) == len(hubs["histogram"]["plain"]) + 1
   status, _, queries = _api(server, "/api/queries", limit=5, order="worsened")
@@ -354,6 +355,28 @@ def test_api_refuses_bad_input(server):
   assert _get(server["url"] + "api/info", {"Host": f"localhost:{port}"})[0] == 200
 
 
+# A short soak here; benchmarks/explore_soak.py runs the same one for 30 s (docs/explorer.md).
+SOAK_SECONDS = 4
+SOAK_MAX_RSS_GROWTH_MIB = 64
+
+
+def _soak_module():
+  path = REPO / "benchmarks" / "explore_soak.py"
+  spec = importlib.util.spec_from_file_location("explore_soak", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.slow
+def test_sixteen_concurrent_clients_get_no_errors_and_memory_stays_bounded(server):
+  result = _soak_module().soak(server["url"], server["pid"], clients=16, seconds=SOAK_SECONDS)
+  assert result["errors"] == 0, result["error_examples"]
+  assert result["requests"] >= 32, result  # every client got answers, not one each
+  assert result["rss_growth_mib"] < SOAK_MAX_RSS_GROWTH_MIB, result
+  assert _api(server, "/api/info")[0] == 200  # still serving
+
+
 def _playwright():
   """Playwright's sync API, or ``unavailable`` where no browser is installed (.ci/run installs
   Chromium and sets NCL_JAX_REQUIRE_ALL, which turns the skip into a failure)."""
@@ -365,6 +388,7 @@ def _playwright():
 def test_page_in_chromium(server, tmp_path):
   """Chromium loads the page, a typed query fills both columns, the hubs view draws Fig. 2."""
   sync_api = _playwright()
+  bank_size = _api(server, "/api/info")[2]["bank_size"]
   problems = []
   with sync_api.sync_playwright() as playwright:
     browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
@@ -374,12 +398,19 @@ def test_page_in_chromium(server, tmp_path):
       page.on("pageerror", lambda err: problems.append(str(err)))
       page.goto(server["url"])
       page.wait_for_function("document.getElementById('source').textContent.includes('videos')")
+      # The page says what NCL is: the bias, the bank it comes from, the rank arrows.
+      about = page.text_content("#about-ncl")
+      for words in ("cos / T + bias", "bias per video", "fair share", "bank",
+                    f"{bank_size} training queries", "▲3", "three places"):
+        assert words in about, words
       page.fill("#query", "c0_0 c1_1 a3")
       page.press("#query", "Enter")
       page.wait_for_selector("#ncl-results .result")
       assert page.locator("#plain-results .result").count() == 10
       assert page.locator("#ncl-results .result").count() == 10
       assert page.locator("#ncl-results .change").count() == 10  # the rank change is marked
+      assert urllib.parse.parse_qs(urllib.parse.urlparse(page.url).query) == {
+          "q": ["c0_0 c1_1 a3"]}  # the search is in the URL
       page.screenshot(path=str(tmp_path / "search.png"))
       page.click("button[data-view=queries]")
       page.wait_for_selector("#queries-table tbody tr")
@@ -391,7 +422,25 @@ def test_page_in_chromium(server, tmp_path):
       page.wait_for_selector("#hub-histogram rect")
       assert page.locator("#hub-histogram rect").count() >= 2
       assert page.locator("#hubs-plain tbody tr").count() == 20
+      assert page.url.endswith("#hubs")
+      # The hubs view opens on the split's captions (over the bank NCL is 1.000 by construction).
+      assert page.input_value("#hubs-over") == "test"
+      assert "captions of the split" in page.text_content("#hubs-summary")
       page.screenshot(path=str(tmp_path / "hubs.png"), full_page=True)
+
+      # A linked search is restored from the URL: the query, its k, both columns.
+      linked = browser.new_page(viewport={"width": 1280, "height": 900})
+      linked.on("pageerror", lambda err: problems.append(str(err)))
+      linked.goto(server["url"] + "?" + urllib.parse.urlencode({"q": "c0_1 a3", "k": 5}))
+      linked.wait_for_selector("#ncl-results .result")
+      assert linked.input_value("#query") == "c0_1 a3"
+      assert linked.locator("#plain-results .result").count() == 5
+      assert linked.locator("#ncl-results .result").count() == 5
+      # ... and a linked view: #hubs opens the hubs view directly.
+      linked.goto(server["url"] + "#hubs")
+      linked.wait_for_selector("#hubs-plain tbody tr")
+      assert linked.locator("#view-hubs").is_visible()
+      assert not linked.locator("#view-search").is_visible()
     finally:
       browser.close()
   assert not problems, problems  # e.g. a script error or a Content-Security-Policy violation
@@ -430,6 +479,20 @@ def test_cli_port_in_use(run):
     line = _one_error_line(_cli("--workdir", str(run), "--port", str(port)))
     assert "--port" in line and str(port) in line
     assert time.perf_counter() - started < 60  # refused before the model is loaded
+
+
+def test_a_damaged_checkpoint_is_named_with_how_to_choose_another(run, tmp_path):
+  from ncl_jax.explore import core
+  from ncl_jax.errors import UserError
+  damaged_run = tmp_path / "run"
+  shutil.copytree(run, damaged_run)
+  step = json.loads((run / "results.json").read_text())["selected_step"]
+  (damaged_run / "checkpoints" / str(step) / "data" / "process_0-of-1.json").write_bytes(b"")
+  (damaged_run / "checkpoints" / str(step) / "state" / "_METADATA").write_text("{")
+  with pytest.raises(UserError, match=rf"checkpoint .*/checkpoints/{step} is damaged: state/"
+                                      r"_METADATA is not valid JSON; .* tools/export.py .* "
+                                      r"--step N, and for the explorer pass --bundle BUNDLE"):
+    core.open_explorer(workdir=str(damaged_run))
 
 
 def test_cli_not_a_bundle(tmp_path):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ncl_jax import inference, normalize, sharding
+from ncl_jax import inference, normalize, sharding, streaming
 from ncl_jax.errors import UserError
 from ncl_jax.gallery import cli, dense, inputs, search, solve, sparse, sparse_mesh
 from ncl_jax.gallery import index as index_lib
@@ -223,8 +223,8 @@ def test_deep_level_brings_sparse_biases_closer_to_dense(rng):
   dense = solve.dense_biases(bank, items, temperature=0.05, tol=1e-8)
   sparse = solve.sparse_biases(bank, items, temperature=0.05, top_k=6, tol=1e-8)
   found = search.top_k_items(bank, items, 6)
-  b = normalize.balanced_marginals(None, len(bank), len(items))
-  clipped = normalize.column_fixed_point(
+  b = streaming.balanced_marginals(None, len(bank), len(items))
+  clipped = streaming.column_fixed_point(
       lambda g: _reference_column_sums(found.scores, found.index, 20.0, g, len(items)),
       b, tol=1e-8)
   gap = lambda g: np.abs(_centred(g) - _centred(dense.bias)).mean()
@@ -331,9 +331,9 @@ def test_certificate_covers_kept_scores_off_by_the_rounding_allowance(rng):
   found = search.top_k_items(bank, items, 5, temperature=1.0 / scale)
   signs = np.where(rng.random(found.scores.shape) < 0.5, -1.0, 1.0)
   off = found._replace(scores=(found.scores + error * signs).astype(np.float32))
-  b = normalize.balanced_marginals(None, len(bank), len(items))
+  b = streaming.balanced_marginals(None, len(bank), len(items))
   plan = sparse.SparsePlan(off.scores, off.index, off.omitted_level, len(items), scale)
-  out = normalize.column_fixed_point(plan, b, tol=1e-9)
+  out = streaming.column_fixed_point(plan, b, tol=1e-9)
   gap = sparse.worst_case_gap(bank, off, out.bias, scale, len(items), error)
   assert gap.rounding == pytest.approx(np.expm1(2 * scale * error))
   probs = _dense_probs(bank, items, out.bias, 1.0 / scale)

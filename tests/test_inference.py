@@ -210,3 +210,13 @@ def test_docs_snippet_runs_on_the_demo_bundle(tmp_path_factory, capsys):
   assert np.all(np.diff(scores[0]) <= 0)  # best first
   assert len(set(top[0].tolist())) == 10
   assert capsys.readouterr().out.startswith("best test videos:")
+
+
+def test_reading_a_run_logs_no_orbax_metadata_warning(run_dir, caplog):
+  """explore, export and embed read a run's train state (checkpoints/N/state), whose step
+  metadata lives one level up; orbax's warning about it is noise and is filtered."""
+  from ncl_jax import runs
+  with caplog.at_level("WARNING"):
+    run = runs.restore_run(run_dir)
+  assert run.params is not None
+  assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]

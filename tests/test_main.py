@@ -4,6 +4,7 @@ Training itself is tested in test_train.py; this module holds the command's bad-
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -55,3 +56,40 @@ def test_workdir_below_a_file_names_that_file(tmp_path):
   with pytest.raises(UserError, match=f"--workdir's parent '{a_file}' is a file"):
     main.check_workdir(str(a_file / "run"))
   main.check_workdir(str(tmp_path / "new" / "run"))  # missing folders are created later
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_a_rerun_stops_before_training(tmp_path):
+  """The synthetic config on a 16 MiB tmpfs (checkpoints of ~6 MiB): the third save cannot fit."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                         capture_output=True, check=False)
+  if mount.returncode != 0:
+    pytest.skip("mounting a tmpfs needs root; test_checkpoint_faults.py simulates a full disk")
+  try:
+    workdir = disk / "run"
+    args = ["--config=configs/synthetic.py", f"--workdir={workdir}", "--config.total_steps=12",
+            "--config.checkpoint_every_steps=4", "--config.eval_every_steps=0"]
+    first = _cli(args, timeout=600)
+    line = _one_error_line_after_progress(first)
+    assert re.search(r"^step 12/12 ", first.stdout, re.M), first.stdout  # trained up to the save
+    assert f"the disk holding the workdir ({disk}) is full" in line
+    assert "the checkpoint of step 12 needs about" in line
+    assert f"the last good checkpoint, step 8 in {workdir / 'checkpoints' / '8'}" in line
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]  # nothing half-written
+    rerun = _cli(args, timeout=600)
+    line = _one_error_line_after_progress(rerun)
+    assert "is full" in line and "a checkpoint needs about" in line
+    assert not re.search(r"^step \d+/", rerun.stdout, re.M), rerun.stdout  # no training step
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _one_error_line_after_progress(proc):
+  """The last stderr line of a run that stopped on a user error: no traceback above it."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-3000:]
+  return errors[0]

@@ -161,13 +161,19 @@ def test_real_ncl_needs_the_temperature(shared_data_dir, name):
   assert metrics.t2v_metrics(hot)["R@1"] < plain["t2v"]["R@1"]
 
 
+def _leak_free_halves(sims):
+  """Test = pairs 500-999 (captions x their videos); bank = captions 0-499 x the test videos,
+  so the bank's own answers are not in the gallery (as training captions x test videos)."""
+  return sims[500:, 500:], sims[:500, 500:]
+
+
 def test_real_inductive_bank_and_streaming_agree(shared_data_dir):
-  """Bank = the first 500 test captions, evaluated on the other 500 (an inductive split)."""
   sims = np.load(shared_data_dir / TITLES)
-  bank, queries, gt = sims[:500], sims[500:], np.arange(500, 1000)
-  plain = metrics.t2v_metrics(queries, gt)["R@1"]
+  queries, bank = _leak_free_halves(sims)
+  plain = metrics.t2v_metrics(queries)["R@1"]
   normalized, biases = nz.ncl(queries, bank, temperature=0.01)
-  assert metrics.t2v_metrics(normalized, gt)["R@1"] > plain
+  # A bank as small as the gallery: NCL's biases overfit it and cost recall (docs/normalization.md).
+  assert metrics.t2v_metrics(normalized)["R@1"] < plain
   streamed = nz.ncl_biases(bank, temperature=0.01, stream=True, chunk_rows=96, tol=0.0,
                            max_iterations=biases.iterations, anderson=0)
   np.testing.assert_allclose(streamed.bias, biases.bias, atol=1e-3)
@@ -238,14 +244,26 @@ def test_csls_matches_conneau_et_al(rng):
     nz.csls(sims, bank, temperature=temperature, k=41)
 
 
-@pytest.mark.parametrize("method", ["is", "csls"])
-def test_real_inductive_is_and_csls_raise_recall(shared_data_dir, method):
-  """Half split of the video matrix: bank = first 500 captions, queries = the other 500."""
+def test_real_leaky_half_split_favours_the_queries_answers(shared_data_dir):
+  """Why the old split (bank = captions 0-499 x all 1000 videos) inflated every bank method:
+  the bank pushes its own answers (videos 0-499) down, a head start for the queries' videos."""
   sims = np.load(shared_data_dir / VIDEO)
-  bank, queries, gt = sims[:500], sims[500:], np.arange(500, 1000)
-  options = {"beta": 100.0} if method == "is" else {"k": 3}
-  normalized = nz.normalize(queries, method, bank, temperature=0.01, **options)
-  assert metrics.t2v_metrics(normalized, gt)["R@1"] > metrics.t2v_metrics(queries, gt)["R@1"] + 1
+  biases = nz.ncl_biases(sims[:500], temperature=0.01).bias
+  assert biases[500:].mean() > biases[:500].mean() + 1.0
+
+
+@pytest.mark.parametrize("method", ["ncl", "is", "csls"])
+def test_real_leak_free_bank_of_gallery_size_does_not_raise_recall(shared_data_dir, method):
+  """On the leak-free halves with a 500-caption bank, the bank methods at full strength do not
+  beat plain t2v R@1 (the video matrix; the measured table is in docs/normalization.md), and
+  strength 0 gives the plain ranking back."""
+  queries, bank = _leak_free_halves(np.load(shared_data_dir / VIDEO))
+  plain = metrics.t2v_metrics(queries)["R@1"]
+  options = {"k": 10} if method == "csls" else {}
+  full = nz.normalize(queries, method, bank, temperature=0.01, **options)
+  assert metrics.t2v_metrics(full)["R@1"] <= plain
+  off = nz.normalize(queries, method, bank, temperature=0.01, alpha=0.0, **options)
+  assert metrics.t2v_metrics(off)["R@1"] == plain
 
 
 # ---------------------------------------------------------------------------------------------

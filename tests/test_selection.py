@@ -1,6 +1,7 @@
 """Hyper-parameter selection on the bank alone (ncl_jax.selection and posthoc --select bank)."""
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -134,6 +135,19 @@ def _numpy_csls_logits(sims, bank_sims, k, temperature, alpha=1.0):
   return (sims - alpha * r[None, :] / 2) / temperature
 
 
+def _guarded(points, ranks, level=0.05):
+  """The documented rule: the best (R@1, -MnR) point (first in grid order among equals), kept
+  only if it fixes significantly more top-1 hits than the first strength-0 point breaks (a
+  one-sided sign test, Bonferroni-corrected over the other grid points)."""
+  z = statistics.NormalDist().inv_cdf(1 - level / (len(points) - 1))
+  keys = [(np.mean(r <= 1), -np.mean(r)) for r in ranks]
+  best = max(range(len(points)), key=lambda i: (keys[i], -i))
+  plain = next(i for i, p in enumerate(points) if p.get("alpha", p.get("lambda")) == 0)
+  wins = np.sum((ranks[best] <= 1) & (ranks[plain] > 1))
+  losses = np.sum((ranks[best] > 1) & (ranks[plain] <= 1))
+  return points[best] if wins - losses >= z * np.sqrt(wins + losses) else points[plain]
+
+
 def test_validation_selection_then_test_report():
   rng = np.random.default_rng(5)
   d, scale = 8, 50.0
@@ -148,17 +162,15 @@ def test_validation_selection_then_test_report():
   chosen, report = evaluate.select_hyperparameters(
       val_t, val_v, np.arange(40), logit_scale=scale, text_bank=bank_t, video_bank=bank_v,
       methods=("csls",), eval_config=config)
-  # Independent reference: validation R@1 (then -MnR) of each (k, alpha) with numpy CSLS,
-  # bank x val videos; ties keep the first in grid order (k outer, alpha inner).
+  # Independent reference: validation ranks of each (k, alpha) with numpy CSLS, bank x val
+  # videos (k outer, alpha inner, k <= the 60-row bank), then the guarded rule.
   sims = val_t @ val_v.T
-  keys = {}
-  for k in selection.grid("csls")["k"]:
-    for alpha in selection.grid("csls")["alpha"]:
-      m = metrics.t2v_metrics(_numpy_csls_logits(sims, bank_t @ val_v.T, k, 1 / scale, alpha))
-      keys[(k, alpha)] = (m["R@1"], -m["MnR"])
-  best = max(keys.values())
-  k, alpha = next(point for point in keys if keys[point] == best)
-  assert chosen["csls"]["t2v"] == {"k": k, "alpha": alpha}
+  points = [{"k": k, "alpha": a} for k in selection.grid("csls")["k"] if k <= 60
+            for a in selection.grid("csls")["alpha"]]
+  ranks = [metrics.t2v_ranks(_numpy_csls_logits(sims, bank_t @ val_v.T, p["k"], 1 / scale,
+                                                p["alpha"])) for p in points]
+  assert chosen["csls"]["t2v"] == _guarded(points, ranks)
+  k, alpha = chosen["csls"]["t2v"]["k"], chosen["csls"]["t2v"]["alpha"]
   assert report["csls"]["t2v"]["criterion"] == "validation"
   # The test split is then normalized at the chosen k with the same kind of bank.
   out = evaluate.retrieval_results(test_t, test_v, np.arange(30), logit_scale=scale,
@@ -231,15 +243,35 @@ def test_select_val_never_reads_the_test_labels(shared_data_dir, tmp_path):
   assert results[0]["selection"] == results[1]["selection"]
   assert results[0]["t2v"] != results[1]["t2v"]
   assert results[0]["selection"]["rule"] == "val"
-  # The chosen alpha is the validation R@1 winner (ties: the first in grid order).
+  # The chosen alpha follows the guarded rule on the validation ranks.
   grid = results[0]["selection"]["t2v"]["grid"]
-  assert [p["alpha"] for p in grid] == list(selection.grid("ncl")["alpha"])
-  val_r1 = [metrics.t2v_metrics(nz.normalize(parts["val"], "ncl", parts["val_bank"],
-                                             temperature=0.01, alpha=p["alpha"]))["R@1"]
-            for p in grid]
-  assert [p["score"] for p in grid] == pytest.approx(val_r1)
-  best = grid[int(np.argmax([p["score"] for p in grid]))]["alpha"]
-  assert results[0]["hyperparameters"]["t2v"]["alpha"] == pytest.approx(best)
+  points = [{"alpha": a} for a in selection.grid("ncl")["alpha"]]
+  assert [p["alpha"] for p in grid] == [p["alpha"] for p in points]
+  ranks = [metrics.t2v_ranks(nz.normalize(parts["val"], "ncl", parts["val_bank"],
+                                          temperature=0.01, alpha=p["alpha"])) for p in points]
+  assert [p["score"] for p in grid] == pytest.approx([100 * np.mean(r <= 1) for r in ranks])
+  assert results[0]["hyperparameters"]["t2v"] == _guarded(points, ranks)
+
+
+def test_guard_keeps_plain_unless_the_winner_is_clear(rng):
+  """select_on_queries: a one-query win over the strength-0 point is refused, a clear one kept."""
+  queries, bank = hub_sims(rng, 16, 16), hub_sims(rng, 20, 16)
+  plain_logits = queries / 0.05
+  ranks_plain = np.array([1, 1] + [2] * 14)
+  small = np.array([1, 1, 1] + [2] * 13)  # 1 win: z = 2.24 for 5 grid points wants 2.24
+  for other, expected in ((small, 0.0), (np.array([1] * 12 + [2] * 4), 0.25)):  # 10 wins
+
+    def ranks(logits, other=other):  # every non-plain point scores alike: the first one wins
+      return ranks_plain if np.allclose(logits, plain_logits, atol=1e-4) else other
+
+    chosen = selection.select_on_queries("ncl", queries, bank, temperature=0.05, ranks=ranks)
+    assert chosen.values == {"alpha": expected}
+    assert chosen.grid[1]["wins"] == int(np.sum((other <= 1) & (ranks_plain > 1)))
+  unguarded = selection.select_on_queries(
+      "ncl", queries, bank, temperature=0.05, guard=None,
+      ranks=lambda logits: ranks_plain if np.allclose(logits, plain_logits, atol=1e-4) else small)
+  assert unguarded.values == {"alpha": 0.25}
+
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -277,3 +309,22 @@ def test_dualis_through_posthoc_with_gallery_banks(tmp_path, rng):
   assert set(t2v) == {"beta1", "beta2"}
   expected = nz.normalize(sims, "dualis", bank, temperature=0.01, gallery_bank=gbank, **t2v)
   assert result["t2v"] == pytest.approx(metrics.t2v_metrics(expected))
+  # --select val: the validation split brings its own query and gallery banks.
+  val_argv = ["--select", "val", "--val", str(paths["sims"]), "--val-bank", str(paths["bank"]),
+              "--val-v2t-bank", str(paths["vbank"]), "--val-gallery-bank", str(paths["gbank"]),
+              "--val-v2t-gallery-bank", str(paths["vgbank"])]
+  base = [str(paths["sims"]), "--method", "dualis", "--bank", str(paths["bank"]), "--v2t-bank",
+          str(paths["vbank"]), "--gallery-bank", str(paths["gbank"]), "--v2t-gallery-bank",
+          str(paths["vgbank"])]
+  with pytest.raises(UserError, match="needs --val-gallery-bank"):
+    posthoc.main(base + val_argv[:-4])
+  out = tmp_path / "val.json"
+  assert posthoc.main(base + val_argv + ["--json", str(out)]) == 0
+  selected = json.loads(out.read_text())
+  assert selected["selection"]["rule"] == "val"
+  grid = selected["selection"]["t2v"]["grid"]
+  assert len(grid) == 16 and "wins" not in grid[0]  # no plain point in dualis's grid: no guard
+  best = max(grid, key=lambda p: p["score"])["score"]
+  chosen = selected["hyperparameters"]["t2v"]
+  assert next(p for p in grid if p["beta1"] == chosen["beta1"] and
+              p["beta2"] == chosen["beta2"])["score"] == best

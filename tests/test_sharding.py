@@ -49,7 +49,7 @@ def test_sizes_that_do_not_split_over_devices_are_user_errors():
 
 
 def _run_steps(config, mesh, batches):
-  run = train._Run(config, mesh)
+  run = train.Run(config, mesh)
   state = run.initial_state()
   losses, metrics = [], []
   for batch in batches:
@@ -104,7 +104,7 @@ def test_sharded_step_matches_a_direct_unsharded_update():
   config.optimizer.warmup_fraction = 0.0  # a non-zero learning rate from the first step
   with tu.fast_compile():
     mesh = sharding.make_mesh()
-    run = train._Run(config, mesh)
+    run = train.Run(config, mesh)
     iterator = run.dataset.train_iterator(config.global_batch_size, seed=0)
     b1, b2 = next(iterator), next(iterator)
     state = run.initial_state()

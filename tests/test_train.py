@@ -59,7 +59,7 @@ MAX_NCL_ERROR_RATIO = 0.8      # NCL-normalized / plain normalization error (hig
 def _untrained_test_results(config):
   """The run's own evaluation before training: same config and seed, step 0 parameters."""
   with tu.fast_compile():
-    run = train._Run(config)
+    run = train.Run(config)
     return run.evaluate(run.initial_state(), "test")
 
 
@@ -192,7 +192,7 @@ def test_initial_state_copies_pretrained_clip_weights(tmp_path):
   convert.save_converted(tmp_path / "clip", clip_config, clip_params)
   config.clip_dir = str(tmp_path / "clip")
   with tu.fast_compile():
-    run = train._Run(config)
+    run = train.Run(config)
     state = jax.device_get(run.initial_state())
   for a, b in zip(jax.tree.leaves(clip_params["text"]), jax.tree.leaves(state.params["text"])):
     np.testing.assert_array_equal(a, b)

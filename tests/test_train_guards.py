@@ -47,7 +47,7 @@ def steps():
                           optimizer__weight_decay=0.0, optimizer__lr=1e-2,
                           model__head="seqTransf", model__head_layers=1, model__head_heads=2)
   with tu.fast_compile():
-    run = train._Run(config)  # pylint: disable=protected-access
+    run = train.Run(config)
     state = run.initial_state()
     iterator = run.train_iterator(num_workers=0)
     records = []

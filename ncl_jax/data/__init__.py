@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
+from ncl_jax.data import prepared, synthetic
 from ncl_jax.data.pipeline import (CLIP_MEAN, CLIP_STD, EvalData, RetrievalDataset, TrainIterator,
                                    normalize_frames, sample_frame_indices)
 from ncl_jax.errors import UserError
@@ -47,7 +48,6 @@ def default_data_config(name: str) -> ConfigDict:
   default tokenizer; "" uses the copy in an installed ``clip`` package).
   """
   if name == "synthetic":
-    from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.default_config()
   if name not in REAL_DATASETS:
     raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
@@ -73,9 +73,7 @@ def get_dataset(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
   """
   name = data_config.name
   if name == "synthetic":
-    from ncl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     return synthetic.make_synthetic(data_config)
   if name not in REAL_DATASETS:
     raise UserError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-  from ncl_jax.data import prepared  # pylint: disable=g-import-not-at-top
   return prepared.load_prepared(data_config, tokenizer)

@@ -190,6 +190,15 @@ class StoredItemsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
     self._load_times: list[tuple[float, float, int]] = []   # (start, end, pid) per item
     super().__init__(**kwargs)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size (...)" (these sets are read from
+  # local files, so it knows no size) and "... Subsequent calls will reuse this data." to stdout;
+  # the prepare command prints its own summary, so both lines would only be noise.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def loading_stats(self) -> dict[str, Any] | None:
     """How the items of this build were loaded: count, seconds during which at least one item
     was loading (Beam's start-up, the gaps between splits and the writing of records excluded),

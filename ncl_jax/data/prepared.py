@@ -20,6 +20,7 @@ from ml_collections import ConfigDict
 from ncl_jax.data import video as video_lib
 from ncl_jax.data.pipeline import RetrievalDataset, Split, augment_frames, sample_frame_indices
 from ncl_jax.errors import UserError
+from ncl_jax.tokenizer import ClipTokenizer
 
 
 def _prepare_hint(name: str) -> str:
@@ -55,6 +56,7 @@ def find_prepared(data_config: ConfigDict) -> str:
   if data_config.get("builder_config"):
     wanted = [data_config.builder_config]
   else:
+    # The builders import TensorFlow Datasets, which only the real sets' loading needs.
     from ncl_jax.data.builders import config_name  # pylint: disable=g-import-not-at-top
     exact = config_name(data_config.input_mode, data_config.max_frames,
                         data_config.get("image_size", 224))
@@ -73,7 +75,6 @@ def find_prepared(data_config: ConfigDict) -> str:
 
 def _default_tokenizer(data_config: ConfigDict):
   """CLIP's BPE tokenizer, with the vocabulary at ``data.vocab_path`` if set."""
-  from ncl_jax.tokenizer import ClipTokenizer  # pylint: disable=g-import-not-at-top
   return ClipTokenizer(data_config.get("vocab_path") or None)
 
 
@@ -192,8 +193,8 @@ class RecordSplit(Split):
 
 def load_prepared(data_config: ConfigDict, tokenizer=None) -> RetrievalDataset:
   """Opens a prepared real data set (see :func:`ncl_jax.data.get_dataset`)."""
+  # Only opening a real set imports TensorFlow Datasets (see ncl_jax.data).
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
   path = find_prepared(data_config)
   builder = tfds.builder_from_directory(path)
   meta = builder.info.metadata or {}

@@ -407,13 +407,13 @@ class Explorer:
                               "plain": rank_distribution(plain), "ncl": rank_distribution(ncl)},
     }
 
-  def hubs(self, k: int = 20, over: str = "bank", order: str = "desc") -> dict[str, Any]:
+  def hubs(self, k: int = 20, over: str = "test", order: str = "desc") -> dict[str, Any]:
     """Videos by summed retrieval probability relative to their expected share.
 
     Args:
       k: videos per list.
-      over: "bank" (the model's training queries, the bank NCL normalizes with) or "test" (the
-        split's captions).
+      over: "test" (the split's captions: new queries, the informative view) or "bank" (the
+        model's training queries, which NCL balances by construction).
       order: "desc" (hubs first) or "asc" (the least retrieved first).
 
     Returns:

@@ -9,7 +9,7 @@ Routes (all GET; docs/explorer.md documents the answers):
   ``{"plain": [...], "ncl": [...], ...}``.
 * ``/api/queries?offset=0&limit=200&contains=&order=index``: the split's captions with their
   ground truth's ranks, the rank distribution and metrics.
-* ``/api/hubs?k=20&over=bank&order=desc``: videos by summed retrieval probability relative to
+* ``/api/hubs?k=20&over=test&order=desc``: videos by summed retrieval probability relative to
   their share, before and after normalization, and the histogram.
 * ``/api/thumbnail/{index}``: JPEG of a video's first stored frame (frames mode).
 
@@ -147,7 +147,7 @@ def _add_api_routes(app: fastapi.FastAPI, explorer: core.Explorer) -> None:
 
   @app.get("/api/hubs")
   def hubs(k: int = fastapi.Query(20, ge=1, le=core.MAX_K),
-           over: Literal["bank", "test"] = "bank", order: Literal["desc", "asc"] = "desc"):
+           over: Literal["bank", "test"] = "test", order: Literal["desc", "asc"] = "desc"):
     return explorer.hubs(k=k, over=over, order=order)
 
   @app.get("/api/thumbnail/{index}")

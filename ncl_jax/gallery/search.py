@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from ncl_jax import normalize
+from ncl_jax import streaming
 from ncl_jax.errors import UserError
 from ncl_jax.gallery import sparse
 
@@ -166,7 +166,7 @@ class _Rows:
 def _exact_search(bank, gallery, out: _Rows, depth: int, progress, start) -> None:
   import faiss  # pylint: disable=g-import-not-at-top
   index = faiss.IndexFlatIP(gallery.shape[1])
-  for block, valid in normalize.host_chunks(gallery, _SEARCH_ROWS):
+  for block, valid in streaming.host_chunks(gallery, _SEARCH_ROWS):
     index.add(block[valid])
   n_bank, scan_start = bank.shape[0], time.monotonic()
   for first in range(0, n_bank, _SEARCH_ROWS):

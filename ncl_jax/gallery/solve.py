@@ -3,7 +3,7 @@
 Both modes solve the same problem as :func:`ncl_jax.normalize.ncl_biases` on the matrix
 ``bank @ gallery.T`` (biases ``g`` [n_items] with which every item receives its target share of
 the bank's summed retrieval probability), without ever storing that matrix, and share its
-Anderson-accelerated update loop (:func:`ncl_jax.normalize.column_fixed_point`).
+Anderson-accelerated update loop (:func:`ncl_jax.streaming.column_fixed_point`).
 
 * **Dense** (:func:`dense_biases`, :mod:`ncl_jax.gallery.dense`): the gallery's rows are split
   over the devices of a mesh, across processes under ``jax.distributed``, where each process
@@ -36,7 +36,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from ncl_jax import normalize
+from ncl_jax import streaming
 from ncl_jax.errors import UserError
 from ncl_jax.gallery import search as search_lib
 from ncl_jax.gallery import dense, sparse, sparse_mesh
@@ -104,9 +104,9 @@ class Solution:
   sampled_omitted_mass_mean: float | None = None
   certify: str | None = None
 
-  def biases(self) -> normalize.Biases:
-    """The result as :class:`ncl_jax.normalize.Biases`."""
-    return normalize.Biases(self.bias, self.iterations, self.error)
+  def biases(self) -> streaming.Biases:
+    """The result as :class:`ncl_jax.streaming.Biases`."""
+    return streaming.Biases(self.bias, self.iterations, self.error)
 
   def report(self) -> dict:
     """Everything but the biases, JSON-ready."""
@@ -198,9 +198,9 @@ def dense_biases(bank, gallery, *, temperature: float, col_marginals=None, tol: 
   start = time.monotonic()
   mesh = dense.make_mesh(bank_groups) if mesh is None else mesh
   column_mass = dense.DenseColumnMass(bank, gallery, 1.0 / temperature, mesh, chunk_rows)
-  b = normalize.balanced_marginals(col_marginals, bank.shape[0], gallery.shape[0])
+  b = streaming.balanced_marginals(col_marginals, bank.shape[0], gallery.shape[0])
   counted, passes = _counting(column_mass, progress, start, tol, max_iterations)
-  out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
+  out = streaming.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
                                      max_iterations=max_iterations, anderson=anderson)
   return Solution(out.bias, "dense", out.iterations, out.error, out.error, tol,
                   out.error <= tol, passes[0], time.monotonic() - start,
@@ -261,9 +261,9 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
   plan_rows = (found.scores, found.index, found.omitted_level, n_items, scale)
   plan = (sparse.SparsePlan(*plan_rows) if mesh is None
           else sparse_mesh.ShardedSparsePlan(*plan_rows, mesh))
-  b = normalize.balanced_marginals(col_marginals, n_bank, n_items)
+  b = streaming.balanced_marginals(col_marginals, n_bank, n_items)
   counted, passes = _counting(plan, progress, start, tol, max_iterations)
-  out = normalize.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
+  out = streaming.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
                                      max_iterations=max_iterations, anderson=anderson)
   gap = sparse.worst_case_gap(bank, found, out.bias, scale, n_items,
                               sparse.score_error(bank, gallery))

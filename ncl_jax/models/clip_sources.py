@@ -28,6 +28,8 @@ import warnings
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors
+from safetensors import numpy as safetensors_numpy
 
 from ncl_jax.errors import UserError
 from ncl_jax.models import clip, convert
@@ -70,14 +72,8 @@ class Checkpoint:
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   """All tensors of a ``.safetensors`` file as numpy arrays (bfloat16 via ml_dtypes); no torch."""
   try:
-    from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  except ImportError as err:
-    raise UserError("reading .safetensors files needs the safetensors package: "
-                    "pip install safetensors") from err
-  try:
-    return dict(load_file(str(path)))
-  except (SafetensorError, OSError, ValueError) as err:
+    return dict(safetensors_numpy.load_file(str(path)))
+  except (safetensors.SafetensorError, OSError, ValueError) as err:
     raise UserError(f"{path} is not a readable safetensors file ({err})") from err
 
 

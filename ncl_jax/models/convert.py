@@ -16,13 +16,16 @@ checkpoint formats (OpenAI, open_clip, Hugging Face transformers) into that layo
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import shutil
 from typing import Mapping
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from ncl_jax.errors import UserError
 from ncl_jax.models import clip
@@ -285,11 +288,6 @@ def save_converted(out_dir, config, params, vocab_files=(), source: Mapping | No
   Raises:
     UserError: if ``out_dir`` exists and is not empty (nothing is overwritten).
   """
-  import os
-  import shutil
-
-  import orbax.checkpoint as ocp
-
   out = pathlib.Path(out_dir).expanduser().resolve()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise UserError(f"--out {out} already exists and is not an empty directory; choose a new one")
@@ -367,8 +365,6 @@ def load_clip(clip_dir, dtype: str = "float32", remat: bool = False):
     and its float32 parameters, for ``model.apply({"params": params}, images,
     method=model.encode_image)`` and ``method=model.encode_text``.
   """
-  import orbax.checkpoint as ocp
-
   config = read_config(clip_dir)
   config.dtype = dtype
   config.remat = remat

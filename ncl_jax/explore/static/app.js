@@ -120,6 +120,7 @@ async function runSearch() {
   try {
     const result = await api("/api/search", {q: text, k: searchView.k.value});
     renderColumns(result, searchView.plain, searchView.ncl);
+    rememberSearch(text, searchView.k.value);
     setStatus(searchView.status,
       `top ${result.k} of ${state.info.num_videos} videos for “${result.query}” ` +
       `(${result.elapsed_ms.toFixed(1)} ms on the server)`);
@@ -372,7 +373,30 @@ hubsView.order.addEventListener("change", loadHubs);
 
 const state = {info: null};
 
+// The page's state lives in its URL, so a search or a view can be linked and reloaded:
+// ?q=<query>&k=<top k> is the last search, #queries or #hubs the open view (none: search).
+const VIEWS = ["search", "queries", "hubs"];
+
+function rememberSearch(text, k) {
+  const url = new URL(window.location.href);
+  url.searchParams.set("q", text);
+  if (k === "10") url.searchParams.delete("k"); else url.searchParams.set("k", k);
+  history.replaceState(null, "", url);
+}
+
+function viewFromUrl() {
+  const name = window.location.hash.slice(1);
+  return VIEWS.includes(name) ? name : "search";
+}
+
+function rememberView(name) {
+  const url = new URL(window.location.href);
+  url.hash = name === "search" ? "" : name;
+  if (url.href !== window.location.href) history.replaceState(null, "", url);
+}
+
 function showView(name) {
+  rememberView(name);
   for (const tab of document.querySelectorAll(".tab")) {
     tab.classList.toggle("active", tab.dataset.view === name);
   }
@@ -386,6 +410,7 @@ function showView(name) {
 for (const tab of document.querySelectorAll(".tab")) {
   tab.addEventListener("click", () => showView(tab.dataset.view));
 }
+window.addEventListener("hashchange", () => showView(viewFromUrl()));
 
 function describeSource(info) {
   const where = info.source.workdir ? `run ${info.source.workdir}` : `bundle ${info.source.bundle}`;
@@ -404,6 +429,8 @@ async function start() {
     return;
   }
   document.getElementById("source").textContent = describeSource(state.info);
+  document.getElementById("about-bank").textContent =
+    `${state.info.bank_size} training queries of this model`;
   searchView.input.maxLength = state.info.max_query_chars;
   const examples = document.getElementById("examples");
   const [first] = state.info.example_queries;
@@ -417,6 +444,19 @@ async function start() {
       });
       return button;
     }));
+  restoreFromUrl();
+}
+
+function restoreFromUrl() {
+  const params = new URLSearchParams(window.location.search);
+  const k = params.get("k");
+  if (k && [...searchView.k.options].some((option) => option.value === k)) searchView.k.value = k;
+  const text = params.get("q");
+  if (text) {
+    searchView.input.value = text.slice(0, state.info.max_query_chars);
+    runSearch();
+  }
+  showView(viewFromUrl());
 }
 
 start();
