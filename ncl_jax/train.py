@@ -52,8 +52,9 @@ from ncl_jax import logging_utils
 from ncl_jax import losses
 from ncl_jax import runs
 from ncl_jax import sharding
+from ncl_jax import tokenizer
 from ncl_jax.data import get_dataset, normalize_frames
-from ncl_jax.models import dual_encoder
+from ncl_jax.models import convert, dual_encoder
 from ncl_jax.queue import Queue, enqueue, init_queue
 from ncl_jax.train_state import (LOGIT_SCALE_NAME, TrainState, clamp_logit_scale,
                                  make_optimizer)
@@ -116,7 +117,6 @@ def use_clip_vocabulary(config: ml_collections.ConfigDict) -> None:
   vocab.json + merges.txt), so training needs no separately installed vocabulary file."""
   if not config.get("clip_dir") or config.data.get("vocab_path", None) != "":
     return
-  from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
   clip_dir = os.path.expanduser(config.clip_dir)
   try:
     tokenizer.find_vocab(clip_dir)
@@ -194,7 +194,6 @@ def new_train_state(params: Any, tx: optax.GradientTransformation, queue_size: i
 
 def load_clip_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """Copies pretrained CLIP weights from ``config.clip_dir`` into ``params`` (host side)."""
-  from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
   clip_model, clip_params = convert.load_clip(os.path.expanduser(config.clip_dir))
   return dual_encoder.init_dual_encoder_from_clip(params, clip_params, config.model,
                                                   clip_config=clip_model.config)
@@ -210,9 +209,26 @@ def _gather_queue(queue: Queue) -> Queue:
                valid=jax.lax.all_gather(queue.valid, DATA, tiled=True))
 
 
-def _chunks(tree: Any, count: int) -> Any:
-  """Splits every leading axis [b, ...] into [count, b / count, ...]."""
-  return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), tree)
+def _chunks(tree: Any, count: int) -> list[Any]:
+  """Splits every leading axis [b, ...] into ``count`` consecutive pieces [b / count, ...]."""
+  size = jax.tree.leaves(tree)[0].shape[0] // count
+  return [jax.tree.map(lambda x, i=i: x[i * size:(i + 1) * size], tree) for i in range(count)]
+
+
+def _in_sequence(step: Callable, carry: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
+  """``carry, out = step(carry, x)`` for each x in order, unrolled.
+
+  An optimization barrier ties each input to the previous carry, so the compiler cannot start
+  a chunk before the previous one has finished: one chunk's activations are live at a time, as
+  in a ``scan``. Unrolled rather than a ``scan`` so that XLA's cost analysis counts every chunk
+  (it counts a loop body once), which the FLOPs and MFU reports rely on.
+  """
+  outputs = []
+  for x in inputs:
+    carry, x = jax.lax.optimization_barrier((carry, x))
+    carry, out = step(carry, x)
+    outputs.append(out)
+  return carry, outputs
 
 
 def _gradients_in_one_pass(embed, loss_fn, params, batch, key, text_queue, video_queue):
@@ -244,15 +260,17 @@ def _gradients_in_chunks(embed, loss_fn, params, batch, key, text_queue, video_q
   and (3).
   """
   chunks = _chunks(batch, microbatches)
-  keys = jax.random.split(key, microbatches)
+  keys = list(jax.random.split(key, microbatches))
 
-  def embed_chunk(_, inputs):
+  def embed_chunk(previous, inputs):
+    del previous  # only orders the chunks
     text_emb, video_emb, _ = embed(params, *inputs)
-    return None, (text_emb, video_emb)
+    return (text_emb, video_emb), (text_emb, video_emb)
 
-  _, (text_emb, video_emb) = jax.lax.scan(embed_chunk, None, (chunks, keys))
-  text_emb = text_emb.reshape(-1, text_emb.shape[-1])
-  video_emb = video_emb.reshape(-1, video_emb.shape[-1])
+  start = (jnp.zeros(()), jnp.zeros(()))
+  _, embeddings = _in_sequence(embed_chunk, start, list(zip(chunks, keys)))
+  text_emb = jnp.concatenate([t for t, _ in embeddings])
+  video_emb = jnp.concatenate([v for _, v in embeddings])
   scale = jnp.exp(params[LOGIT_SCALE_NAME])
 
   def loss_of_embeddings(text_emb, video_emb, scale):
@@ -262,7 +280,7 @@ def _gradients_in_chunks(embed, loss_fn, params, batch, key, text_queue, video_q
 
   (loss, aux), (d_text, d_video, d_scale) = jax.value_and_grad(
       loss_of_embeddings, argnums=(0, 1, 2), has_aux=True)(text_emb, video_emb, scale)
-  d_text, d_video = _chunks((d_text, d_video), microbatches)
+  d_text, d_video = _chunks(d_text, microbatches), _chunks(d_video, microbatches)
   # The scale does not depend on the chunk: a 1/M share of its cotangent in each of M chunks.
   d_scale_share = d_scale / microbatches
 
@@ -273,7 +291,7 @@ def _gradients_in_chunks(embed, loss_fn, params, batch, key, text_queue, video_q
     return jax.tree.map(jnp.add, grads, chunk_grads), None
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, _ = jax.lax.scan(backprop_chunk, zeros, (chunks, keys, d_text, d_video))
+  grads, _ = _in_sequence(backprop_chunk, zeros, list(zip(chunks, keys, d_text, d_video)))
   return loss, aux, text_emb, video_emb, scale, grads
 
 
@@ -458,7 +476,6 @@ class Run:
                   f"{self.dataset.num_train_examples} training examples")
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
     if config.clip_dir:  # fail before any work if the weights are missing
-      from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
       clip_config = convert.read_config(os.path.expanduser(config.clip_dir))
       # Activation, layer-norm epsilon, MLP ratio and eos pooling belong to the weights (an
       # open_clip LAION model uses GELU, OpenAI's QuickGELU); sizes stay checked, not copied.

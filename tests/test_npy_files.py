@@ -58,3 +58,19 @@ def test_outputs_are_new_complete_files(tmp_path):
   with pytest.raises(RuntimeError):
     npy_files.save_new(tmp_path / "out.json", fail)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["bias", "top.npz"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is empty \(0 bytes\)"),
+    (b"1,2,3\n4,5,6\n", "is not a .npy file"),
+    (b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }",
+     "is not a readable .npy array"),  # numpy's header, cut off before the data
+])
+def test_empty_foreign_and_cut_files_are_named_by_every_reader(tmp_path, content, message):
+  path = tmp_path / "x.npy"
+  path.write_bytes(content)
+  for read in (lambda: npy_files.open_matrix(path, "--bank"),
+               lambda: npy_files.load_array(path, "--gt"),
+               lambda: npy_files.load_vector(path, "--biases", 3)):
+    with pytest.raises(UserError, match=message):
+      read()
