@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from ncl_jax import runs
 
@@ -41,7 +42,6 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self._file = open(os.path.join(workdir, runs.METRICS_FILE), "a")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -65,7 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ncl_jax import logit_range, metrics, npy_files
+from ncl_jax import logit_range, metrics, npy_files, plots
 from ncl_jax import normalize as norm_lib
 from ncl_jax import selection as selection_lib
 from ncl_jax.errors import UserError, run_cli
@@ -583,7 +583,6 @@ def _write_outputs(args, result: dict, errors: dict, inputs: _Inputs) -> None:
   table = _table(args, result, errors, inputs.sims.shape, inputs.bank_shapes)
   print(table, file=sys.stderr if args.json == "-" else sys.stdout)
   if args.plot:
-    from ncl_jax import plots  # pylint: disable=g-import-not-at-top
     before, after, expected = errors["t2v"]["mass"]
     plots.plot_mass_histograms(
         args.plot, before, after, expected,

@@ -13,6 +13,7 @@ Memory and peak FLOP/s of the chips come from :mod:`ncl_jax.chips`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -105,6 +106,7 @@ def topology_devices(name: str) -> tuple[chips.Chip, str, list[Any]]:
   """(chip, topology, devices) of a TPU slice, described without TPUs attached."""
   host, shape = resolve_topology(name)
   _require_libtpu()
+  # After _require_libtpu: only the TPU compile extra (libtpu) gives this module a use.
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   topology = f"{host.topology_prefix}:{shape}"
   try:
@@ -212,8 +214,7 @@ def _machine() -> dict[str, Any]:
 
 def _libtpu_version() -> str | None:
   try:
-    from importlib import metadata  # pylint: disable=g-import-not-at-top
-    return metadata.version("libtpu")
+    return importlib.metadata.version("libtpu")
   except Exception:  # pylint: disable=broad-except
     return None
 

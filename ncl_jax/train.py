@@ -52,8 +52,9 @@ from ncl_jax import logging_utils
 from ncl_jax import losses
 from ncl_jax import runs
 from ncl_jax import sharding
+from ncl_jax import tokenizer
 from ncl_jax.data import get_dataset, normalize_frames
-from ncl_jax.models import dual_encoder
+from ncl_jax.models import convert, dual_encoder
 from ncl_jax.queue import Queue, enqueue, init_queue
 from ncl_jax.train_state import (LOGIT_SCALE_NAME, TrainState, clamp_logit_scale,
                                  make_optimizer)
@@ -116,7 +117,6 @@ def use_clip_vocabulary(config: ml_collections.ConfigDict) -> None:
   vocab.json + merges.txt), so training needs no separately installed vocabulary file."""
   if not config.get("clip_dir") or config.data.get("vocab_path", None) != "":
     return
-  from ncl_jax import tokenizer  # pylint: disable=g-import-not-at-top
   clip_dir = os.path.expanduser(config.clip_dir)
   try:
     tokenizer.find_vocab(clip_dir)
@@ -194,7 +194,6 @@ def new_train_state(params: Any, tx: optax.GradientTransformation, queue_size: i
 
 def load_clip_params(config: ml_collections.ConfigDict, params: Any) -> Any:
   """Copies pretrained CLIP weights from ``config.clip_dir`` into ``params`` (host side)."""
-  from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
   clip_model, clip_params = convert.load_clip(os.path.expanduser(config.clip_dir))
   return dual_encoder.init_dual_encoder_from_clip(params, clip_params, config.model,
                                                   clip_config=clip_model.config)
@@ -478,7 +477,6 @@ class Run:
                   f"{self.dataset.num_train_examples} training examples")
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
     if config.clip_dir:  # fail before any work if the weights are missing
-      from ncl_jax.models import convert  # pylint: disable=g-import-not-at-top
       clip_config = convert.read_config(os.path.expanduser(config.clip_dir))
       # Activation, layer-norm epsilon, MLP ratio and eos pooling belong to the weights (an
       # open_clip LAION model uses GELU, OpenAI's QuickGELU); sizes stay checked, not copied.

@@ -7,7 +7,6 @@ is covered by tests/test_resume.py).
 """
 
 import contextlib
-import json
 
 import jax
 import pytest
@@ -70,11 +69,6 @@ def _shared_compilation_cache(directory):
     compilation_cache.reset_cache()
 
 
-def _logs(workdir):
-  return ((workdir / "metrics.jsonl").read_text(),
-          json.loads((workdir / "results.json").read_text()))
-
-
 @pytest.mark.slow
 def test_resumed_run_with_two_workers_matches_an_uninterrupted_in_process_run(
     videos, tmp_path, monkeypatch, capsys):
@@ -92,7 +86,7 @@ def test_resumed_run_with_two_workers_matches_an_uninterrupted_in_process_run(
     assert "stopped by SIGTERM after step 2" in capsys.readouterr().out
     train.train_and_evaluate(_frames_config(tmp_path / "data", 2), str(resumed))
   assert "resumed from step 2" in capsys.readouterr().out
-  expected, got = _logs(reference), _logs(resumed)
+  expected, got = tu.deterministic_logs(reference), tu.deterministic_logs(resumed)
   assert got[0] == expected[0]   # every logged value of every step, bit for bit
   assert got[1] == expected[1]
   assert expected[1]["step"] == TOTAL_STEPS

@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -82,3 +83,16 @@ def fast_compile():
     yield
   finally:
     jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def deterministic_logs(workdir) -> tuple[list[dict], dict]:
+  """A run's metrics.jsonl records and results.json without the wall-clock rates (steps/s,
+  TFLOP/s, MFU and the results' throughput summary), which differ between any two runs."""
+  from ncl_jax import logging_utils  # pylint: disable=g-import-not-at-top
+  timing = frozenset(logging_utils.Throughput(1.0, 1.0).summary())
+  workdir = pathlib.Path(workdir)
+  records = [{k: v for k, v in json.loads(line).items() if k not in timing}
+             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  results = json.loads((workdir / "results.json").read_text())
+  results.pop("throughput", None)
+  return records, results

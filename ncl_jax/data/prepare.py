@@ -27,12 +27,14 @@ import os
 import shutil
 import sys
 
+import tensorflow_datasets as tfds
+
+from ncl_jax.data import builders, image_text
 from ncl_jax.errors import UserError, run_cli
 
 
 def _all_builders() -> dict:
   """The video builders plus the image-text ones (COCO, Flickr30k; ncl_jax.data.image_text)."""
-  from ncl_jax.data import builders, image_text  # pylint: disable=g-import-not-at-top
   return {**builders.BUILDERS, **image_text.BUILDERS}
 
 
@@ -140,12 +142,10 @@ def decoder_threads(args: argparse.Namespace, beam_settings) -> int:
 def prepare(args: argparse.Namespace) -> dict:
   """Builds (or reuses) the prepared data set and returns the summary dict. ``args`` may omit
   options: they take the command line's defaults."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   if not sys.stderr.isatty():
     # TFDS's progress bars redraw with carriage returns: debris in a log file or a pipe. The
     # command's own summary and the Beam workers' progress lines still say what happened.
     tfds.disable_progress_bar()
-  from ncl_jax.data import builders  # pylint: disable=g-import-not-at-top
 
   defaults = {a.dest: a.default for a in _parser()._actions  # pylint: disable=protected-access
               if a.dest != "help"}

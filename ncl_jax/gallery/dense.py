@@ -141,6 +141,9 @@ class DenseColumnMass:
     self._by_group = NamedSharding(mesh, P(BANK_AXIS))
     self._totals = NamedSharding(mesh, P(BANK_AXIS, GALLERY_AXIS))
     self._scale = sharding_lib.put_replicated(np.float32(scale), mesh)
+    # One compiled constructor of the per-pass totals (a new lambda each pass would recompile).
+    self._zeros = jax.jit(lambda: jnp.zeros((self.groups, self._padded), jnp.float32),
+                          out_shardings=self._totals)
 
   def _chunk(self, step: int):
     """(queries [G r, D], valid [G r]): chunk ``step`` of every group, group-sharded; each
@@ -166,8 +169,7 @@ class DenseColumnMass:
   def __call__(self, bias) -> np.ndarray:
     """Column sums [Ng] float64 under biases ``bias`` [Ng]."""
     g = sharded_rows(np.asarray(bias, np.float32), self._padded, self._split)
-    totals = jax.jit(lambda: jnp.zeros((self.groups, self._padded), jnp.float32),
-                     out_shardings=self._totals)()
+    totals = self._zeros()
     step = _chunk_step(self.mesh)
     for index in range(-(-self._group_rows // self.rows)):
       queries, valid = self._chunk(index)
