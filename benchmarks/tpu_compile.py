@@ -5,7 +5,8 @@
 
 Each cell runs ``python -m ncl_jax.main --config=configs/msrvtt.py[:VARIANT] --compile_only
 --topology=SLICE --compile_report=docs/tpu_reports/CELL.json`` in its own process, one at a time
-(a real config's compile takes 6-20 minutes and 4-14 GB of host memory on a 2-core machine).
+(a real config's compile took 1-15 minutes and 3.8-14.4 GB of host memory on a shared
+2-core machine).
 A cell whose report exists is skipped. ``--table`` reads every report in docs/tpu_reports/.
 Needs libtpu (``pip install -e '.[tpu-compile]'``); no TPU.
 """
