@@ -62,18 +62,26 @@ def _row(name: str, r: dict) -> str:
   if "peak_bytes" not in r:
     return (common + f"needs {r['needed_bytes'] / GIB:.2f} of {r['available_bytes'] / GIB:.2f} "
             f"| — | — | **no** | {r['compile_seconds'] / 60:.1f} | {load:.1f} |")
-  return (common + f"{r['peak_bytes'] / GIB:.2f} of {r['hbm_bytes'] / GIB:.0f} | "
+  return (common + f"{r['peak_bytes'] / GIB:.2f} ({r['compiler_peak_bytes'] / GIB:.2f}) of "
+          f"{r['hbm_bytes'] / GIB:.0f} | "
           f"{r['flops_per_step_per_device']:.3g} | {r['flops_per_example'] / 1e9:.0f} | "
           f"{'yes' if r['fits'] else '**no**'} | {r['compile_seconds'] / 60:.1f} | {load:.1f} |")
 
 
 def table() -> str:
-  lines = ["| variant | slice | videos/device | micro-batches | peak GiB per device (of HBM) | "
+  lines = ["| variant | slice | videos/device | micro-batches | peak GiB per device (compiler's) of HBM | "
            "FLOPs/step/device | GFLOPs/example | fits | compile min | load |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for path in sorted(REPORTS.glob("*.json")):
     lines.append(_row(path.stem, json.loads(path.read_text())))
   return "\n".join(lines)
+
+
+def missing_cells() -> list[str]:
+  """Cells of the towers x heads x SLICES grid without a report (at any micro-batch count)."""
+  measured = {"_".join(p.stem.split("_")[:3]) for p in REPORTS.glob("*.json")}
+  return [f"{tower}_{head}_{topology}" for tower in VARIANTS for head in ("meanP", "seqTransf")
+          for topology in SLICES if f"{tower}_{head}_{topology}" not in measured]
 
 
 def main() -> None:
@@ -85,6 +93,7 @@ def main() -> None:
     compile_cells([c for c in args.cells.split(",") if c])
   if args.table:
     print(table())
+    print("\nnot measured: " + ", ".join(missing_cells()))
 
 
 if __name__ == "__main__":

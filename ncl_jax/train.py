@@ -216,7 +216,7 @@ def _chunks(tree: Any, count: int) -> list[Any]:
 
 
 def _in_sequence(step: Callable, carry: Any, inputs: list[Any]) -> tuple[Any, list[Any]]:
-  """``carry, out = step(carry, x)`` for each x in order, unrolled.
+  """``carry, out = step(carry, x)`` for each x in order, unrolled (``carry`` None at first).
 
   An optimization barrier ties each input to the previous carry, so the compiler cannot start
   a chunk before the previous one has finished: one chunk's activations are live at a time, as
@@ -225,7 +225,8 @@ def _in_sequence(step: Callable, carry: Any, inputs: list[Any]) -> tuple[Any, li
   """
   outputs = []
   for x in inputs:
-    carry, x = jax.lax.optimization_barrier((carry, x))
+    if carry is not None:
+      carry, x = jax.lax.optimization_barrier((carry, x))
     carry, out = step(carry, x)
     outputs.append(out)
   return carry, outputs
@@ -267,8 +268,7 @@ def _gradients_in_chunks(embed, loss_fn, params, batch, key, text_queue, video_q
     text_emb, video_emb, _ = embed(params, *inputs)
     return (text_emb, video_emb), (text_emb, video_emb)
 
-  start = (jnp.zeros(()), jnp.zeros(()))
-  _, embeddings = _in_sequence(embed_chunk, start, list(zip(chunks, keys)))
+  _, embeddings = _in_sequence(embed_chunk, None, list(zip(chunks, keys)))
   text_emb = jnp.concatenate([t for t, _ in embeddings])
   video_emb = jnp.concatenate([v for _, v in embeddings])
   scale = jnp.exp(params[LOGIT_SCALE_NAME])
@@ -288,10 +288,11 @@ def _gradients_in_chunks(embed, loss_fn, params, batch, key, text_queue, video_q
     chunk, chunk_key, chunk_d_text, chunk_d_video = inputs
     _, pullback = jax.vjp(lambda p: embed(p, chunk, chunk_key), params)
     (chunk_grads,) = pullback((chunk_d_text, chunk_d_video, d_scale_share))
+    if grads is None:  # no zero-filled accumulator: one parameter-sized buffer less
+      return chunk_grads, None
     return jax.tree.map(jnp.add, grads, chunk_grads), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  grads, _ = _in_sequence(backprop_chunk, zeros, list(zip(chunks, keys, d_text, d_video)))
+  grads, _ = _in_sequence(backprop_chunk, None, list(zip(chunks, keys, d_text, d_video)))
   return loss, aux, text_emb, video_emb, scale, grads
 
 
