@@ -16,10 +16,12 @@ needs the other's.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
 import pathlib
+import sys
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -29,6 +31,8 @@ import orbax.checkpoint as ocp
 
 from ncl_jax import tokenizer
 from ncl_jax.errors import UserError
+
+_log = logging.getLogger(__name__)
 
 # The run folder.
 CONFIG_FILE = "config.json"
@@ -150,7 +154,14 @@ def checkpoint_damage(step_dir: str | os.PathLike) -> str | None:
   from its own metadata, so a truncated or missing array file shows too. Meant for a checkpoint
   whose restore failed: it tells damage from a restore target that does not fit.
   """
-  step_dir = pathlib.Path(step_dir)
+  _quiet_abandoned_checkpoint_reads()
+  try:
+    return _first_damage(pathlib.Path(step_dir))
+  finally:
+    gc.collect()  # finalise the failed restores' abandoned reads while they are quiet
+
+
+def _first_damage(step_dir: pathlib.Path) -> str | None:
   state_dir = step_dir / STATE_ITEM
   if not state_dir.is_dir():
     return f"{STATE_ITEM}/ is missing"
@@ -169,6 +180,29 @@ def checkpoint_damage(step_dir: str | os.PathLike) -> str | None:
   except Exception as err:  # pylint: disable=broad-except  (any failure to read is damage)
     return f"its train state cannot be read ({_first_line(err)})"
   return None
+
+
+def _quiet_abandoned_checkpoint_reads() -> None:
+  """Logs orbax's abandoned read coroutines at debug level instead of printing tracebacks.
+
+  When one array of a damaged checkpoint fails to read, orbax abandons the other reads; Python
+  then prints "Exception ignored in: <coroutine ...>" with a traceback for each when it collects
+  them, often much later. The damage is reported once, in words, by the caller, so these
+  repeats are dropped (every other unraisable exception still reaches the previous hook).
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_orbax_reads", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+      _log.debug("abandoned read of a damaged checkpoint: %s", unraisable.exc_value)
+      return
+    previous(unraisable)
+
+  hook.drops_orbax_reads = True
+  sys.unraisablehook = hook
 
 
 def _is_empty(path: pathlib.Path) -> bool:

@@ -16,6 +16,8 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -214,3 +216,22 @@ def test_simulated_full_disk_is_refused_before_writing(tmp_path, monkeypatch):
   # Resuming on the same full disk fails at once, before any training step.
   with pytest.raises(UserError, match="is full: .* a checkpoint needs about"):
     Checkpointer(run, config=CONFIG, max_to_keep=1)
+
+
+def test_abandoned_orbax_reads_are_quiet_and_other_unraisables_are_not(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.object))
+  runs._quiet_abandoned_checkpoint_reads()  # pylint: disable=protected-access
+  runs._quiet_abandoned_checkpoint_reads()  # pylint: disable=protected-access  (installs once)
+  namespace = {}
+  exec(compile("async def read():\n  pass\n", f"{os.sep}site{os.sep}orbax{os.sep}io.py", "exec"),
+       namespace)
+  orbax_read, other = namespace["read"](), _other_coroutine()
+  for coroutine in (orbax_read, other):
+    sys.unraisablehook(types.SimpleNamespace(object=coroutine, exc_value=OSError("damaged")))
+    coroutine.close()
+  assert seen == [other]
+
+
+async def _other_coroutine():
+  pass

@@ -7,6 +7,8 @@ import pathlib
 
 import jax
 
+from ncl_jax import logging_utils
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 CONFIG_FILES = ("synthetic", "msrvtt", "msvd", "activitynet", "didemo")
@@ -85,13 +87,15 @@ def fast_compile():
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
+# The metrics.jsonl keys that carry wall-clock rates: they differ between any two runs.
+WALL_CLOCK_KEYS = frozenset(logging_utils.Throughput(1.0, 1.0).summary())
+
+
 def deterministic_logs(workdir) -> tuple[list[dict], dict]:
   """A run's metrics.jsonl records and results.json without the wall-clock rates (steps/s,
   TFLOP/s, MFU and the results' throughput summary), which differ between any two runs."""
-  from ncl_jax import logging_utils  # pylint: disable=g-import-not-at-top
-  timing = frozenset(logging_utils.Throughput(1.0, 1.0).summary())
   workdir = pathlib.Path(workdir)
-  records = [{k: v for k, v in json.loads(line).items() if k not in timing}
+  records = [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_KEYS}
              for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   results = json.loads((workdir / "results.json").read_text())
   results.pop("throughput", None)
