@@ -597,6 +597,7 @@ class Checkpointer:
     older one is tried. A failure on a checkpoint that does read on its own (a restore target
     that does not fit) is raised as it is.
     """
+    runs.quiet_abandoned_checkpoint_reads()  # a damaged checkpoint gets one warning, below
     for step in reversed(self.all_steps):
       try:
         return self.restore(step, abstract_state, data_iterator)

@@ -22,6 +22,7 @@ import logging
 import os
 import pathlib
 import sys
+import traceback
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -154,7 +155,7 @@ def checkpoint_damage(step_dir: str | os.PathLike) -> str | None:
   from its own metadata, so a truncated or missing array file shows too. Meant for a checkpoint
   whose restore failed: it tells damage from a restore target that does not fit.
   """
-  _quiet_abandoned_checkpoint_reads()
+  quiet_abandoned_checkpoint_reads()
   try:
     return _first_damage(pathlib.Path(step_dir))
   finally:
@@ -182,27 +183,41 @@ def _first_damage(step_dir: pathlib.Path) -> str | None:
   return None
 
 
-def _quiet_abandoned_checkpoint_reads() -> None:
-  """Logs orbax's abandoned read coroutines at debug level instead of printing tracebacks.
+def quiet_abandoned_checkpoint_reads() -> None:
+  """Logs the leftovers of a failed checkpoint read at debug level instead of as tracebacks.
 
-  When one array of a damaged checkpoint fails to read, orbax abandons the other reads; Python
-  then prints "Exception ignored in: <coroutine ...>" with a traceback for each when it collects
-  them, often much later. The damage is reported once, in words, by the caller, so these
-  repeats are dropped (every other unraisable exception still reaches the previous hook).
+  When one array of a damaged checkpoint fails to read, orbax abandons the other reads. Python
+  then prints "Exception ignored in: <coroutine ...>" with a traceback for each abandoned read
+  coroutine when it collects them, and TensorStore reports each read that completes after
+  orbax closed its event loop as a bare "RuntimeError: Event loop is closed" traceback. The
+  damage is reported once, in words, by the caller, so these repeats are dropped; every other
+  unraisable exception still reaches the previous hook. Installed once, before a restore that
+  may meet a damaged checkpoint.
   """
   previous = sys.unraisablehook
-  if getattr(previous, "drops_orbax_reads", False):
+  if getattr(previous, "drops_abandoned_reads", False):
     return
 
   def hook(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
+    if _is_abandoned_read(unraisable):
       _log.debug("abandoned read of a damaged checkpoint: %s", unraisable.exc_value)
       return
     previous(unraisable)
 
-  hook.drops_orbax_reads = True
+  hook.drops_abandoned_reads = True
   sys.unraisablehook = hook
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None:
+    return f"{os.sep}orbax{os.sep}" in code.co_filename
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    return False
+  frames = traceback.extract_tb(error.__traceback__)
+  return any(frame.name == "call_soon_threadsafe" and f"{os.sep}asyncio{os.sep}" in frame.filename
+             for frame in frames)
 
 
 def _is_empty(path: pathlib.Path) -> bool:
@@ -233,6 +248,7 @@ def restore_run(workdir: str | os.PathLike, step: int | None = None) -> RunCheck
   results = read_results(path)
   step = select_step(path, results, step)
   step_dir = path / CHECKPOINT_DIR / str(step)
+  quiet_abandoned_checkpoint_reads()
   try:
     state = restore_params(step_dir / STATE_ITEM, keys=("params", "text_queue", "video_queue"))
   except UserError:
