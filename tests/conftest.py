@@ -49,6 +49,7 @@ TEST_MARKERS = {
     ("test_tokenizer", "test_hugging_face_vocab_and_merges_give_transformers_ids"): "interop",
     ("test_explore", "test_page_in_chromium"): "browser",
     ("test_gallery", "test_two_processes_compute_the_same_biases"): "multiprocess",
+    ("test_gallery", "test_two_processes_split_the_sparse_bank"): "multiprocess",
 }
 
 

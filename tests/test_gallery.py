@@ -690,6 +690,46 @@ def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
   np.testing.assert_allclose(_centred(np.load(out)), _centred(reference.bias), atol=1e-4)
 
 
+def test_two_processes_split_the_sparse_bank(files, tmp_path, rng):
+  """Sparse mode on 2 processes x 2 devices: each process searches and holds its block of the
+  bank's rows (121 rows: 61 + 60, padded per device), column sums by one psum, certificates
+  summed across processes: the one-process result."""
+  from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
+  bank = _problem(rng, n_bank=121, n_items=20, dim=8)[0]
+  np.save(tmp_path / "bank121.npy", bank)
+  inputs = dict(files, bank=tmp_path / "bank121.npy")
+  out = tmp_path / "two.npy"
+  sparse_flags = ("--tol", "1e-6", "--top_k", "5", "--sample_rows", "40", "--sample_seed", "3")
+
+  def start(port, logs):
+    return [subprocess.Popen(
+        [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(inputs, out, *sparse_flags),
+         "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
+         str(i), "--json", str(tmp_path / f"report{i}.json")],
+        cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+
+  for code, output in run_on_free_port(start, tmp_path / "logs", timeout=180):
+    assert code == 0, output
+  report = json.loads((tmp_path / "report0.json").read_text())
+  assert report["mode"] == "sparse" and report["processes"] == 2 and report["devices"] == 4
+  one = solve.sparse_biases(bank, np.load(files["gallery"]), temperature=0.05, top_k=5,
+                            tol=1e-6, sample_rows=40, sample_seed=3)
+  np.testing.assert_allclose(_centred(np.load(out)), _centred(one.bias), atol=1e-4)
+  for key in ("certified_error", "omitted_mass_bound", "omitted_mass_mean",
+              "sampled_certified_error", "sampled_omitted_mass_mean"):
+    assert report[key] == pytest.approx(getattr(one, key), rel=1e-3, abs=1e-6), key
+  assert report["sample_rows"] == 40 and report["confidence"] == 0.999
+
+
+def test_process_blocks_cover_the_bank_once():
+  for n_rows, processes in [(121, 2), (10, 3), (4, 4), (1000, 7)]:
+    blocks = [sparse_mesh.process_block(n_rows, processes, i) for i in range(processes)]
+    rows = np.concatenate([np.arange(n_rows)[b] for b in blocks])
+    np.testing.assert_array_equal(rows, np.arange(n_rows))
+    assert max(b.stop - b.start for b in blocks) == -(-n_rows // processes)
+
+
 def test_ivf_search_width_can_change_after_building(rng):
   items = _unit(rng.normal(size=(400, 8)))
   index = index_lib.BiasedIndex.build(items, np.zeros(400), temperature=0.05, kind="ivf",

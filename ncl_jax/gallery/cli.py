@@ -11,7 +11,8 @@
 Embedding files are ``.npy`` [N, D] float32 or float16 with L2-normalised rows, read
 memory-mapped. ``biases`` runs the dense solver on all devices (add ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` to span hosts; process 0 writes the outputs) or, with
-``--top_k``, the sparse one: for a quick try on a large bank start with ``--top_k 128``
+``--top_k``, the sparse one (across hosts too: each process searches and holds its block of the
+bank's rows): for a quick try on a large bank start with ``--top_k 128``
 (the dense mode costs ``2 Nb Ng D`` FLOP per pass, and needs tens of passes). Progress lines
 (with the time left) go to stderr, and the run ends with one line: what it wrote, whether it
 converged, the error, passes and seconds. Outputs are never overwritten; bad input is one
@@ -90,7 +91,9 @@ def _add_biases(commands) -> None:
                       help="dense mode: split the bank's rows over G groups of devices (with G "
                            "= processes, the gallery is split within each host and the bank "
                            "across hosts; one all-reduce of the column sums per pass); default 1")
-  biases.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
+  biases.add_argument("--coordinator_address",
+                      help="host:port of process 0 (multi-process; the dense mode splits the "
+                           "gallery, and the bank with --bank_groups; the sparse mode the bank)")
   biases.add_argument("--num_processes", type=int, help="processes in a multi-process run")
   biases.add_argument("--process_id", type=int, help="this process's index")
 
@@ -164,8 +167,8 @@ def _biases(args) -> int:
     raise UserError("--search, --nlist, --nprobe and --certify belong to the sparse mode: add "
                     "--top_k K, or drop them for the exact dense mode")
   if args.top_k is not None and args.bank_groups != 1:
-    raise UserError("--bank_groups belongs to the dense mode (the sparse mode runs on one "
-                    "host); drop it or --top_k")
+    raise UserError("--bank_groups belongs to the dense mode (the sparse mode always splits "
+                    "the bank's rows over the processes); drop it or --top_k")
   marginals = None
   if args.col_marginals:
     marginals = npy_files.load_vector(args.col_marginals, "--col_marginals", n_items,

@@ -35,7 +35,9 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from ncl_jax import sharding as sharding_lib
 from ncl_jax import streaming
 from ncl_jax.errors import UserError
 from ncl_jax.gallery import search as search_lib
@@ -67,7 +69,8 @@ class Solution:
     omitted_mass_bound: sparse mode: the largest per-query bound on the probability outside
       the kept items (None in dense mode).
     omitted_mass_mean: sparse mode: the mean of those bounds.
-    devices, processes: the mesh it ran on (sparse mode: one process; its plan's devices).
+    devices, processes: the mesh it ran on (sparse mode: its plan's devices; the processes
+      that split the bank's rows).
     bank_groups: dense mode: the groups of devices the bank's rows were split over.
     search: sparse mode: the top-k search, "exact" or "ivf" (None in dense mode).
     sampled_certified_error: sparse mode: ``error`` plus an upper confidence bound on the mean
@@ -241,7 +244,10 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
     sample_seed: seed of its draw.
     certify: "worst_case" or "sampled": the certificate ``converged`` rests on.
     mesh: a 1-D mesh (axis ``"data"``) to split the kept entries over by bank rows
-      (:class:`ncl_jax.gallery.sparse_mesh.ShardedSparsePlan`); default: one host.
+      (:class:`ncl_jax.gallery.sparse_mesh.ShardedSparsePlan`); default: one host's memory,
+      or under ``jax.distributed`` every device, each process searching and holding only its
+      block of the bank's rows (:func:`ncl_jax.gallery.sparse_mesh.process_block`) and the
+      certificates' sums combined across processes.
     progress: called with one line per search chunk and per pass.
 
   Returns:
@@ -250,42 +256,70 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
   """
   _check_shapes(bank, gallery, top_k)
   sparse.check_certificate_options(sample_rows, confidence, certify)
-  if jax.process_count() > 1:
-    raise UserError("sparse mode runs in one process; drop the multi-process flags, or use the "
-                    "dense mode to split the gallery over hosts")
   start = time.monotonic()
   n_bank, n_items = bank.shape[0], gallery.shape[0]
-  found = search_lib.top_k_items(bank, gallery, top_k, search=search, nlist=nlist,
+  processes = jax.process_count()
+  if n_bank < processes:
+    raise UserError(f"the bank has {n_bank} rows but the sparse mode splits them over "
+                    f"{processes} processes: use at most {n_bank} processes")
+  if processes > 1 and mesh is None:
+    mesh = sharding_lib.make_mesh()
+  block = sparse_mesh.process_block(n_bank, processes, jax.process_index())
+  local_bank = bank[block]   # a memmap stays a memmap: each process reads its rows only
+  found = search_lib.top_k_items(local_bank, gallery, top_k, search=search, nlist=nlist,
                                  nprobe=nprobe, temperature=temperature, progress=progress)
   scale = 1.0 / temperature
   plan_rows = (found.scores, found.index, found.omitted_level, n_items, scale)
   plan = (sparse.SparsePlan(*plan_rows) if mesh is None
-          else sparse_mesh.ShardedSparsePlan(*plan_rows, mesh))
+          else sparse_mesh.ShardedSparsePlan(*plan_rows, mesh,
+                                             block_rows=-(-n_bank // processes)))
   b = streaming.balanced_marginals(col_marginals, n_bank, n_items)
   counted, passes = _counting(plan, progress, start, tol, max_iterations)
   out = streaming.column_fixed_point(lambda g: counted(g, b), b, tol=tol,
                                      max_iterations=max_iterations, anderson=anderson)
-  gap = sparse.worst_case_gap(bank, found, out.bias, scale, n_items,
-                              sparse.score_error(bank, gallery))
+  # Certificates: each process sums over its own rows; the sums are combined across processes.
+  error = float(_gathered([sparse.score_error(local_bank, gallery)]).max())
+  sums = _gathered(sparse.worst_case_sums(local_bank, found, out.bias, scale, n_items, error))
+  gap = sparse.gap_from_sums(np.concatenate([sums[:, :3].sum(axis=0), sums[:, 3:].max(axis=0)]),
+                             scale, error)
   certified = out.error + gap.gap
   _say(progress, f"worst-case certificate: {certified:.3g}", start)
-  sampled = _sampled_fields(bank, gallery, found, out, scale, sample_rows, confidence,
-                            sample_seed, lambda line: _say(progress, line, start))
+  sampled = _sampled_fields(local_bank, gallery, found, out, scale, sample_rows, confidence,
+                            sample_seed, (n_bank, block.start),
+                            lambda line: _say(progress, line, start))
   chosen = sampled["sampled_certified_error"] if certify == "sampled" else certified
   return Solution(out.bias, "sparse", out.iterations, out.error, certified, tol,
                   chosen <= tol, passes[0] + 1, time.monotonic() - start, top_k=top_k,
                   omitted_mass_bound=gap.bound_max, omitted_mass_mean=gap.bound_mean,
                   search=search, certify=certify, devices=1 if mesh is None else mesh.size,
-                  **sampled)
+                  processes=processes, **sampled)
 
 
-def _sampled_fields(bank, gallery, found, out, scale: float, sample_rows: int,
-                    confidence: float, seed: int, say: Progress) -> dict:
-  """The sampled certificate's :class:`Solution` fields (none when ``sample_rows`` is 0)."""
+def _gathered(values) -> np.ndarray:
+  """Every process's ``values`` [n] float64, one row each: [processes, n]. Sent as a float32
+  pair (value and remainder) so float64 sums survive JAX's default 32-bit arrays."""
+  values = np.asarray(values, np.float64)
+  if jax.process_count() == 1:
+    return values[None]
+  high = values.astype(np.float32)
+  low = (values - high).astype(np.float32)
+  both = np.asarray(multihost_utils.process_allgather(np.stack([high, low])), np.float64)
+  return both[:, 0] + both[:, 1]
+
+
+def _sampled_fields(bank_block, gallery, found, out, scale: float, sample_rows: int,
+                    confidence: float, seed: int, rows: tuple[int, int], say: Progress) -> dict:
+  """The sampled certificate's :class:`Solution` fields (none when ``sample_rows`` is 0).
+  ``rows``: (bank rows in all, this process's first row); each process scores the drawn rows
+  of its block and the values are combined."""
   if not sample_rows:
     return {}
-  drawn = sparse.sampled_gap(bank, gallery, found, out.bias, scale, sample_rows, confidence,
-                             seed)
+  n_bank, first_row = rows
+  drawn_rows = sparse.sample_rows(n_bank, sample_rows, seed)
+  values = _gathered(sparse.sampled_block_values(bank_block, gallery, found, out.bias, scale,
+                                                 drawn_rows, first_row).ravel()).sum(axis=0)
+  distances, omitted = values.reshape(2, -1)
+  drawn = sparse.sampled_bound(distances, omitted, n_bank, confidence, seed)
   say(f"sampled certificate: {out.error + drawn.gap:.3g} at confidence {drawn.confidence:g} "
       f"from {drawn.rows} rows")
   return dict(sampled_certified_error=out.error + drawn.gap, confidence=drawn.confidence,

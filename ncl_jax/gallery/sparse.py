@@ -344,6 +344,15 @@ def worst_case_gap(bank, found, bias, scale: float, n_items: int, error: float) 
     n_items: gallery size.
     error: the rounding allowance of one stored score (:func:`score_error`).
   """
+  return gap_from_sums(worst_case_sums(bank, found, bias, scale, n_items, error), scale, error)
+
+
+def worst_case_sums(bank, found, bias, scale: float, n_items: int, error: float) -> np.ndarray:
+  """The worst-case certificate's sums over some bank rows (one process's, when the rows are
+  split over processes), [4] float64: ``(rows, sum of max(bound, solved omitted probability),
+  sum of bounds, largest bound)``. Arguments as :func:`worst_case_gap`; sums of several blocks
+  add up (the largest bound: their maximum) and :func:`gap_from_sums` turns them into a
+  :class:`Gap`."""
   n_bank = found.scores.shape[0]
   bound_max, bound_sum, gap_sum = 0.0, 0.0, 0.0
   bound_rows = _SPARSE_ROWS // 8   # the ivf term holds [rows, nlist] float64 arrays
@@ -359,8 +368,14 @@ def worst_case_gap(bank, found, bias, scale: float, n_items: int, error: float) 
                                         n_items, found.omitted_level[rows])
     bound_max, bound_sum = max(bound_max, float(bound.max())), bound_sum + float(bound.sum())
     gap_sum += float(np.maximum(bound, solved).sum())
+  return np.array([n_bank, gap_sum, bound_sum, bound_max], np.float64)
+
+
+def gap_from_sums(sums, scale: float, error: float) -> Gap:
+  """:class:`Gap` from :func:`worst_case_sums` over all bank rows."""
+  rows, gap_sum, bound_sum, bound_max = (float(v) for v in sums)
   rounding = kept_rounding_gap(scale, error)
-  return Gap(2.0 * gap_sum / n_bank + rounding, bound_max, bound_sum / n_bank, rounding)
+  return Gap(2.0 * gap_sum / rows + rounding, bound_max, bound_sum / rows, rounding)
 
 
 # -- the sampled certificate ---------------------------------------------------------------------
@@ -464,8 +479,31 @@ def sampled_gap(bank, gallery, found, bias, scale: float, m: int, confidence: fl
   ``|P_i - S_i|_1 <= 2`` computed exactly (:func:`row_differences`)."""
   rows = sample_rows(found.scores.shape[0], m, seed)
   distances, omitted = row_differences(bank, gallery, found, bias, scale, rows)
+  return sampled_bound(distances, omitted, found.scores.shape[0], confidence, seed)
+
+
+def sampled_block_values(bank_block, gallery, found, bias, scale: float, rows,
+                         first_row: int) -> np.ndarray:
+  """:func:`row_differences` of the drawn ``rows`` (global bank row ids) that fall in one
+  process's block of bank rows, ``[first_row, first_row + len(found.scores))``: [2, len(rows)]
+  float64 (distances, omitted masses), zero for rows outside the block, so the blocks' values
+  add up to every drawn row's."""
+  rows = np.asarray(rows)
+  mine = (rows >= first_row) & (rows < first_row + found.scores.shape[0])
+  values = np.zeros((2, len(rows)))
+  if mine.any():
+    values[:, mine] = row_differences(bank_block, gallery, found, bias, scale,
+                                      rows[mine] - first_row)
+  return values
+
+
+def sampled_bound(distances, omitted, n_bank: int, confidence: float, seed: int) -> SampledGap:
+  """:class:`SampledGap` from every drawn row's distance and omitted mass (:func:`sample_rows`
+  of ``n_bank`` rows with ``seed``): the exact mean when every row was scored, otherwise
+  :func:`bernstein_upper` at ``confidence``."""
+  distances, omitted = np.asarray(distances, np.float64), np.asarray(omitted, np.float64)
   mean, omitted_mean = float(distances.mean()), float(omitted.mean())
-  if m >= found.scores.shape[0]:   # every row: the exact mean
-    return SampledGap(mean, mean, omitted_mean, len(rows), 1.0, seed)
+  if len(distances) >= n_bank:   # every row: the exact mean
+    return SampledGap(mean, mean, omitted_mean, len(distances), 1.0, seed)
   upper = bernstein_upper(distances, confidence, 2.0)
-  return SampledGap(upper, mean, omitted_mean, len(rows), confidence, seed)
+  return SampledGap(upper, mean, omitted_mean, len(distances), confidence, seed)
