@@ -6,6 +6,9 @@
     python benchmarks/gallery.py bank_groups --workdir DIR [--bank 100000 --gallery 10000
                                          --devices 2 --passes 4]
     python benchmarks/gallery.py serving --workdir DIR [--gallery 100000 --queries 10000]
+    python benchmarks/gallery.py sparse_processes --workdir DIR [--bank 200000 --gallery 20000
+                                         --processes 2]
+    python benchmarks/gallery.py truth   --workdir DIR [--bank 100000 --gallery 10000 --passes 80]
 
 Data: clustered synthetic embeddings (D = 256 by default) with Zipf-popular concepts and hubs
 (:func:`make_data`): items carry varying amounts of one direction that every query also
@@ -29,6 +32,13 @@ target is the truth, and each held-out query's target item is known (R@1).
   over the devices, each streaming the whole bank) and as ``--devices`` groups (each streaming
   its share of the bank against the whole gallery, one all-reduce of the column sums per pass):
   seconds per pass, the all-reduce alone, and the biases' difference.
+* ``sparse_processes``: sparse mode in one process and split over ``--processes``
+  jax.distributed processes on this machine (each searching and holding its block of the
+  bank's rows): wall time and each process's peak RSS.
+* ``truth``: at a size where dense passes are affordable, how far the sparse biases are from
+  solving the dense problem (its true column error, against both certificates), how well 10,000
+  sampled rows estimate the column-sum difference, and the dense passes that reach a column
+  error of 1e-2 from the sparse biases and from zero (:func:`run_truth`).
 * ``serving``: ``index`` kinds flat and ivf (one build, nprobe = nlist/128 ... nlist/8; hnsw too
   with ``--hnsw``) at ``--gallery`` items with biases of scale 2 logits: build time, queries/s
   (batches of 4,096), recall@10 against the exact (flat) NCL ranking.
@@ -123,6 +133,10 @@ def make_data(folder: pathlib.Path, n_bank: int, n_items: int, n_heldout: int, d
 def _worker(job: dict) -> dict:
   from ncl_jax import normalize  # pylint: disable=g-import-not-at-top
   from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
+  if job.get("coordinator"):   # one of several jax.distributed processes on this machine
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize(coordinator_address=job["coordinator"],
+                               num_processes=job["num_processes"], process_id=job["process_id"])
   bank = np.load(job["bank"], mmap_mode="r")
   progress = (lambda line: print(line, file=sys.stderr, flush=True)) if job.get("verbose") else None
   start = time.monotonic()
@@ -148,7 +162,8 @@ def _worker(job: dict) -> dict:
       result["all_reduce_seconds"] = _time_group_sum(job.get("bank_groups", 1), len(gallery))
     bias = out.bias
   result.update(seconds=time.monotonic() - start, peak_rss_gb=_peak_rss_gb())
-  np.save(job["out"], bias)
+  if not job.get("process_id"):   # process 0 (or the only one) writes the biases
+    np.save(job["out"], bias)
   return result
 
 
@@ -199,6 +214,30 @@ def _run_worker(job: dict, devices: int | None = None) -> dict:
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   result["load"] = {"before": before, "after": _load()}
   return result
+
+
+def _run_processes(job: dict, processes: int) -> list[dict]:
+  """``job`` in ``processes`` jax.distributed worker processes on this machine (one CPU device
+  each, the coordinator on a free local port); each one's result."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    port = probe.getsockname()[1]
+  before = _load()
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, "_worker", json.dumps(dict(
+          job, coordinator=f"localhost:{port}", num_processes=processes, process_id=i,
+          verbose=job.get("verbose") and i == 0))],
+      cwd=REPO, stdout=subprocess.PIPE, text=True, env=env) for i in range(processes)]
+  outputs = [proc.communicate()[0] for proc in procs]
+  if any(proc.returncode for proc in procs):
+    raise SystemExit(f"a worker failed (exits {[proc.returncode for proc in procs]}); see stderr")
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  for result in results:
+    result["load"] = {"before": before, "after": _load()}
+  return results
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -256,6 +295,106 @@ def _write_sims(paths, out: pathlib.Path) -> float:
   del sims
   partial.rename(out)
   return time.monotonic() - start
+
+
+def run_sparse_processes(args) -> None:
+  """Sparse mode in one process and with the bank's rows split over ``--processes``
+  jax.distributed processes (one CPU device each): each process searches and holds only its
+  block of rows. Wall time and every process's peak RSS; the biases' largest difference and
+  held-out top-1 agreement. With ``--search exact`` both solve the same sparse problem; with
+  ivf a query's scanned lists depend on the other queries in its scan batch, so splitting the
+  bank changes the search a little."""
+  root = pathlib.Path(args.workdir)
+  paths = make_data(root / f"sparse_{args.bank}x{args.gallery}", args.bank, args.gallery,
+                    args.heldout, args.dim, args)
+  job = dict(kind="sparse", bank=str(paths["bank"]), gallery=str(paths["gallery"]),
+             temperature=args.temperature, tol=args.tol, max_iterations=args.max_iterations,
+             top_k=args.top_k, search=args.search, nlist=args.nlist, nprobe=args.nprobe)
+  one = _run_worker(dict(job, out=str(root / "processes_1.npy")))
+  split = _run_processes(dict(job, out=str(root / f"processes_{args.processes}.npy")),
+                         args.processes)
+  biases = [np.load(root / f"processes_{n}.npy") for n in (1, args.processes)]
+  _emit({"section": "sparse_processes", "bank": args.bank, "gallery": args.gallery,
+         "dim": args.dim, "top_k": args.top_k, "search": args.search, "one_process": one,
+         "processes": args.processes, "split": split,
+         "max_bias_difference": float(np.abs((biases[0] - biases[0].mean())
+                                             - (biases[1] - biases[1].mean())).max()),
+         "heldout_top1_agreement_percent": float(np.mean(
+             _top1(paths, biases[0], args.temperature)
+             == _top1(paths, biases[1], args.temperature)) * 100)})
+
+
+def _sampled_column_difference(bank, gallery, found, bias, scale, rows):
+  """The mean over ``rows`` of ``P_i - S_i`` [Ng] (true softmax row minus the solved plan's
+  row, float64): an unbiased estimate of the column-sum difference over the whole bank."""
+  from ncl_jax.gallery import sparse  # pylint: disable=g-import-not-at-top
+  items = np.asarray(gallery, np.float64)
+  g = np.asarray(bias, np.float64) - np.max(bias)
+  total = np.zeros(len(items))
+  for first in range(0, len(rows), 256):
+    picked = rows[first:first + 256]
+    true = sparse._softmax(scale * (np.asarray(bank[picked], np.float64) @ items.T) + g)  # pylint: disable=protected-access
+    plan = np.asarray(found.omitted_level[picked], np.float64)[:, None] + g
+    kept = np.asarray(found.index[picked], np.int64)
+    np.put_along_axis(plan, kept, scale * np.asarray(found.scores[picked], np.float64)
+                      + g[kept], axis=1)
+    total += (true - sparse._softmax(plan)).sum(axis=0)  # pylint: disable=protected-access
+  return total / len(rows)
+
+
+def _dense_passes_to(column_mass, b, start, passes: int, target: float):
+  """Dense Anderson passes from biases ``start``: (the first pass whose column error is at most
+  ``target``, or None; every pass's error)."""
+  from ncl_jax import streaming  # pylint: disable=g-import-not-at-top
+  errors = []
+
+  def shifted(g):
+    colsum = np.asarray(column_mass(g + start), np.float64)
+    errors.append(float(np.abs(colsum - b).sum() / b.sum()))
+    return colsum
+
+  streaming.column_fixed_point(shifted, b, tol=target, max_iterations=passes - 1)
+  return next((i + 1 for i, e in enumerate(errors) if e <= target), None), errors
+
+
+def run_truth(args) -> None:
+  """How far sparse biases are from solving the dense problem, at a size where dense passes
+  are affordable: the sparse solve (``--search``, ``--top_k``), then with exact column sums
+  from the embeddings: the dense problem's true column error under the sparse biases, the
+  sampled and worst-case certificates, how well 10,000 sampled rows estimate the column-sum
+  difference vector, and the dense passes needed to reach a column error of 1e-2 from the
+  sparse biases and from zero (up to ``--passes``). One process, not timed."""
+  from ncl_jax import streaming  # pylint: disable=g-import-not-at-top
+  from ncl_jax.gallery import dense, search, solve, sparse  # pylint: disable=g-import-not-at-top
+  paths = make_data(pathlib.Path(args.workdir) / f"sparse_{args.bank}x{args.gallery}", args.bank,
+                    args.gallery, args.heldout, args.dim, args)
+  before = _load()
+  bank = np.load(paths["bank"], mmap_mode="r")
+  gallery = np.load(paths["gallery"])
+  scale = 1.0 / args.temperature
+  solution = solve.sparse_biases(bank, gallery, temperature=args.temperature, top_k=args.top_k,
+                                 search=args.search, tol=args.tol,
+                                 max_iterations=args.max_iterations)
+  found = search.top_k_items(bank, gallery, args.top_k, search=args.search,
+                             temperature=args.temperature)
+  plan = sparse.SparsePlan(found.scores, found.index, found.omitted_level, len(gallery), scale)
+  b = streaming.balanced_marginals(None, len(bank), len(gallery))
+  column_mass = dense.DenseColumnMass(bank, gallery, scale, dense.make_mesh(1))
+  difference = (np.asarray(column_mass(solution.bias), np.float64) - plan(solution.bias)) / len(bank)
+  estimate = _sampled_column_difference(bank, gallery, found, solution.bias, scale,
+                                        sparse.sample_rows(len(bank), 10_000, 0))
+  warm, warm_errors = _dense_passes_to(column_mass, b, solution.bias, args.passes, 1e-2)
+  cold, cold_errors = _dense_passes_to(column_mass, b, np.zeros(len(gallery)), args.passes, 1e-2)
+  _emit({"section": "truth", "bank": args.bank, "gallery": args.gallery, "dim": args.dim,
+         "top_k": args.top_k, "search": args.search, "temperature": args.temperature,
+         "sparse_error": solution.error, "dense_error": warm_errors[0],
+         "sampled_certified_error": solution.sampled_certified_error,
+         "certified_error": solution.certified_error,
+         "column_difference_l1": float(np.abs(difference).sum()),
+         "sampled_column_difference_l1_error": float(np.abs(estimate - difference).sum()),
+         "dense_passes_to_1e-2_from_sparse": warm, "dense_passes_to_1e-2_from_zero": cold,
+         "dense_errors_from_sparse": warm_errors, "dense_errors_from_zero": cold_errors,
+         "load": {"before": before, "after": _load()}})
 
 
 def run_dense(args) -> None:
@@ -362,7 +501,8 @@ def main() -> None:
     print(json.dumps(_worker(json.loads(sys.argv[2]))))
     return
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("section", choices=("sparse", "dense", "bank_groups", "serving"))
+  parser.add_argument("section", choices=("sparse", "dense", "bank_groups", "serving", "truth",
+                                          "sparse_processes"))
   parser.add_argument("--workdir", required=True, help="data and results folder (reused)")
   parser.add_argument("--bank", type=int, help="bank queries")
   parser.add_argument("--gallery", type=int, help="gallery items")
@@ -381,7 +521,8 @@ def main() -> None:
   parser.add_argument("--query_shift", type=float, default=0.8, help="queries' shared direction")
   parser.add_argument("--tol", type=float, default=1e-3)
   parser.add_argument("--max_iterations", type=int, default=200)
-  parser.add_argument("--passes", type=int, default=4, help="dense: passes timed per method")
+  parser.add_argument("--passes", type=int, default=4,
+                      help="dense: passes timed per method; truth: most dense passes (80)")
   parser.add_argument("--no_solve", action="store_true", help="dense: timing comparison only")
   parser.add_argument("--dense_check", action="store_true",
                       help="sparse: then one dense pass under the solved biases (2 Nb Ng D FLOP, "
@@ -389,13 +530,19 @@ def main() -> None:
   parser.add_argument("--hnsw", action="store_true", help="serving: also an hnsw index")
   parser.add_argument("--devices", type=int, default=2,
                       help="bank_groups: CPU devices (1 group of them vs this many groups)")
+  parser.add_argument("--processes", type=int, default=2,
+                      help="sparse_processes: processes to split the bank's rows over")
   args = parser.parse_args()
   defaults = {"sparse": (1_000_000, 100_000), "dense": (200_000, 20_000),
+              "truth": (100_000, 10_000), "sparse_processes": (200_000, 20_000),
               "bank_groups": (100_000, 10_000), "serving": (None, 100_000)}[args.section]
   args.bank = args.bank or defaults[0]
   args.gallery = args.gallery or defaults[1]
+  if args.section == "truth" and args.passes == 4:   # its own default: passes to 1e-2
+    args.passes = 80
   {"sparse": run_sparse, "dense": run_dense, "bank_groups": run_bank_groups,
-   "serving": run_serving}[args.section](args)
+   "serving": run_serving, "truth": run_truth,
+   "sparse_processes": run_sparse_processes}[args.section](args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m ncl_jax.gallery biases --bank BANK.npy --gallery GALLERY.npy --temperature 0.01 \\
         --out BIASES.npy [--top_k K [--search exact|ivf] [--certify worst_case|sampled]] \\
         [--col_marginals M.npy] [--tol 1e-4] [--max_iterations N] [--bank_groups G] \\
-        [--json PATH|-]
+        [--json PATH|-] [--coordinator_address HOST:PORT --num_processes N --process_id I]
     python -m ncl_jax.gallery index --gallery GALLERY.npy --biases BIASES.npy \\
         --temperature 0.01 --out INDEX_DIR [--kind flat|ivf|hnsw]
     python -m ncl_jax.gallery search --index INDEX_DIR --queries Q.npy --k 10 --out TOPK.npz
