@@ -662,18 +662,14 @@ def test_cli_error_is_one_line_with_exit_code_2(files, tmp_path):
 # -- two processes x two devices -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bank_groups", [1, 2])
-def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
+def _biases_on_two_processes(inputs, out, tmp_path, *flags) -> dict:
+  """``biases`` on 2 processes x 2 CPU devices; process 0's JSON report."""
   # The coordinator-port retry of the training tests (a picked port can be taken before use).
   from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
-  # 20 items over 4 devices: each process reads 10 gallery rows (bank_groups 1) or all 20 and
-  # half of the bank (bank_groups 2: a group per process).
-  out = tmp_path / "two.npy"
 
   def start(port, logs):
     return [subprocess.Popen(
-        [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(files, out, "--tol", "1e-6"),
-         "--bank_groups", str(bank_groups),
+        [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(inputs, out, *flags),
          "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
          str(i), "--json", str(tmp_path / f"report{i}.json")],
         cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
@@ -681,7 +677,16 @@ def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
 
   for code, output in run_on_free_port(start, tmp_path / "logs", timeout=180):
     assert code == 0, output
-  report = json.loads((tmp_path / "report0.json").read_text())
+  return json.loads((tmp_path / "report0.json").read_text())
+
+
+@pytest.mark.parametrize("bank_groups", [1, 2])
+def test_two_processes_compute_the_same_biases(files, tmp_path, bank_groups):
+  # 20 items over 4 devices: each process reads 10 gallery rows (bank_groups 1) or all 20 and
+  # half of the bank (bank_groups 2: a group per process).
+  out = tmp_path / "two.npy"
+  report = _biases_on_two_processes(files, out, tmp_path, "--tol", "1e-6", "--bank_groups",
+                                    str(bank_groups))
   assert report["processes"] == 2 and report["devices"] == 4 and report["converged"]
   assert report["bank_groups"] == bank_groups   # 2: each process streams half of the bank
   assert not (tmp_path / "report1.json").exists()  # process 0 writes the outputs
@@ -694,24 +699,12 @@ def test_two_processes_split_the_sparse_bank(files, tmp_path, rng):
   """Sparse mode on 2 processes x 2 devices: each process searches and holds its block of the
   bank's rows (121 rows: 61 + 60, padded per device), column sums by one psum, certificates
   summed across processes: the one-process result."""
-  from multiprocess_testutils import env, run_on_free_port  # pylint: disable=g-import-not-at-top
   bank = _problem(rng, n_bank=121, n_items=20, dim=8)[0]
   np.save(tmp_path / "bank121.npy", bank)
-  inputs = dict(files, bank=tmp_path / "bank121.npy")
   out = tmp_path / "two.npy"
-  sparse_flags = ("--tol", "1e-6", "--top_k", "5", "--sample_rows", "40", "--sample_seed", "3")
-
-  def start(port, logs):
-    return [subprocess.Popen(
-        [sys.executable, "-m", "ncl_jax.gallery", *_biases_args(inputs, out, *sparse_flags),
-         "--coordinator_address", f"localhost:{port}", "--num_processes", "2", "--process_id",
-         str(i), "--json", str(tmp_path / f"report{i}.json")],
-        cwd=REPO, env=env(2), stdout=logs[i], stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-
-  for code, output in run_on_free_port(start, tmp_path / "logs", timeout=180):
-    assert code == 0, output
-  report = json.loads((tmp_path / "report0.json").read_text())
+  report = _biases_on_two_processes(dict(files, bank=tmp_path / "bank121.npy"), out, tmp_path,
+                                    "--tol", "1e-6", "--top_k", "5", "--sample_rows", "40",
+                                    "--sample_seed", "3")
   assert report["mode"] == "sparse" and report["processes"] == 2 and report["devices"] == 4
   one = solve.sparse_biases(bank, np.load(files["gallery"]), temperature=0.05, top_k=5,
                             tol=1e-6, sample_rows=40, sample_seed=3)
