@@ -130,7 +130,7 @@ def _anderson_step(points: list[np.ndarray], residuals: list[np.ndarray]) -> np.
 
 def column_fixed_point(column_mass: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *,
                        tol: float = 1e-4, max_iterations: int = 1000,
-                       anderson: int = 8) -> Biases:
+                       anderson: int = 8, initial: np.ndarray | None = None) -> Biases:
   """Anderson-accelerated Sinkhorn column update ``g <- g + log b - log column_mass(g)``.
 
   The loop of :func:`ncl_jax.normalize.streamed_ncl_biases`, for any way of computing the column sums (a
@@ -143,12 +143,15 @@ def column_fixed_point(column_mass: Callable[[np.ndarray], np.ndarray], b: np.nd
       [n_candidates] (each query's softmax over candidates, summed over the queries).
     b: [n_candidates] positive targets summing to the number of queries.
     tol, max_iterations, anderson: see :func:`ncl_jax.normalize.streamed_ncl_biases`.
+    initial: [n_candidates] biases to start from (a warm start, e.g. an approximate solution);
+      default zeros.
 
   Returns:
     :class:`Biases`; ``error`` is the relative L1 column error of the last evaluated ``g``.
   """
   log_b = np.log(b)
-  g = np.zeros(len(b), np.float64)
+  g = (np.zeros(len(b), np.float64) if initial is None
+       else np.array(initial, np.float64).reshape(len(b)))
   points, residuals = [], []  # recent accepted iterates and their residuals (Anderson history)
   error, previous_error, iteration, extrapolated = np.inf, np.inf, 0, False
   while True:

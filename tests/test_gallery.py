@@ -588,6 +588,41 @@ def _save(path, array):
   return str(path)
 
 
+def test_cli_dense_mode_continues_a_sparse_run_exactly(files, tmp_path, capsys):
+  """A sparse run's biases as --initial_biases: the dense mode reaches the exact solution (the
+  cold run's, to its tolerance) in fewer passes, and its certified error is its own."""
+  sparse_out, warm_out, cold_out = (tmp_path / f"{name}.npy" for name in ("s", "w", "c"))
+  assert cli.main(_biases_args(files, sparse_out, "--top_k", "4", "--tol", "1e-4")) == 0
+  reports = {}
+  for name, out, extra in (("cold", cold_out, ()),
+                           ("warm", warm_out, ("--initial_biases", str(sparse_out)))):
+    capsys.readouterr()
+    assert cli.main(_biases_args(files, out, "--tol", "1e-6", "--json", "-", *extra)) == 0
+    reports[name] = json.loads(capsys.readouterr().out)
+  assert reports["warm"]["mode"] == "dense" and reports["warm"]["converged"]
+  assert reports["warm"]["certified_error"] == reports["warm"]["error"] <= 1e-6
+  assert reports["warm"]["passes"] < reports["cold"]["passes"]
+  np.testing.assert_allclose(_centred(np.load(warm_out)), _centred(np.load(cold_out)),
+                             atol=1e-4)
+
+
+def test_column_fixed_point_starts_where_it_is_told(rng):
+  bank, items = _problem(rng, n_bank=200, n_items=30)
+  b = streaming.balanced_marginals(None, len(bank), len(items))
+
+  def column_mass(g):
+    return _dense_probs(bank, items, g, 0.05).sum(axis=0)
+
+  solved = streaming.column_fixed_point(column_mass, b, tol=1e-8)
+  again = streaming.column_fixed_point(column_mass, b, tol=1e-5, initial=solved.bias)
+  assert again.iterations == 0 and again.error <= 1e-5   # already there: no update
+  np.testing.assert_array_equal(again.bias, solved.bias)
+  near = solved.bias + rng.normal(scale=0.05, size=len(items))
+  nearby = streaming.column_fixed_point(column_mass, b, tol=1e-8, initial=near)
+  assert 0 < nearby.iterations < solved.iterations   # started close: a shorter way
+  np.testing.assert_allclose(_centred(nearby.bias), _centred(solved.bias), atol=1e-5)
+
+
 def test_cli_bad_input_is_refused(files, tmp_path, rng):
   bank = np.load(files["bank"])
   bad = {
@@ -622,6 +657,10 @@ def test_cli_bad_input_is_refused(files, tmp_path, rng):
        "--confidence must lie strictly between 0 and 1"),
       (base + ["--bank", str(files["bank"]), "--top_k", "3", "--certify", "sampled",
                "--sample_rows", "0"], r"--sample_rows must be >= 0 \(>= 2 with --certify"),
+      (base + ["--bank", str(files["bank"]), "--top_k", "3", "--initial_biases",
+               str(files["bank"])], "--initial_biases belongs to the dense mode"),
+      (base + ["--bank", str(files["bank"]), "--initial_biases", str(files["bank"])],
+       r"--initial_biases .* must be 20 numbers \(one per gallery item\)"),
   ]
   for argv, message in cases:
     with pytest.raises(UserError, match=message):

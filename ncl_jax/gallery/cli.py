@@ -3,7 +3,8 @@
     python -m ncl_jax.gallery biases --bank BANK.npy --gallery GALLERY.npy --temperature 0.01 \\
         --out BIASES.npy [--top_k K [--search exact|ivf] [--certify worst_case|sampled]] \\
         [--col_marginals M.npy] [--tol 1e-4] [--max_iterations N] [--bank_groups G] \\
-        [--json PATH|-] [--coordinator_address HOST:PORT --num_processes N --process_id I]
+        [--initial_biases B.npy] [--json PATH|-]
+        [--coordinator_address HOST:PORT --num_processes N --process_id I]
     python -m ncl_jax.gallery index --gallery GALLERY.npy --biases BIASES.npy \\
         --temperature 0.01 --out INDEX_DIR [--kind flat|ivf|hnsw]
     python -m ncl_jax.gallery search --index INDEX_DIR --queries Q.npy --k 10 --out TOPK.npz
@@ -79,6 +80,10 @@ def _add_biases(commands) -> None:
   biases.add_argument("--certify", choices=("worst_case", "sampled"), default="worst_case",
                       help="sparse mode: the certificate 'converged' rests on: worst_case (a "
                            "bound for every row) or sampled (holds with --confidence)")
+  biases.add_argument("--initial_biases", metavar="B.npy",
+                      help="dense mode: start from these [Ng] biases, e.g. a sparse run's "
+                           "--out: the same exact solution (its certified error is its own), in "
+                           "fewer passes")
   biases.add_argument("--col_marginals", help="M.npy [Ng]: positive target shares (default "
                       "uniform), e.g. each video's caption count")
   biases.add_argument("--tol", type=float, default=1e-4,
@@ -173,6 +178,12 @@ def _biases(args) -> int:
   if args.col_marginals:
     marginals = npy_files.load_vector(args.col_marginals, "--col_marginals", n_items,
                                       positive=True)
+  initial = None
+  if args.initial_biases:
+    if args.top_k is not None:
+      raise UserError("--initial_biases belongs to the dense mode (it continues a sparse run "
+                      "exactly): drop --top_k")
+    initial = npy_files.load_vector(args.initial_biases, "--initial_biases", n_items)
   _initialize_distributed(args)
   import jax  # pylint: disable=g-import-not-at-top
   from ncl_jax.gallery import solve  # pylint: disable=g-import-not-at-top
@@ -181,7 +192,8 @@ def _biases(args) -> int:
   options = dict(temperature=args.temperature, col_marginals=marginals, tol=args.tol,
                  max_iterations=args.max_iterations, anderson=args.anderson, progress=progress)
   if args.top_k is None:
-    solution = solve.dense_biases(bank, gallery, bank_groups=args.bank_groups, **options)
+    solution = solve.dense_biases(bank, gallery, bank_groups=args.bank_groups,
+                                  initial_bias=initial, **options)
   else:
     solution = solve.sparse_biases(
         bank, gallery, top_k=args.top_k, search=args.search, nlist=args.nlist,
@@ -219,7 +231,9 @@ def _why_not(solution, args) -> str:
   kind = ("sampled certificate (at --confidence)" if solution.certify == "sampled"
           else "omitted-mass bound")
   hint = (f"rerun with a larger --top_k (e.g. {2 * args.top_k})"
-          + (" or --nprobe, or --search exact" if args.search == "ivf" else ""))
+          + (" or --nprobe, or --search exact" if args.search == "ivf" else "")
+          + f", or continue exactly in the dense mode from these biases (drop --top_k, add "
+          f"--initial_biases {args.out})")
   if solution.certify != "sampled" and solution.sampled_certified_error is not None and (
       solution.sampled_certified_error <= args.tol):
     hint += (f"; the sampled certificate, {solution.sampled_certified_error:.3g}, meets it: "
