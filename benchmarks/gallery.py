@@ -179,7 +179,7 @@ def _dense_check(job: dict) -> dict:
   column_mass = dense.DenseColumnMass(bank, gallery, 1.0 / job["temperature"], dense.make_mesh(1))
   colsum = np.asarray(column_mass(bias), np.float64)
   b = streaming.balanced_marginals(None, bank.shape[0], gallery.shape[0])
-  return {"dense_error": float(np.abs(colsum - b).sum() / b.sum()),
+  return {"dense_error": streaming.column_error(colsum, b),
           "seconds": time.monotonic() - start, "peak_rss_gb": _peak_rss_gb()}
 
 
@@ -328,17 +328,9 @@ def _sampled_column_difference(bank, gallery, found, bias, scale, rows):
   """The mean over ``rows`` of ``P_i - S_i`` [Ng] (true softmax row minus the solved plan's
   row, float64): an unbiased estimate of the column-sum difference over the whole bank."""
   from ncl_jax.gallery import sparse  # pylint: disable=g-import-not-at-top
-  items = np.asarray(gallery, np.float64)
-  g = np.asarray(bias, np.float64) - np.max(bias)
-  total = np.zeros(len(items))
-  for first in range(0, len(rows), 256):
-    picked = rows[first:first + 256]
-    true = sparse._softmax(scale * (np.asarray(bank[picked], np.float64) @ items.T) + g)  # pylint: disable=protected-access
-    plan = np.asarray(found.omitted_level[picked], np.float64)[:, None] + g
-    kept = np.asarray(found.index[picked], np.int64)
-    np.put_along_axis(plan, kept, scale * np.asarray(found.scores[picked], np.float64)
-                      + g[kept], axis=1)
-    total += (true - sparse._softmax(plan)).sum(axis=0)  # pylint: disable=protected-access
+  total = np.zeros(gallery.shape[0])
+  for _, true, plan, _ in sparse.true_and_plan_rows(bank, gallery, found, bias, scale, rows):
+    total += (true - plan).sum(axis=0)
   return total / len(rows)
 
 
@@ -348,48 +340,51 @@ def _dense_passes_to(column_mass, b, start, passes: int, target: float):
   from ncl_jax import streaming  # pylint: disable=g-import-not-at-top
   errors = []
 
-  def shifted(g):
-    colsum = np.asarray(column_mass(g + start), np.float64)
-    errors.append(float(np.abs(colsum - b).sum() / b.sum()))
+  def recorded(g):
+    colsum = np.asarray(column_mass(g), np.float64)
+    errors.append(streaming.column_error(colsum, b))
     return colsum
 
-  streaming.column_fixed_point(shifted, b, tol=target, max_iterations=passes - 1)
+  streaming.column_fixed_point(recorded, b, tol=target, max_iterations=passes - 1,
+                               initial=start)
   return next((i + 1 for i, e in enumerate(errors) if e <= target), None), errors
 
 
 def run_truth(args) -> None:
   """How far sparse biases are from solving the dense problem, at a size where dense passes
-  are affordable: the sparse solve (``--search``, ``--top_k``), then with exact column sums
-  from the embeddings: the dense problem's true column error under the sparse biases, the
-  sampled and worst-case certificates, how well 10,000 sampled rows estimate the column-sum
-  difference vector, and the dense passes needed to reach a column error of 1e-2 from the
-  sparse biases and from zero (up to ``--passes``). One process, not timed."""
+  are affordable: the sparse solve (``--search``, ``--top_k``; the steps of
+  ``solve.sparse_biases``, to keep its search result), then with exact column sums from the
+  embeddings: the dense problem's true column error under the sparse biases, the sampled and
+  worst-case certificates, how well 10,000 sampled rows estimate the column-sum difference
+  vector, and the dense passes needed to reach a column error of 1e-2 from the sparse biases
+  and from zero (up to ``--passes``). One process, not timed."""
   from ncl_jax import streaming  # pylint: disable=g-import-not-at-top
-  from ncl_jax.gallery import dense, search, solve, sparse  # pylint: disable=g-import-not-at-top
+  from ncl_jax.gallery import dense, search, sparse  # pylint: disable=g-import-not-at-top
   paths = make_data(pathlib.Path(args.workdir) / f"sparse_{args.bank}x{args.gallery}", args.bank,
                     args.gallery, args.heldout, args.dim, args)
   before = _load()
   bank = np.load(paths["bank"], mmap_mode="r")
   gallery = np.load(paths["gallery"])
   scale = 1.0 / args.temperature
-  solution = solve.sparse_biases(bank, gallery, temperature=args.temperature, top_k=args.top_k,
-                                 search=args.search, tol=args.tol,
-                                 max_iterations=args.max_iterations)
   found = search.top_k_items(bank, gallery, args.top_k, search=args.search,
                              temperature=args.temperature)
   plan = sparse.SparsePlan(found.scores, found.index, found.omitted_level, len(gallery), scale)
   b = streaming.balanced_marginals(None, len(bank), len(gallery))
+  solved = streaming.column_fixed_point(plan, b, tol=args.tol, max_iterations=args.max_iterations)
+  worst = sparse.worst_case_gap(bank, found, solved.bias, scale, len(gallery),
+                                sparse.score_error(bank, gallery))
+  sampled = sparse.sampled_gap(bank, gallery, found, solved.bias, scale, 10_000, 0.999, 0)
   column_mass = dense.DenseColumnMass(bank, gallery, scale, dense.make_mesh(1))
-  difference = (np.asarray(column_mass(solution.bias), np.float64) - plan(solution.bias)) / len(bank)
-  estimate = _sampled_column_difference(bank, gallery, found, solution.bias, scale,
+  difference = (np.asarray(column_mass(solved.bias), np.float64) - plan(solved.bias)) / len(bank)
+  estimate = _sampled_column_difference(bank, gallery, found, solved.bias, scale,
                                         sparse.sample_rows(len(bank), 10_000, 0))
-  warm, warm_errors = _dense_passes_to(column_mass, b, solution.bias, args.passes, 1e-2)
-  cold, cold_errors = _dense_passes_to(column_mass, b, np.zeros(len(gallery)), args.passes, 1e-2)
+  warm, warm_errors = _dense_passes_to(column_mass, b, solved.bias, args.passes, 1e-2)
+  cold, cold_errors = _dense_passes_to(column_mass, b, None, args.passes, 1e-2)
   _emit({"section": "truth", "bank": args.bank, "gallery": args.gallery, "dim": args.dim,
          "top_k": args.top_k, "search": args.search, "temperature": args.temperature,
-         "sparse_error": solution.error, "dense_error": warm_errors[0],
-         "sampled_certified_error": solution.sampled_certified_error,
-         "certified_error": solution.certified_error,
+         "sparse_error": solved.error, "dense_error": warm_errors[0],
+         "sampled_certified_error": solved.error + sampled.gap,
+         "certified_error": solved.error + worst.gap,
          "column_difference_l1": float(np.abs(difference).sum()),
          "sampled_column_difference_l1_error": float(np.abs(estimate - difference).sum()),
          "dense_passes_to_1e-2_from_sparse": warm, "dense_passes_to_1e-2_from_zero": cold,

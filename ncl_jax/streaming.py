@@ -113,6 +113,12 @@ def balanced_marginals(col_marginals, n_bank: int, n_cols: int) -> np.ndarray:
   return b * (n_bank / b.sum())
 
 
+def column_error(colsum, b) -> float:
+  """The relative L1 column error ``sum |colsum - b| / sum b`` of column sums [n] against their
+  targets [n]: what ``tol`` is compared with."""
+  return float(np.abs(np.asarray(colsum, np.float64) - b).sum() / np.sum(b))
+
+
 def _anderson_step(points: list[np.ndarray], residuals: list[np.ndarray]) -> np.ndarray:
   """Anderson-accelerated step for the fixed point ``g = g + r(g)`` from recent (g, r) pairs.
 
@@ -156,7 +162,7 @@ def column_fixed_point(column_mass: Callable[[np.ndarray], np.ndarray], b: np.nd
   error, previous_error, iteration, extrapolated = np.inf, np.inf, 0, False
   while True:
     colsum = np.asarray(column_mass(g), np.float64)
-    error = float(np.abs(colsum - b).sum() / b.sum())
+    error = column_error(colsum, b)
     if error <= tol or iteration >= max_iterations:
       break
     iteration += 1

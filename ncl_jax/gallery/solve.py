@@ -139,7 +139,7 @@ def _counting(column_mass, progress: Progress | None, start: float, tol: float,
     colsum = column_mass(g)
     calls[0] += 1
     if progress:
-      errors.append(np.abs(colsum - b).sum() / b.sum())
+      errors.append(streaming.column_error(colsum, b))
       left = _passes_left(errors, tol, max_iterations + 1 - calls[0])
       eta = "" if left is None else f", ~{left * (time.monotonic() - first) / calls[0]:.0f} s left"
       progress(f"pass {calls[0]}: column error {errors[-1]:.3g} "
@@ -284,9 +284,9 @@ def sparse_biases(bank, gallery, *, temperature: float, top_k: int, col_marginal
                                      max_iterations=max_iterations, anderson=anderson)
   # Certificates: each process sums over its own rows; the sums are combined across processes.
   error = float(_gathered([sparse.score_error(local_bank, gallery)]).max())
-  sums = _gathered(sparse.worst_case_sums(local_bank, found, out.bias, scale, n_items, error))
-  gap = sparse.gap_from_sums(np.concatenate([sums[:, :3].sum(axis=0), sums[:, 3:].max(axis=0)]),
-                             scale, error)
+  gap = sparse.gap_from_sums(
+      _gathered(sparse.worst_case_sums(local_bank, found, out.bias, scale, n_items, error)),
+      scale, error)
   certified = out.error + gap.gap
   _say(progress, f"worst-case certificate: {certified:.3g}", start)
   sampled = _sampled_fields(local_bank, gallery, found, out, scale, sample_rows, confidence,

@@ -344,15 +344,15 @@ def worst_case_gap(bank, found, bias, scale: float, n_items: int, error: float) 
     n_items: gallery size.
     error: the rounding allowance of one stored score (:func:`score_error`).
   """
-  return gap_from_sums(worst_case_sums(bank, found, bias, scale, n_items, error), scale, error)
+  return gap_from_sums(worst_case_sums(bank, found, bias, scale, n_items, error)[None], scale,
+                       error)
 
 
 def worst_case_sums(bank, found, bias, scale: float, n_items: int, error: float) -> np.ndarray:
   """The worst-case certificate's sums over some bank rows (one process's, when the rows are
   split over processes), [4] float64: ``(rows, sum of max(bound, solved omitted probability),
-  sum of bounds, largest bound)``. Arguments as :func:`worst_case_gap`; sums of several blocks
-  add up (the largest bound: their maximum) and :func:`gap_from_sums` turns them into a
-  :class:`Gap`."""
+  sum of bounds, largest bound)``. Arguments as :func:`worst_case_gap`; :func:`gap_from_sums`
+  combines the blocks' sums into a :class:`Gap`."""
   n_bank = found.scores.shape[0]
   bound_max, bound_sum, gap_sum = 0.0, 0.0, 0.0
   bound_rows = _SPARSE_ROWS // 8   # the ivf term holds [rows, nlist] float64 arrays
@@ -371,9 +371,12 @@ def worst_case_sums(bank, found, bias, scale: float, n_items: int, error: float)
   return np.array([n_bank, gap_sum, bound_sum, bound_max], np.float64)
 
 
-def gap_from_sums(sums, scale: float, error: float) -> Gap:
-  """:class:`Gap` from :func:`worst_case_sums` over all bank rows."""
-  rows, gap_sum, bound_sum, bound_max = (float(v) for v in sums)
+def gap_from_sums(block_sums, scale: float, error: float) -> Gap:
+  """:class:`Gap` from :func:`worst_case_sums` of blocks that cover all bank rows once,
+  [blocks, 4]: their rows and sums add up, their largest bounds give the largest."""
+  block_sums = np.asarray(block_sums, np.float64)
+  rows, gap_sum, bound_sum = (float(v) for v in block_sums[:, :3].sum(axis=0))
+  bound_max = float(block_sums[:, 3].max())
   rounding = kept_rounding_gap(scale, error)
   return Gap(2.0 * gap_sum / rows + rounding, bound_max, bound_sum / rows, rounding)
 
@@ -432,21 +435,29 @@ def row_differences(bank, gallery, found, bias, scale: float, rows):
   float64 (exact up to float64 rounding), ``S_i`` the solved plan's row (the kept float32
   scores, ``omitted_level`` + ``g_j`` elsewhere). Costs ``2 len(rows) Ng D`` FLOP and holds the
   gallery in float64."""
+  distance, omitted = np.empty(len(rows)), np.empty(len(rows))
+  for out, true, plan, kept in true_and_plan_rows(bank, gallery, found, bias, scale, rows):
+    distance[out] = np.abs(true - plan).sum(axis=1)
+    omitted[out] = 1.0 - np.take_along_axis(true, kept, axis=1).sum(axis=1)
+  return distance, omitted
+
+
+def true_and_plan_rows(bank, gallery, found, bias, scale: float, rows):
+  """Yields, for chunks of bank rows ``rows``, ``(positions in rows, P, S, kept ids)``: the
+  true softmax rows ``P`` [r, Ng] (float64 scores) and the solved plan's rows ``S`` [r, Ng]
+  (see :func:`row_differences`), and the rows' kept item ids [r, K]."""
   items = np.asarray(gallery, np.float64)
   g = np.asarray(bias, np.float64) - np.max(bias)
   rows = np.asarray(rows)
   chunk = max(1, (1 << 22) // items.shape[0])
-  distance, omitted = np.empty(len(rows)), np.empty(len(rows))
   for first in range(0, len(rows), chunk):
-    picked, out = rows[first:first + chunk], slice(first, first + chunk)
+    picked = rows[first:first + chunk]
     true = _softmax(scale * (np.asarray(bank[picked], np.float64) @ items.T) + g)
     plan = np.asarray(found.omitted_level[picked], np.float64)[:, None] + g
     kept = np.asarray(found.index[picked], np.int64)
     np.put_along_axis(plan, kept, scale * np.asarray(found.scores[picked], np.float64)
                       + g[kept], axis=1)
-    distance[out] = np.abs(true - _softmax(plan)).sum(axis=1)
-    omitted[out] = 1.0 - np.take_along_axis(true, kept, axis=1).sum(axis=1)
-  return distance, omitted
+    yield slice(first, first + chunk), true, _softmax(plan), kept
 
 
 def _softmax(logits):

@@ -55,16 +55,15 @@ def process_block(n_rows: int, processes: int, index: int) -> slice:
   return slice(min(index * per_process, n_rows), min((index + 1) * per_process, n_rows))
 
 
-def _process_rows(mesh: Mesh, block_rows: int, local, fill=0, dtype=np.float32):
+def _process_rows(mesh: Mesh, block_rows: int, local, dtype=np.float32):
   """A global row-split array from this process's rows ``local`` [r <= block_rows, ...]: every
-  process contributes ``block_rows`` rows rounded up to its devices (padded with ``fill``); the
-  rows' order does not matter to column sums."""
+  process contributes ``block_rows`` rows rounded up to its devices (padded with zeros: the
+  padding rows' validity is 0); the rows' order does not matter to column sums."""
   devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   padded = -(-block_rows // devices) * devices
   local = np.asarray(local, dtype)
   if len(local) < padded:
-    local = np.concatenate([local, np.full((padded - len(local),) + local.shape[1:], fill,
-                                           dtype)])
+    local = np.concatenate([local, np.zeros((padded - len(local),) + local.shape[1:], dtype)])
   split = NamedSharding(mesh, P(sharding_lib.DATA_AXIS))
   processes = sharding_lib.mesh_process_count(mesh)
   return jax.make_array_from_process_local_data(split, local,
